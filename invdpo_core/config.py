@@ -1,0 +1,168 @@
+"""Training configuration: pydantic models that import no torch, so the API can validate a job without a GPU image.
+
+Every field says what it is. An invalid value raises `ConfigError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["inversion_dpo", "diffusion_dpo"]
+InversionTarget = Literal["paired", "x0", "step", "reference"]
+LossType = Literal["sigmoid", "hinge", "ipo"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field path and the bad value."""
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        self.errors = errors
+        lines = [f"{e['field']}: {e['message']} (got {e['value']!r})" for e in errors]
+        super().__init__("; ".join(lines))
+
+
+class _Strict(BaseModel):
+    # Unknown keys are an error: a misspelled hyperparameter must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AdapterConfig(_Strict):
+    type: Literal["full", "lora"] = Field("full", description="Fine-tune every UNet weight, or a LoRA adapter.")
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank (adapter=lora).")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="Names of the UNet linear layers that get a LoRA adapter.",
+    )
+
+
+class TrainingConfig(_Strict):
+    """One fine-tuning run. Defaults follow the method study in docs/method.md."""
+
+    # --- what to train on ---
+    base_model: str = Field(
+        ..., min_length=1, description="Base diffusers pipeline: a local directory, a hub id, or an s3:// prefix."
+    )
+    dataset: str = Field(
+        ...,
+        min_length=1,
+        description="Preference pairs: a Pick-a-Pic parquet file/prefix or a JSONL manifest, local or s3://.",
+    )
+    validation_dataset: str | None = Field(None, description="Held-out preference pairs for evaluation.")
+
+    # --- the method ---
+    method: Method = Field("inversion_dpo", description="inversion_dpo (DDIM-inverted points) or diffusion_dpo.")
+    inversion_target: InversionTarget = Field(
+        "paired", description="Noise target for inversion_dpo (docs/method.md section 'Targets')."
+    )
+    beta: float = Field(5000.0, gt=0, description="DPO temperature on the per-pixel MSE differences.")
+    loss_type: LossType = Field("sigmoid", description="sigmoid (DPO), hinge, or ipo.")
+    timestep_weighting: Literal["uniform", "inverse_alpha"] = Field(
+        "uniform", description="Per-timestep weight; inverse_alpha is the released code's 1/(2 abar_t)."
+    )
+    inversion_steps: int = Field(20, ge=1, le=1000, description="Number N of DDIM inversion steps.")
+    timesteps_per_step: int = Field(
+        1, ge=0, description="K inverted points sampled per pair per step; 0 means all N (two-pass gradient)."
+    )
+    inversion_guidance: float = Field(
+        1.0, ge=0, description="Classifier-free guidance during inversion; 1.0 is plain conditional inversion."
+    )
+    inversion_cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="Where the per-pair reference trajectory lives; none recomputes it every step."
+    )
+    empty_prompt_share: float = Field(0.2, ge=0, le=1, description="Share of captions replaced by ''.")
+    tie_policy: Literal["drop", "keep"] = Field("drop", description="Pick-a-Pic ties (label 0.5): drop or keep.")
+
+    # --- optimisation ---
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="AdamW (SD1.5) or Adafactor (SDXL).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, description="Preference pairs per process per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    gradient_checkpointing: bool = Field(False, description="Trade UNet compute for activation memory.")
+    adapter: AdapterConfig = Field(default_factory=lambda: AdapterConfig(), description="Full fine-tune or LoRA.")
+    resolution: int = Field(512, ge=8, le=4096, description="Training image side in pixels (multiple of 8).")
+    seed: int = Field(0, ge=0, description="Seed for data order, noise and initialisation.")
+
+    # --- checkpoints, validation, output ---
+    checkpoint_interval: int = Field(500, ge=1, description="Save a resumable checkpoint every this many steps.")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
+    validation_prompts: list[str] = Field(default_factory=list, description="Prompts for sample grids.")
+    validation_interval: int = Field(0, ge=0, description="Sample grids every this many steps; 0 disables.")
+    output_dir: str = Field("runs/invdpo", min_length=1, description="Where checkpoints and the model go.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> TrainingConfig:
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+        if self.timesteps_per_step > self.inversion_steps:
+            raise ValueError(
+                f"timesteps_per_step ({self.timesteps_per_step}) cannot exceed inversion_steps "
+                f"({self.inversion_steps})"
+            )
+        return self
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    out = []
+    for e in exc.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        out.append({"field": field, "message": e["msg"], "value": e.get("input")})
+    return out
+
+
+def parse_config(data: dict[str, Any]) -> TrainingConfig:
+    """Validate a dict into a TrainingConfig, raising ConfigError that names each bad field and value."""
+    try:
+        return TrainingConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_errors(exc)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides (dotted keys for nested fields); values are parsed as YAML scalars/lists."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([{"field": item, "message": "override must look like key=value", "value": item}])
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError([{"field": key, "message": f"{p} is not a section", "value": raw}])
+        node[leaf] = value
+    return data
+
+
+def _file_error(path: str | Path, message: str) -> ConfigError:
+    return ConfigError([{"field": "config", "message": message, "value": str(path)}])
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainingConfig:
+    """Read a YAML config file (or start empty), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise _file_error(path, f"cannot read file: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise _file_error(path, f"invalid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise _file_error(path, "top level must be a mapping")
+        data = loaded or {}
+    return parse_config(apply_overrides(data, list(overrides)))
