@@ -1,0 +1,312 @@
+"""Deterministic DDIM inversion with the frozen reference UNet, and the Inversion-DPO targets built on it.
+
+Inversion mirrors diffusers' `DDIMInverseScheduler` (tests/core/test_inversion.py checks it against that loop):
+the UNet is queried at the previous latent with the next timestep label, then the latent is advanced with the
+DDIM update run backwards. Everything here runs once per pair under inference mode; the training step reads only
+the resulting `InvertedPairs` (the reference side is cached, so training needs no reference forward).
+See docs/method.md for the derivation of the targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from diffusers import DDIMInverseScheduler, UNet2DConditionModel
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on: text hidden states, plus SDXL's pooled embeddings and time ids."""
+
+    hidden_states: torch.Tensor  # (B, L, D)
+    text_embeds: torch.Tensor | None = None  # (B, D_pooled), SDXL only
+    time_ids: torch.Tensor | None = None  # (B, 6), SDXL only
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden_states}
+        if self.text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return kwargs
+
+    def map(self, fn) -> Conditioning:  # type: ignore[no-untyped-def]
+        return replace(self, **{f.name: fn(v) for f in fields(self) if (v := getattr(self, f.name)) is not None})
+
+    def index(self, idx: torch.Tensor | slice) -> Conditioning:
+        return self.map(lambda t: t[idx])
+
+    def repeat(self, k: int) -> Conditioning:
+        """Each row repeated k times in place: (B, ...) -> (B*k, ...)."""
+        return self.map(lambda t: t.repeat_interleave(k, dim=0))
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        first = parts[0]
+        return replace(
+            first,
+            **{
+                f.name: torch.cat([getattr(p, f.name) for p in parts])
+                for f in fields(first)
+                if getattr(first, f.name) is not None
+            },
+        )
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: Sequence[str], *, device: torch.device, resolution: int) -> Conditioning:
+    """Encode prompts with the pipeline's own text encoder(s); SDXL also gets pooled embeddings and time ids."""
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        # (orig_h, orig_w, crop_top, crop_left, target_h, target_w): training images are resized, not cropped.
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=embeds.dtype)
+        return Conditioning(embeds, pooled, time_ids.to(device).expand(len(prompts), 6).clone())
+    embeds, _ = pipe.encode_prompt(
+        list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    return Conditioning(embeds)
+
+
+@dataclass
+class Trajectory:
+    """A batch of DDIM inversions: x_0 (the clean latent) to x_N."""
+
+    timesteps: torch.Tensor  # (N,) ascending; x_k sits at noise level timesteps[k-1]
+    latents: torch.Tensor  # (N+1, B, C, h, w): x_0 ... x_N
+    query_eps: torch.Tensor  # (N, B, C, h, w): eps_ref(x_{k-1}, t_k), the prediction step k used
+    point_eps: torch.Tensor | None  # (N, B, C, h, w): eps_ref(x_k, t_k), the reference at each loss point
+
+
+def inverse_scheduler(scheduler_config: Any, num_steps: int) -> DDIMInverseScheduler:
+    inv = DDIMInverseScheduler.from_config(scheduler_config)
+    if inv.config.prediction_type != "epsilon":
+        raise ValueError(f"only epsilon-prediction models are supported, got {inv.config.prediction_type!r}")
+    inv.set_timesteps(num_steps)
+    return inv
+
+
+def _guided_eps(
+    unet: UNet2DConditionModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning | None,
+    guidance: float,
+) -> torch.Tensor:
+    if uncond is None or guidance == 1.0:
+        return unet(x, t, **cond.unet_kwargs()).sample
+    both = unet(torch.cat([x, x]), t, **Conditioning.cat([uncond, cond]).unet_kwargs()).sample
+    eps_uncond, eps_cond = both.chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@torch.inference_mode()
+def ddim_invert(
+    unet: UNet2DConditionModel,
+    scheduler_config: Any,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    *,
+    num_steps: int,
+    guidance: float = 1.0,
+    uncond: Conditioning | None = None,
+    with_point_eps: bool = True,
+) -> Trajectory:
+    """Invert clean latents (B, C, h, w) to noise in `num_steps` DDIM steps with the frozen `unet`.
+
+    guidance: classifier-free guidance scale during inversion. 1.0 (the default) is plain conditional inversion,
+    which is what reconstructs best; the released code uses 2 with an all-zero unconditional embedding.
+    with_point_eps: also evaluate the reference at every inverted point (x_k, t_k), N more UNet calls, which
+    the loss needs for the reference errors.
+    """
+    if guidance != 1.0 and uncond is None:
+        raise ValueError("guidance != 1.0 needs an unconditional embedding (uncond)")
+    inv = inverse_scheduler(scheduler_config, num_steps)
+    alphas = inv.alphas_cumprod.to(latents.device)
+    step_ratio = inv.config.num_train_timesteps // num_steps
+    x = latents
+    xs, query_eps = [x], []
+    for t in inv.timesteps.tolist():
+        t_tensor = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        # 1. Query the model at the previous latent with the next timestep label.
+        eps = _guided_eps(unet, x, t_tensor, cond, uncond, guidance)
+        # 2. Noise levels: abar at the level x sits at (t - step_ratio, or the initial alpha below 0) and at t.
+        t_prev = min(t - step_ratio, inv.config.num_train_timesteps - 1)
+        abar_prev = alphas[t_prev] if t_prev >= 0 else inv.initial_alpha_cumprod.to(x.device)
+        abar_t = alphas[t]
+        # 3. Predicted clean latent, DDIM eq. 12 of arXiv 2010.02502: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar).
+        x0_pred = (x - (1 - abar_prev) ** 0.5 * eps) / abar_prev**0.5
+        # 4. Re-noise to level t with the same eps: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+        x = abar_t**0.5 * x0_pred + (1 - abar_t) ** 0.5 * eps
+        xs.append(x)
+        query_eps.append(eps)
+    timesteps = inv.timesteps.to(latents.device)
+    point_eps = None
+    if with_point_eps:
+        point_eps = torch.stack(
+            [
+                unet(xk, t.expand(xk.shape[0]), **cond.unet_kwargs()).sample
+                for xk, t in zip(xs[1:], timesteps, strict=True)
+            ]
+        )
+    return Trajectory(timesteps, torch.stack(xs), torch.stack(query_eps), point_eps)
+
+
+@torch.inference_mode()
+def ddim_sample(
+    unet: UNet2DConditionModel, scheduler_config: Any, noise: torch.Tensor, cond: Conditioning, *, num_steps: int
+) -> torch.Tensor:
+    """Deterministic DDIM sampling (eta 0) from x_N back to x_0, the inverse of `ddim_invert` (guidance 1)."""
+    inv = inverse_scheduler(scheduler_config, num_steps)
+    alphas = inv.alphas_cumprod.to(noise.device)
+    step_ratio = inv.config.num_train_timesteps // num_steps
+    x = noise
+    for t in reversed(inv.timesteps.tolist()):
+        eps = unet(x, torch.full((x.shape[0],), t, device=x.device), **cond.unet_kwargs()).sample
+        t_prev = t - step_ratio
+        abar_prev = alphas[t_prev] if t_prev >= 0 else inv.initial_alpha_cumprod.to(x.device)
+        x0_pred = (x - (1 - alphas[t]) ** 0.5 * eps) / alphas[t] ** 0.5
+        x = abar_prev**0.5 * x0_pred + (1 - abar_prev) ** 0.5 * eps
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inversion-DPO targets (docs/method.md, "Targets"). All live on the inverted points (x_k, t_k), k = 1..N.
+# ----------------------------------------------------------------------------------------------------------------
+
+TARGETS = ("paired", "x0", "step", "reference")
+
+
+@dataclass
+class InvertedPairs:
+    """Everything the training step needs for B pairs at all N points; the reference side is reduced to scalars.
+
+    Tensors are (B, N, ...) so a pair's points stay together (and can be cached per pair).
+    """
+
+    timesteps: torch.Tensor  # (N,)
+    xt_w: torch.Tensor  # (B, N, C, h, w): where the policy is evaluated for the winner
+    xt_l: torch.Tensor  # (B, N, C, h, w): ... and for the loser
+    target_w: torch.Tensor  # (B, N, C, h, w): the noise the policy should predict for the winner
+    target_l: torch.Tensor  # (B, N, C, h, w)
+    ref_err_w: torch.Tensor  # (B, N): mean squared error of the frozen reference at the winner's points
+    ref_err_l: torch.Tensor  # (B, N)
+
+    def select(self, pair_idx: torch.Tensor | slice) -> InvertedPairs:
+        return InvertedPairs(
+            self.timesteps,
+            *(getattr(self, f.name)[pair_idx] for f in fields(self) if f.name != "timesteps"),  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[InvertedPairs]) -> InvertedPairs:
+        names = [f.name for f in fields(InvertedPairs) if f.name != "timesteps"]
+        return InvertedPairs(parts[0].timesteps, *(torch.cat([getattr(p, n) for p in parts]) for n in names))
+
+
+def implied_noise(xt: torch.Tensor, z0: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The noise n with x_t = sqrt(abar) z0 + sqrt(1 - abar) n; abar broadcasts over (N, 1, 1, 1)."""
+    return (xt - abar**0.5 * z0) / (1 - abar) ** 0.5
+
+
+def pair_coin(seed: int, pair_ids: Sequence[str]) -> torch.Tensor:
+    """A per-pair fair coin that depends only on the seed and the pair's id, so the cache is reproducible."""
+    bits = [hashlib.sha256(f"{seed}:{pid}".encode()).digest()[0] & 1 for pid in pair_ids]
+    return torch.tensor(bits, dtype=torch.bool)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Per-point mean over (C, h, w): (B, N, C, h, w) -> (B, N).
+    return (a.float() - b.float()).pow(2).mean(dim=(-3, -2, -1))
+
+
+@torch.inference_mode()
+def build_inverted_pairs(
+    unet: UNet2DConditionModel,
+    scheduler_config: Any,
+    z_w: torch.Tensor,
+    z_l: torch.Tensor,
+    cond: Conditioning,
+    *,
+    target: str,
+    num_steps: int,
+    guidance: float = 1.0,
+    uncond: Conditioning | None = None,
+    use_winner_noise: torch.Tensor | None = None,
+) -> InvertedPairs:
+    """Invert B pairs of clean latents (B, C, h, w) and build the `target`'s points, targets and reference errors.
+
+    use_winner_noise (B,) bool, `paired` only: whose inversion provides the shared noise. Draw it with
+    `pair_coin` so no label leaks (the default, a coin per pair from seed 0 and the pair index).
+    Cost in reference UNet calls per pair: paired 3N (invert one image, reference at both points), x0/step/
+    reference 4N (invert both, reference at every point); with guidance != 1 the inversion calls double.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown inversion target {target!r}; valid: {', '.join(TARGETS)}")
+    b = z_w.shape[0]
+    inv = inverse_scheduler(scheduler_config, num_steps)
+    timesteps = inv.timesteps.to(z_w.device)
+    abar = inv.alphas_cumprod.to(z_w.device)[timesteps].view(-1, 1, 1, 1, 1)  # (N, 1, 1, 1, 1)
+
+    def bn(t: torch.Tensor) -> torch.Tensor:  # (N, B, ...) -> (B, N, ...)
+        return t.transpose(0, 1).contiguous()
+
+    if target == "paired":
+        # Winner and loser share one deterministic noise: the inversion-implied noise of one image of the pair.
+        if use_winner_noise is None:
+            use_winner_noise = pair_coin(0, [str(i) for i in range(b)])
+        pick = use_winner_noise.to(z_w.device).view(b, 1, 1, 1)
+        z_src, z_other = torch.where(pick, z_w, z_l), torch.where(pick, z_l, z_w)
+        traj = ddim_invert(unet, scheduler_config, z_src, cond, num_steps=num_steps, guidance=guidance, uncond=uncond)
+        assert traj.point_eps is not None
+        noise = implied_noise(traj.latents[1:], z_src, abar)  # (N, B, C, h, w)
+        xt_src = traj.latents[1:]  # the source image's own inverted points
+        xt_other = abar**0.5 * z_other + (1 - abar) ** 0.5 * noise  # the other image, forward-noised with it
+        eps_other = torch.stack(
+            [unet(x, t.expand(b), **cond.unet_kwargs()).sample for x, t in zip(xt_other, timesteps, strict=True)]
+        )
+        err_src, err_other = _mse(bn(noise), bn(traj.point_eps)), _mse(bn(noise), bn(eps_other))
+        p5 = pick.view(b, 1, 1, 1, 1)
+        p2 = pick.view(b, 1)
+        return InvertedPairs(
+            timesteps,
+            xt_w=torch.where(p5, bn(xt_src), bn(xt_other)),
+            xt_l=torch.where(p5, bn(xt_other), bn(xt_src)),
+            target_w=bn(noise),
+            target_l=bn(noise),
+            ref_err_w=torch.where(p2, err_src, err_other),
+            ref_err_l=torch.where(p2, err_other, err_src),
+        )
+
+    # Unpaired targets: each image on its own inverted points.
+    traj = ddim_invert(
+        unet, scheduler_config, torch.cat([z_w, z_l]), Conditioning.cat([cond, cond]),
+        num_steps=num_steps, guidance=guidance,
+        uncond=None if uncond is None else Conditioning.cat([uncond, uncond]),
+    )  # fmt: skip
+    assert traj.point_eps is not None
+    xt = traj.latents[1:]  # (N, 2B, C, h, w): winners then losers
+    if target == "x0":
+        # The noise that maps x_t back to the TRUE clean latent: the role eps plays in Diffusion-DPO.
+        tgt = implied_noise(xt, torch.cat([z_w, z_l]), abar)
+    elif target == "step":
+        # The noise that maps x_k exactly to x_{k-1} under the DDIM update; on the reference's own inversion this
+        # is the prediction the inversion step used (the DDIM update is invertible with the same eps).
+        tgt = traj.query_eps
+    else:  # "reference": the released code's objective, eps_ref(x_t, t) itself (zero gradient at init).
+        tgt = traj.point_eps
+    err = _mse(bn(tgt), bn(traj.point_eps))  # (2B, N)
+    xt_bn, tgt_bn = bn(xt), bn(tgt)
+    return InvertedPairs(
+        timesteps,
+        xt_w=xt_bn[:b],
+        xt_l=xt_bn[b:],
+        target_w=tgt_bn[:b],
+        target_l=tgt_bn[b:],
+        ref_err_w=err[:b],
+        ref_err_l=err[b:],
+    )

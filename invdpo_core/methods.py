@@ -1,0 +1,209 @@
+"""The two methods as builders of training points that feed the one DPO loss in losses.py.
+
+- diffusion_dpo: one timestep and one noise shared by winner and loser, forward noising, the noise as target,
+  the reference evaluated under no_grad every step (Wallace et al., arXiv 2311.12908).
+- inversion_dpo: points, targets and reference errors from the cached DDIM inversion (inversion.py), so the step
+  runs no reference UNet. K points per pair are sampled, or all N with a two-pass gradient whose memory does not
+  grow with N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from invdpo_core.inversion import Conditioning, InvertedPairs
+from invdpo_core.losses import dpo_loss
+
+EpsModel = Callable[..., Any]  # a UNet (or wrapper) returning an object with `.sample`
+
+
+@dataclass
+class TrainPoints:
+    """B pairs with K points each, flattened pair-major to B*K rows."""
+
+    xt_w: torch.Tensor  # (B*K, C, h, w)
+    xt_l: torch.Tensor  # (B*K, C, h, w)
+    timesteps: torch.Tensor  # (B*K,)
+    target_w: torch.Tensor  # (B*K, C, h, w)
+    target_l: torch.Tensor  # (B*K, C, h, w)
+    ref_err_w: torch.Tensor  # (B*K,)
+    ref_err_l: torch.Tensor  # (B*K,)
+    weights: torch.Tensor  # (B*K,): per-point timestep weight
+    cond: Conditioning  # B*K rows
+    k: int
+
+
+def timestep_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, weighting: str) -> torch.Tensor:
+    """uniform: 1. inverse_alpha: 1 / (2 abar_t), the released Inversion-DPO code's weight."""
+    if weighting == "uniform":
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    if weighting == "inverse_alpha":
+        return 1.0 / (2.0 * alphas_cumprod.to(timesteps.device)[timesteps].float())
+    raise ValueError(f"unknown timestep_weighting {weighting!r}; valid: uniform, inverse_alpha")
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def policy_errors(unet: EpsModel, points: TrainPoints) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-point policy MSE for winners and losers, one UNet forward over (2*B*K) rows: winners then losers."""
+    x = torch.cat([points.xt_w, points.xt_l])
+    t = torch.cat([points.timesteps, points.timesteps])
+    eps = unet(x, t, **Conditioning.cat([points.cond, points.cond]).unet_kwargs()).sample
+    eps_w, eps_l = eps.chunk(2)
+    return _mse(eps_w, points.target_w), _mse(eps_l, points.target_l)
+
+
+def per_pair(err: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Weighted mean over each pair's K points: (B*K,) -> (B,)."""
+    return (err * weights).view(-1, k).mean(dim=1)
+
+
+def diffusion_dpo_points(
+    ref_unet: EpsModel,
+    scheduler,  # type: ignore[no-untyped-def]
+    z_w: torch.Tensor,
+    z_l: torch.Tensor,
+    cond: Conditioning,
+    *,
+    generator: torch.Generator,
+) -> TrainPoints:
+    """Diffusion-DPO: ONE timestep and ONE noise per pair, shared by winner and loser; reference under no_grad."""
+    b = z_w.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
+    t = t.to(z_w.device)
+    noise = torch.randn(z_w.shape, generator=generator, device=generator.device, dtype=z_w.dtype).to(z_w.device)
+    points = TrainPoints(
+        xt_w=scheduler.add_noise(z_w, noise, t),
+        xt_l=scheduler.add_noise(z_l, noise, t),
+        timesteps=t,
+        target_w=noise,
+        target_l=noise,
+        ref_err_w=torch.empty(0),
+        ref_err_l=torch.empty(0),
+        weights=torch.ones(b, device=z_w.device),
+        cond=cond,
+        k=1,
+    )
+    with torch.no_grad():
+        points.ref_err_w, points.ref_err_l = policy_errors(ref_unet, points)
+    return points
+
+
+def inversion_dpo_points(
+    pairs: InvertedPairs,
+    cond: Conditioning,
+    *,
+    k: int,
+    weights: torch.Tensor,
+    generator: torch.Generator,
+) -> TrainPoints:
+    """Sample K of the N inverted points of each pair (without replacement). weights: (N,) timestep weights."""
+    b, n = pairs.ref_err_w.shape
+    assert 1 <= k <= n, f"k must be in [1, {n}], got {k}"
+    # (B, K) point indices, independent per pair.
+    idx = torch.rand((b, n), generator=generator, device=generator.device).argsort(dim=1)[:, :k]
+    idx = idx.to(pairs.xt_w.device)
+    rows = torch.arange(b, device=idx.device).unsqueeze(1).expand(b, k)
+
+    def take(t: torch.Tensor) -> torch.Tensor:  # (B, N, ...) -> (B*K, ...)
+        return t[rows, idx].flatten(0, 1)
+
+    return TrainPoints(
+        xt_w=take(pairs.xt_w),
+        xt_l=take(pairs.xt_l),
+        timesteps=pairs.timesteps[idx].flatten(),
+        target_w=take(pairs.target_w),
+        target_l=take(pairs.target_l),
+        ref_err_w=take(pairs.ref_err_w),
+        ref_err_l=take(pairs.ref_err_l),
+        weights=weights.to(idx.device)[idx].flatten(),
+        cond=cond.repeat(k),
+        k=k,
+    )
+
+
+def points_loss(
+    unet: EpsModel, points: TrainPoints, *, beta: float, loss_type: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO loss of a batch of points (diffusion_dpo, or inversion_dpo with K sampled points)."""
+    err_w, err_l = policy_errors(unet, points)
+    return dpo_loss(
+        per_pair(err_w, points.weights, points.k),
+        per_pair(err_l, points.weights, points.k),
+        per_pair(points.ref_err_w, points.weights, points.k),
+        per_pair(points.ref_err_l, points.weights, points.k),
+        beta=beta,
+        loss_type=loss_type,
+    )
+
+
+def all_points_backward(
+    unet: EpsModel,
+    pairs: InvertedPairs,
+    cond: Conditioning,
+    *,
+    weights: torch.Tensor,
+    beta: float,
+    loss_type: str,
+    points_per_forward: int = 1,
+    loss_scale: float = 1.0,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss over ALL N points of each pair, and its gradient, with memory flat in N.
+
+    Pass 1 (no grad) computes every point's error, hence the loss and dL/dLp_w, dL/dLp_l per pair. Pass 2 recomputes
+    `points_per_forward` points at a time with grad and backpropagates the surrogate sum_k dL/dLp * w_k/N * err_k,
+    whose gradient equals the full loss's: d/dtheta L = sum_k dL/dLp * dLp/derr_k * derr_k/dtheta.
+    `backward` lets a trainer route the call through accelerate (`accelerator.backward`).
+    Returns the detached loss (times 1, not loss_scale) and the metrics.
+    """
+    b, n = pairs.ref_err_w.shape
+    weights = weights.to(pairs.xt_w.device)
+    chunks = [slice(s, min(s + points_per_forward, n)) for s in range(0, n, points_per_forward)]
+
+    def chunk_points(c: slice) -> TrainPoints:
+        m = c.stop - c.start
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[:, c].flatten(0, 1)
+
+        return TrainPoints(
+            xt_w=take(pairs.xt_w),
+            xt_l=take(pairs.xt_l),
+            timesteps=pairs.timesteps[c].repeat(b),
+            target_w=take(pairs.target_w),
+            target_l=take(pairs.target_l),
+            ref_err_w=take(pairs.ref_err_w),
+            ref_err_l=take(pairs.ref_err_l),
+            weights=weights[c].repeat(b),
+            cond=cond.repeat(m),
+            k=m,
+        )
+
+    # Pass 1: every point's error without building a graph.
+    with torch.no_grad():
+        per_chunk = [policy_errors(unet, chunk_points(c)) for c in chunks]
+    err_w = torch.cat([e.view(b, -1) for e, _ in per_chunk], dim=1)  # (B, N)
+    err_l = torch.cat([e.view(b, -1) for _, e in per_chunk], dim=1)
+    lp_w = (err_w * weights).mean(dim=1).requires_grad_()
+    lp_l = (err_l * weights).mean(dim=1).requires_grad_()
+    lr_w = (pairs.ref_err_w * weights).mean(dim=1)
+    lr_l = (pairs.ref_err_l * weights).mean(dim=1)
+    loss, metrics = dpo_loss(lp_w, lp_l, lr_w, lr_l, beta=beta, loss_type=loss_type)
+    grad_w, grad_l = torch.autograd.grad(loss, [lp_w, lp_l])  # (B,) each
+
+    # Pass 2: point by point, backward of the surrogate; only one chunk's activations live at a time.
+    for c in chunks:
+        points = chunk_points(c)
+        ew, el = policy_errors(unet, points)
+        m = c.stop - c.start
+        coef = weights[c].repeat(b) / n
+        surrogate = (grad_w.repeat_interleave(m) * coef * ew + grad_l.repeat_interleave(m) * coef * el).sum()
+        backward(surrogate * loss_scale)
+    return loss.detach(), metrics
