@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from invdpo_core.storage import download_prefix, exists, is_s3, list_files, open_s3, read_bytes, split_s3
 
@@ -99,6 +99,11 @@ class _Raw(NamedTuple):
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _image_error(exc: Exception) -> str:
+    # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`) when it cannot identify a format.
+    return "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else _one_line(str(exc), 120)
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
@@ -174,10 +179,11 @@ class _ParquetSource:
         pass
 
     def records(self, seed: int | None) -> Iterator[_Raw]:
-        units = [(shard, rg) for shard in self.shards for rg in range(shard.metadata.num_row_groups)]
+        units = [(i, rg) for i, shard in enumerate(self.shards) for rg in range(shard.metadata.num_row_groups)]
         if seed is not None:
             random.Random(seed).shuffle(units)
-        for shard, rg in units:
+        for i, rg in units:
+            shard = self.shards[i]
             try:
                 with _open_parquet(shard.uri, shard.metadata) as pf:
                     table = pf.read_row_group(rg, columns=list(PICKAPIC_COLUMNS))
@@ -190,8 +196,9 @@ class _ParquetSource:
             jpg_0, jpg_1 = table.column("jpg_0"), table.column("jpg_1")
             rows = list(range(table.num_rows))
             if seed is not None:
-                # Seeded by the unit, not by its position, so a row group's order does not depend on the others.
-                random.Random(f"{seed}:{shard.uri}:{rg}").shuffle(rows)
+                # Seeded by the unit (shard number, not its URI: a copy on S3 reads in the same order as the local
+                # original), not by the unit's place in the epoch.
+                random.Random(f"{seed}:{i}:{rg}").shuffle(rows)
             for r in rows:
                 row = shard.row_offsets[rg] + r
                 source = f"{shard.uri} row {row}"
@@ -349,7 +356,7 @@ def _pairs(
                         raise OSError(data)
                     w, h = _image_size(data)
                 except Exception as exc:  # any decoder failure (truncated, not an image, bomb) means unreadable
-                    bad.append(f"{raw.source} {column}: unreadable image ({_one_line(str(exc), 120)})")
+                    bad.append(f"{raw.source} {column}: unreadable image ({_image_error(exc)})")
                     continue
                 readable.append(data)
                 pair_sizes.append(f"{w}x{h}")
@@ -429,7 +436,7 @@ def load_image(data: bytes, resolution: int, *, source: str = "image") -> torch.
         with Image.open(io.BytesIO(data)) as im:
             rgb = im.convert("RGB")
     except Exception as exc:  # any decoder failure means the bytes are not a usable image
-        raise DatasetError("unreadable_image", f"{source}: unreadable image ({_one_line(str(exc), 120)})") from None
+        raise DatasetError("unreadable_image", f"{source}: unreadable image ({_image_error(exc)})") from None
     w, h = rgb.size
     # torchvision Resize(int): the shorter side becomes R, the longer one int(R * long / short).
     size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)

@@ -38,6 +38,11 @@ _CLIENT_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
 )
 
 
@@ -79,8 +84,7 @@ def _client(env: tuple[str | None, ...]) -> Any:
         # boto3 >= 1.36 adds CRC checksums by default, which several S3-compatible stores reject.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        retries={"max_attempts": 5, "mode": "standard"},
-    )
+    )  # retries: boto3's defaults, tunable with AWS_MAX_ATTEMPTS / AWS_RETRY_MODE
     return boto3.session.Session().client("s3", config=config)
 
 

@@ -158,7 +158,10 @@ def make_toy_dataset(
     columns: dict[str, list] = {name: [] for name in _PICKAPIC_SCHEMA.names}
     for i, prompt, a, b, ra, rb in records:
         if rng.random() < 0.5:  # the winner lands at either position, as in the real data
-            a, b, ra, rb = b, a, rb, ra
+            a, b = b, a
+        # Score what was stored: JPEG shifts colours a little, and the label must agree with the stored pixels.
+        jpg_0, jpg_1 = _encode(a, "JPEG"), _encode(b, "JPEG")
+        ra, rb = (toy_image_reward(Image.open(io.BytesIO(jpg))) for jpg in (jpg_0, jpg_1))
         label_0 = 1.0 if ra > rb else 0.0 if rb > ra else 0.5
         uids = (uid(), uid())
         row = {
@@ -171,8 +174,8 @@ def make_toy_dataset(
             "image_0_url": f"toy://{uids[0]}.jpg",
             "image_1_uid": uids[1],
             "image_1_url": f"toy://{uids[1]}.jpg",
-            "jpg_0": _encode(a, "JPEG"),
-            "jpg_1": _encode(b, "JPEG"),
+            "jpg_0": jpg_0,
+            "jpg_1": jpg_1,
             "label_0": label_0,
             "label_1": 1.0 - label_0,
             "model_0": model,
