@@ -1,0 +1,381 @@
+"""Job state changes, as plain functions on a Session. Every function commits its own transaction.
+
+Transitions are conditional UPDATEs (`... WHERE status IN (...)`), so the API, the reconciler and any number of
+workers can race on one job and exactly one of them wins. Status machine:
+
+    validating_files -> queued -> running -> succeeded | failed | cancelled
+    validating_files | queued -> cancelled            (POST /cancel, at once)
+    running -> cancel_requested -> cancelled          (POST /cancel, then the worker stops)
+    validating_files -> failed                        (files or model reference rejected)
+
+For the worker, in order of use:
+    claim_job(session, job_id, worker_id) -> bool            take the job; False means another worker has it
+    heartbeat(session, job_id, worker_id) -> bool            "still alive" during long phases without steps
+    record_progress(session, job_id, step, total_steps, metrics=None, worker_id=None) -> bool
+    add_event(session, job_id, message, level="info", type="message", data=None) -> int
+    add_checkpoint(session, job_id, step_number, uri, metrics=None) -> int
+    set_run_info(session, job_id, mlflow_run_id=..., registered_model_version=..., fine_tuned_model=...)
+    is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
+    finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
+The job's validated TrainingConfig is `invdpo_core.config.parse_config(get_job(session, job_id).config)`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal, TypedDict
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.api.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, utcnow
+from services.api.security import mask_secrets
+
+FinalStatus = Literal["succeeded", "failed", "cancelled"]
+
+
+class JobErrorInfo(TypedDict, total=False):
+    code: str  # machine-readable, e.g. dataset_not_found, worker_lost, out_of_memory
+    message: str  # one user-facing line, no stack trace
+    param: str | None  # the request field at fault, e.g. training_file
+
+
+def new_job_id() -> str:
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+def is_job_id(value: str) -> bool:
+    """Checked before any query: a malformed id (say with a NUL byte, which PostgreSQL rejects) is just unknown."""
+    return len(value) == 30 and value.startswith("ftjob-") and all(c in "0123456789abcdef" for c in value[6:])
+
+
+def get_job(session: Session, job_id: str, project_id: int | None = None) -> Job | None:
+    """The job, or None if it does not exist (or belongs to another project when project_id is given)."""
+    job = session.get(Job, job_id)
+    if job is None or (project_id is not None and job.project_id != project_id):
+        return None
+    return job
+
+
+def _event(job_id: str, message: str, level: str = "info", type: str = "message", data: Any = None) -> JobEvent:
+    return JobEvent(job_id=job_id, message=mask_secrets(message), level=level, type=type, data=data)
+
+
+# ---------------------------------------------------------------- API side
+
+
+def find_by_idempotency_key(session: Session, project_id: int, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)).first()
+
+
+def count_active_jobs(session: Session, project_id: int) -> int:
+    """Active jobs of the project. On PostgreSQL the project row is locked until commit, so concurrent creates
+    of one project count one after the other and the cap holds (SQLite serialises writers anyway)."""
+    session.execute(select(Project.id).where(Project.id == project_id).with_for_update())
+    return (
+        session.scalar(
+            select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(ACTIVE_STATUSES))
+        )
+        or 0
+    )
+
+
+def create_job(session: Session, job: Job) -> Job:
+    """Insert a new `validating_files` job and commit. Raises IntegrityError on a duplicate idempotency key
+    (after rolling back), so the caller can return the job that won the race."""
+    job.status = "validating_files"
+    job.dispatched_at = utcnow()  # handed to the file validator now
+    session.add(job)
+    session.add(_event(job.id, f"Validating training file: {job.training_file}"))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise
+    return job
+
+
+def mark_validated(session: Session, job_id: str) -> bool:
+    """validating_files -> queued. False if the job moved meanwhile (e.g. cancelled): then do not enqueue."""
+    done = _transition(session, job_id, ("validating_files",), status="queued", dispatched_at=utcnow())
+    if done:
+        session.add(_event(job_id, "Files validated; job queued for a GPU worker"))
+    session.commit()
+    return done
+
+
+def cancel_job(session: Session, job_id: str) -> Job | None:
+    """Cancel as far as the API can: not yet running -> cancelled; running -> cancel_requested (the worker
+    finishes it). Returns the job, or None if it had already succeeded or failed."""
+    for _ in range(5):  # retry if a worker or the validator moved the job between our read and our update
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is None:
+            return None
+        if job.status in ("cancelled", "cancel_requested"):
+            return job
+        if job.status in ("succeeded", "failed"):
+            return None
+        now = utcnow()
+        if job.status == "running":
+            done = _transition(session, job_id, ("running",), status="cancel_requested")
+            message = "Cancellation requested; waiting for the worker to stop"
+        else:
+            done = _transition(
+                session, job_id, (job.status,), status="cancelled", finished_at=now, estimated_finish=None
+            )
+            message = "The job was cancelled"
+        if done:
+            session.add(_event(job_id, message))
+            session.commit()
+            return session.get(Job, job_id, populate_existing=True)
+        session.rollback()
+    raise RuntimeError(f"job {job_id} kept changing while being cancelled")
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def list_jobs(
+    session: Session, project_id: int, *, after: str | None, limit: int, status: str | None
+) -> tuple[Sequence[Job], bool]:
+    """Newest first, keyset-paginated on (created_at, id) so pages never skip or repeat a job."""
+    query = select(Job).where(Job.project_id == project_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        cursor = get_job(session, after, project_id) if is_job_id(after) else None
+        if cursor is None:
+            raise InvalidCursor(after)
+        query = query.where(
+            or_(
+                Job.created_at < cursor.created_at,
+                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
+            )
+        )
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+def list_events(session: Session, job_id: str, *, after: int | None, limit: int) -> tuple[Sequence[JobEvent], bool]:
+    """Oldest first, after the event id `after`: the order a follower (SSE or polling) reads them in."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    rows = session.scalars(query.order_by(JobEvent.id).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+def list_checkpoints(
+    session: Session, job_id: str, *, after: int | None, limit: int
+) -> tuple[Sequence[Checkpoint], bool]:
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if after is not None:
+        query = query.where(Checkpoint.id > after)
+    rows = session.scalars(query.order_by(Checkpoint.id).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {status: count for status, count in rows}
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _transition(session: Session, job_id: str, from_statuses: Sequence[str], *conditions: Any, **values: Any) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(from_statuses), *conditions)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def claim_job(session: Session, job_id: str, worker_id: str, *, heartbeat_timeout_seconds: float = 300.0) -> bool:
+    """Atomically take the job: queued -> running, or take over a running job whose worker went silent
+    (heartbeat older than heartbeat_timeout_seconds). Returns False if someone else has it or it is finished or
+    cancelled: the task must then return without training. Increments `attempt`."""
+    now = utcnow()
+    stale = now - timedelta(seconds=heartbeat_timeout_seconds)
+    claimable = or_(
+        Job.status == "queued",
+        and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)),
+    )
+    done = _transition(
+        session,
+        job_id,
+        ("queued", "running"),
+        claimable,
+        status="running",
+        claimed_by=worker_id,
+        heartbeat_at=now,
+        attempt=Job.attempt + 1,
+        started_at=func.coalesce(Job.started_at, now),
+    )
+    if done:
+        attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
+        session.add(_event(job_id, f"Training started on worker {worker_id} (attempt {attempt})"))
+    session.commit()
+    return done
+
+
+def _owned(worker_id: str | None) -> tuple[Any, ...]:
+    return () if worker_id is None else (Job.claimed_by == worker_id,)
+
+
+def heartbeat(session: Session, job_id: str, worker_id: str | None = None) -> bool:
+    """Mark the job alive. False if the job is no longer this worker's to run (finished, or taken over)."""
+    done = _transition(session, job_id, ("running", "cancel_requested"), *_owned(worker_id), heartbeat_at=utcnow())
+    session.commit()
+    return done
+
+
+def record_progress(
+    session: Session,
+    job_id: str,
+    step: int,
+    total_steps: int,
+    metrics: dict[str, float] | None = None,
+    *,
+    worker_id: str | None = None,
+) -> bool:
+    """Store step/total_steps, refresh the heartbeat and the estimated finish; with `metrics`, also add a
+    `metrics` event {step, total_steps, **metrics}. Returns False if the job is no longer this worker's."""
+    now = utcnow()
+    started_at = session.scalar(select(Job.started_at).where(Job.id == job_id))
+    estimated: datetime | None = None
+    if started_at is not None and step > 0 and total_steps >= step:
+        estimated = now + (now - started_at) * ((total_steps - step) / step)
+    done = _transition(
+        session,
+        job_id,
+        ("running", "cancel_requested"),
+        *_owned(worker_id),
+        step=step,
+        total_steps=total_steps,
+        heartbeat_at=now,
+        estimated_finish=estimated,
+    )
+    if done and metrics:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        data = {"step": step, "total_steps": total_steps, **metrics}
+        session.add(_event(job_id, f"Step {step}/{total_steps}: {shown}", type="metrics", data=data))
+    session.commit()
+    return done
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    level: Literal["info", "warn", "error"] = "info",
+    type: Literal["message", "metrics"] = "message",
+    data: dict[str, Any] | None = None,
+) -> int:
+    """Append a user-visible event (credentials in the message are masked). Returns its id."""
+    event = _event(job_id, message, level, type, data)
+    session.add(event)
+    session.commit()
+    return event.id
+
+
+def add_checkpoint(
+    session: Session, job_id: str, step_number: int, uri: str, metrics: dict[str, Any] | None = None
+) -> int:
+    """Record a resumable checkpoint saved at `uri` (e.g. s3://bucket/jobs/<id>/checkpoint-500). Returns its id."""
+    checkpoint = Checkpoint(job_id=job_id, step_number=step_number, uri=mask_secrets(uri), metrics=metrics or {})
+    session.add(checkpoint)
+    session.add(_event(job_id, f"Checkpoint saved at step {step_number}"))
+    session.commit()
+    return checkpoint.id
+
+
+def set_run_info(
+    session: Session,
+    job_id: str,
+    *,
+    mlflow_run_id: str | None = None,
+    registered_model_version: str | None = None,
+    fine_tuned_model: str | None = None,
+) -> None:
+    """Record MLflow facts as soon as they are known (the run id at start, so users can follow it live)."""
+    values = {
+        k: v
+        for k, v in {
+            "mlflow_run_id": mlflow_run_id,
+            "registered_model_version": registered_model_version,
+            "fine_tuned_model": fine_tuned_model,
+        }.items()
+        if v is not None
+    }
+    if values:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+    session.commit()
+
+
+def is_cancel_requested(session: Session, job_id: str, worker_id: str | None = None) -> bool:
+    """True when the worker should stop: cancellation was asked for, or the job is no longer running for it
+    (finished, or taken over by another worker after a stale heartbeat)."""
+    row = session.execute(select(Job.status, Job.claimed_by).where(Job.id == job_id)).first()
+    session.commit()  # end the read transaction; this is polled between steps
+    if row is None:
+        return True
+    status, claimed_by = row
+    return status != "running" or (worker_id is not None and claimed_by != worker_id)
+
+
+_FINAL_EVENTS = {
+    "succeeded": ("info", "The job has successfully completed"),
+    "failed": ("error", "The job failed"),
+    "cancelled": ("info", "The job was cancelled"),
+}
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    status: FinalStatus,
+    error: JobErrorInfo | None = None,
+    *,
+    fine_tuned_model: str | None = None,
+    mlflow_run_id: str | None = None,
+    registered_model_version: str | None = None,
+    worker_id: str | None = None,
+) -> bool:
+    """End the job: succeeded, failed (with error {code, message, param}) or cancelled. A worker that saw
+    is_cancel_requested() finishes with "cancelled". Returns False if the job had already ended (or, with
+    worker_id, belongs to another worker)."""
+    if status not in _FINAL_EVENTS:
+        raise ValueError(f"status must be one of {sorted(_FINAL_EVENTS)}, got {status!r}")
+    if status == "failed" and not (error and error.get("code") and error.get("message")):
+        raise ValueError("a failed job needs error={'code': ..., 'message': ...}")
+    now = utcnow()
+    values: dict[str, Any] = {"status": status, "finished_at": now, "estimated_finish": None}
+    if error:
+        values.update(
+            error_code=error.get("code"),
+            error_message=mask_secrets(error.get("message") or ""),
+            error_param=error.get("param"),
+        )
+    for key, value in (
+        ("fine_tuned_model", fine_tuned_model),
+        ("mlflow_run_id", mlflow_run_id),
+        ("registered_model_version", registered_model_version),
+    ):
+        if value is not None:
+            values[key] = value
+    done = _transition(session, job_id, ACTIVE_STATUSES, *_owned(worker_id), **values)
+    if done:
+        level, message = _FINAL_EVENTS[status]
+        if error:
+            message = f"{message}: {error.get('message')}"
+        session.add(_event(job_id, message, level=level))
+    session.commit()
+    return done

@@ -1,0 +1,398 @@
+"""Fine-tuning jobs: create, list, get, cancel, events (paged and streamed) and checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from invdpo_core.config import ConfigError, parse_config
+from services.api import jobstore, schemas
+from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
+from services.api.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
+from services.api.security import mask_secrets
+from services.api.validation import validate_job_files
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
+
+# TrainingConfig fields a request may not set in method.hyperparameters, and where they come from instead.
+RESERVED = {
+    "base_model": "set it with the top-level `model`",
+    "dataset": "set it with the top-level `training_file`",
+    "validation_dataset": "set it with the top-level `validation_file`",
+    "method": "set it with `method.type`",
+    "seed": "set it with the top-level `seed`",
+    "output_dir": "chosen by the worker",
+}
+# Where each TrainingConfig field lives in the request body, for 422 locations.
+_FIELD_LOC = {
+    "base_model": ("model",),
+    "dataset": ("training_file",),
+    "validation_dataset": ("validation_file",),
+    "method": ("method", "type"),
+    "seed": ("seed",),
+    "config": ("method", "hyperparameters"),
+}
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+_MAX_JSON_INT = 2**53  # larger integers lose precision in JSON clients and overflow BIGINT columns
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": schemas.ErrorDetail, "description": "Missing or invalid API key."},
+    404: {"model": schemas.ErrorDetail, "description": "No such job in this project."},
+}
+_CURSOR_ERROR: dict[int | str, dict[str, Any]] = {400: {"model": schemas.ErrorDetail, "description": "Bad cursor."}}
+
+
+def _error(loc: Sequence[str | int], message: str, value: Any) -> dict[str, Any]:
+    path = ".".join(str(p) for p in loc)
+    return {"type": "value_error", "loc": ["body", *loc], "msg": f"{path}: {message}", "input": value}
+
+
+def _storable_errors(value: Any, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    """Values the database cannot store as JSON: NaN/Infinity (which Python's JSON parser accepts), integers past
+    2^53, NUL characters and lone surrogates (PostgreSQL rejects both in text and JSONB)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [_error(loc, "must be a finite number", str(value))]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_JSON_INT:
+        return [_error(loc, "must be between -2^53 and 2^53", str(value))]
+    if isinstance(value, dict):
+        errors = []
+        for k, v in value.items():
+            if isinstance(k, str) and not _storable_text(k):
+                errors.append(_error(loc, "keys must not contain NUL characters or lone surrogates", None))
+            else:
+                errors += _storable_errors(v, (*loc, k))
+        return errors
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _storable_errors(v, (*loc, i))]
+    if isinstance(value, str) and not _storable_text(value):
+        return [_error(loc, "must not contain NUL characters or lone surrogates", None)]
+    return []
+
+
+def _storable_text(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def training_config(body: schemas.JobCreate, seed: int) -> dict[str, Any]:
+    """The job's full TrainingConfig as JSON, or a 422 whose `loc`/`msg` name the request field at fault."""
+    hyperparameters = body.method.hyperparameters
+    where = ("method", "hyperparameters")
+    errors = [
+        _error((*where, k), f"not allowed here: {RESERVED[k]}", v) for k, v in hyperparameters.items() if k in RESERVED
+    ]
+    errors += _storable_errors(hyperparameters, where)
+    if errors:
+        raise RequestValidationError(errors)
+    data = {
+        **hyperparameters,
+        "base_model": body.model,
+        "dataset": body.training_file,
+        "validation_dataset": body.validation_file,
+        "method": body.method.type,
+        "seed": seed,
+    }
+    try:
+        return parse_config(data).model_dump(mode="json")
+    except ConfigError as exc:
+        raise RequestValidationError(
+            [
+                _error(_FIELD_LOC.get(e["field"]) or (*where, *e["field"].split(".")), e["message"], e["value"])
+                for e in exc.errors
+            ]
+        ) from None
+
+
+def _check_local_files(body: schemas.JobCreate) -> None:
+    errors = []
+    for name in ("model", "training_file", "validation_file"):
+        uri = getattr(body, name)
+        if uri is None or uri.startswith("s3://") or (name == "model" and _HUB_ID.match(uri)):
+            continue
+        errors.append(_error((name,), "must be an s3:// URI" + (" or a hub id" if name == "model" else ""), uri))
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def _ts(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def job_out(job: Job) -> schemas.Job:
+    error = None
+    if job.error_code is not None:
+        error = schemas.JobError(code=job.error_code, message=job.error_message or "", param=job.error_param)
+    return schemas.Job(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        model=job.model,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        method=schemas.Method(
+            type=job.method_type,  # type: ignore[arg-type]
+            hyperparameters={k: v for k, v in job.config.items() if k not in RESERVED},
+        ),
+        seed=job.seed,
+        suffix=job.suffix,
+        registered_model_name=job.registered_model_name,
+        metadata=job.metadata_,
+        created_at=int(job.created_at.timestamp()),
+        started_at=_ts(job.started_at),
+        finished_at=_ts(job.finished_at),
+        estimated_finish=_ts(job.estimated_finish),
+        step=job.step,
+        total_steps=job.total_steps,
+        mlflow_run_id=job.mlflow_run_id,
+        registered_model_version=job.registered_model_version,
+        fine_tuned_model=job.fine_tuned_model,
+        error=error,
+    )
+
+
+def event_out(event: JobEvent) -> schemas.JobEvent:
+    return schemas.JobEvent(
+        id=f"ftevent-{event.id}",
+        created_at=int(event.created_at.timestamp()),
+        level=event.level,  # type: ignore[arg-type]
+        type=event.type,  # type: ignore[arg-type]
+        message=event.message,
+        data=event.data,
+    )
+
+
+def checkpoint_out(checkpoint: Checkpoint) -> schemas.JobCheckpoint:
+    return schemas.JobCheckpoint(
+        id=f"ftckpt-{checkpoint.id}",
+        fine_tuning_job_id=checkpoint.job_id,
+        created_at=int(checkpoint.created_at.timestamp()),
+        step_number=checkpoint.step_number,
+        uri=mask_secrets(checkpoint.uri),
+        metrics=checkpoint.metrics or {},
+    )
+
+
+def _parse_cursor(value: str | None, prefix: str) -> int | None:
+    if value is None:
+        return None
+    digits = value.removeprefix(prefix)
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        raise HTTPException(400, "invalid cursor")
+    return int(digits)
+
+
+def _request_hash(body: schemas.JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _replay(job: Job, request_hash: str, response: Response) -> schemas.Job:
+    if job.request_hash != request_hash:
+        raise HTTPException(409, "idempotency key reused with a different request")
+    response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=schemas.Job,
+    responses={
+        **_ERRORS,
+        409: {"model": schemas.ErrorDetail, "description": "Idempotency key reused with a different body."},
+        413: {"model": schemas.ErrorDetail, "description": "Request body too large."},
+        429: {"model": schemas.ErrorDetail, "description": "Too many active jobs in this project."},
+    },
+)
+def create_job(
+    body: schemas.JobCreate,
+    session: SessionDep,
+    caller: CallerDep,
+    settings: SettingsDep,
+    request: Request,
+    response: Response,
+    background: BackgroundTasks,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="A retry with the same key and body returns the same job; a different body gets a 409.",
+        ),
+    ] = None,
+) -> schemas.Job:
+    """Create a fine-tuning job. It starts as `validating_files`; the model and the datasets are checked, then
+    the job is `queued` for a GPU worker, or `failed` with an error naming the file at fault."""
+    if not settings.allow_local_files:
+        _check_local_files(body)
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        existing = jobstore.find_by_idempotency_key(session, caller.project_id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash, response)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    config = training_config(body, seed)
+    if jobstore.count_active_jobs(session, caller.project_id) >= settings.max_active_jobs_per_project:
+        session.rollback()
+        raise HTTPException(
+            429, "too many active jobs in this project", headers={"Retry-After": str(settings.retry_after_seconds)}
+        )
+    job = Job(
+        id=jobstore.new_job_id(),
+        project_id=caller.project_id,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        method_type=body.method.type,
+        hyperparameters=body.method.hyperparameters,
+        config=config,
+        seed=seed,
+        suffix=body.suffix,
+        registered_model_name=body.registered_model_name,
+        metadata_=body.metadata,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        total_steps=config["max_steps"],
+        attempt=0,
+    )
+    try:
+        jobstore.create_job(session, job)
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the race: answer as its retry.
+        existing = jobstore.find_by_idempotency_key(session, caller.project_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, request_hash, response)
+    log.info("job created", extra={"job_id": job.id, "project_id": caller.project_id, "key": caller.key_prefix})
+    state = request.app.state
+    background.add_task(
+        validate_job_files, state.session_factory, job.id, celery=state.celery, sample=settings.validation_sample
+    )
+    return job_out(job)
+
+
+@router.get("", response_model=schemas.JobList, responses={**_ERRORS, **_CURSOR_ERROR})
+def list_jobs(
+    session: SessionDep,
+    caller: CallerDep,
+    after: Annotated[str | None, Query(max_length=64, description="Id of the last job of the previous page.")] = None,
+    limit: Limit = 20,
+    status: Annotated[schemas.JobStatus | None, Query(description="Only jobs in this status.")] = None,
+) -> schemas.JobList:
+    """The project's jobs, newest first."""
+    try:
+        jobs, has_more = jobstore.list_jobs(session, caller.project_id, after=after, limit=limit, status=status)
+    except jobstore.InvalidCursor:
+        raise HTTPException(400, "invalid cursor") from None
+    return schemas.JobList(data=[job_out(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=schemas.Job, responses=_ERRORS)
+def get_job(job: JobDep) -> schemas.Job:
+    """One job with its progress, timestamps, MLflow run and model version once known, and error if it failed."""
+    return job_out(job)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=schemas.Job,
+    responses={**_ERRORS, 409: {"model": schemas.ErrorDetail, "description": "The job already finished."}},
+)
+def cancel_job(job: JobDep, session: SessionDep) -> schemas.Job:
+    """Cancel: a job not yet running is cancelled at once; a running one becomes `cancel_requested` and then
+    `cancelled` when its worker stops. Cancelling a cancelled job is a no-op."""
+    cancelled = jobstore.cancel_job(session, job.id)
+    if cancelled is None:
+        raise HTTPException(409, "job already finished")
+    return job_out(cancelled)
+
+
+@router.get("/{job_id}/events", response_model=schemas.JobEventList, responses={**_ERRORS, **_CURSOR_ERROR})
+def list_job_events(
+    job: JobDep,
+    session: SessionDep,
+    after: Annotated[str | None, Query(max_length=64, description="Id of the last event already seen.")] = None,
+    limit: Limit = 20,
+) -> schemas.JobEventList:
+    """The job's events, oldest first (status messages, and `metrics` events with the training curves)."""
+    events, has_more = jobstore.list_events(session, job.id, after=_parse_cursor(after, "ftevent-"), limit=limit)
+    return schemas.JobEventList(data=[event_out(e) for e in events], has_more=has_more)
+
+
+def _poll(session_factory: sessionmaker[Session], job_id: str, after: int | None) -> tuple[str, list[JobEvent]]:
+    with session_factory() as session:
+        # Status first: a job's final event is committed with its final status, so none is missed.
+        status = session.scalar(select(Job.status).where(Job.id == job_id)) or "failed"
+        events, _ = jobstore.list_events(session, job_id, after=after, limit=500)
+        return status, list(events)
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=EventSourceResponse,
+    responses={**_ERRORS, **_CURSOR_ERROR},
+)
+async def stream_job_events(
+    job: JobDep,
+    request: Request,
+    settings: SettingsDep,
+    after: Annotated[str | None, Query(max_length=64, description="Id of the last event already seen.")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=64, description="Set by EventSource on reconnect.")] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: every event of the job as it happens (data: the JobEvent JSON, id: its id), then one
+    `done` event with the final status. Closes after INVDPO_EVENTS_STREAM_MAX_SECONDS; reconnect with
+    Last-Event-ID (EventSource does this itself) to continue where it stopped."""
+    cursor = _parse_cursor(last_event_id or after, "ftevent-")
+    job_id, session_factory = job.id, request.app.state.session_factory
+    deadline = time.monotonic() + settings.events_stream_max_seconds
+    while True:
+        status, events = await run_in_threadpool(_poll, session_factory, job_id, cursor)
+        for event in events:
+            yield ServerSentEvent(data=event_out(event), id=f"ftevent-{event.id}")
+            cursor = event.id
+        if status in TERMINAL_STATUSES and len(events) < 500:
+            yield ServerSentEvent(data={"status": status}, event="done")
+            return
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(settings.events_poll_seconds)
+
+
+@router.get("/{job_id}/checkpoints", response_model=schemas.JobCheckpointList, responses={**_ERRORS, **_CURSOR_ERROR})
+def list_job_checkpoints(
+    job: JobDep,
+    session: SessionDep,
+    after: Annotated[str | None, Query(max_length=64, description="Id of the last checkpoint already seen.")] = None,
+    limit: Limit = 20,
+) -> schemas.JobCheckpointList:
+    """The job's saved checkpoints, oldest first, with the step and the metrics at that step."""
+    checkpoints, has_more = jobstore.list_checkpoints(
+        session, job.id, after=_parse_cursor(after, "ftckpt-"), limit=limit
+    )
+    return schemas.JobCheckpointList(data=[checkpoint_out(c) for c in checkpoints], has_more=has_more)

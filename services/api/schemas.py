@@ -1,0 +1,163 @@
+"""Request and response bodies, one family per resource, shaped like the fine-tuning job APIs users know."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from services.api.security import has_credentials
+
+JobStatus = Literal["validating_files", "queued", "running", "cancel_requested", "cancelled", "succeeded", "failed"]
+MethodType = Literal["inversion_dpo", "diffusion_dpo"]
+
+# No NUL characters anywhere: PostgreSQL text and JSONB cannot store them.
+_NO_NUL = r"^[^\x00]*$"
+
+
+def _no_embedded_credentials(uri: str) -> str:
+    if has_credentials(uri):
+        raise ValueError("credentials must not be embedded in the URI; workers use their own")
+    return uri
+
+
+Uri = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048, pattern=r"^[^\x00\s][^\x00]*$"),
+    AfterValidator(_no_embedded_credentials),
+]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=_NO_NUL)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512, pattern=_NO_NUL)]
+Metadata = Annotated[
+    dict[MetadataKey, MetadataValue],
+    Field(max_length=16, description="Up to 16 key-value pairs; keys up to 64 characters, values up to 512."),
+]
+
+
+class ErrorDetail(BaseModel):
+    """Body of every 4xx answer except 422: a short fixed string."""
+
+    detail: str
+
+
+# ---- jobs ----
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: MethodType = Field(description="inversion_dpo or diffusion_dpo.")
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any TrainingConfig field except base_model, dataset, validation_dataset, method, seed and "
+        "output_dir (set from the job's own fields or by the worker). Unknown keys are rejected.",
+    )
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Uri = Field(description="Base diffusers pipeline: a hub id, a directory or an s3:// prefix.")
+    training_file: Uri = Field(description="Preference pairs: a Pick-a-Pic parquet file/prefix or a JSONL manifest.")
+    validation_file: Uri | None = Field(None, description="Held-out preference pairs.")
+    method: MethodSpec
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Training seed; chosen at random if omitted.")
+    suffix: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$", description="Added to the model name."
+    )
+    registered_model_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="MLflow registered model the result is registered under.",
+    )
+    metadata: Metadata | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Method(BaseModel):
+    type: MethodType
+    hyperparameters: dict[str, Any] = Field(description="The resolved hyperparameters, defaults included.")
+
+
+class Job(BaseModel):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    status: JobStatus
+    model: str
+    training_file: str
+    validation_file: str | None
+    method: Method
+    seed: int
+    suffix: str | None
+    registered_model_name: str | None
+    metadata: dict[str, str] | None
+    created_at: int = Field(description="Unix seconds.")
+    started_at: int | None
+    finished_at: int | None
+    estimated_finish: int | None
+    step: int | None
+    total_steps: int | None
+    mlflow_run_id: str | None
+    registered_model_version: str | None
+    fine_tuned_model: str | None
+    error: JobError | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+
+
+# ---- job events ----
+
+
+class JobEvent(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    type: Literal["message", "metrics"]
+    message: str
+    data: dict[str, Any] | None
+
+
+class JobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool
+
+
+# ---- checkpoints ----
+
+
+class JobCheckpoint(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    fine_tuning_job_id: str
+    created_at: int
+    step_number: int
+    uri: str
+    metrics: dict[str, Any]
+
+
+class JobCheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobCheckpoint]
+    has_more: bool
+
+
+# ---- health ----
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: Literal["ok", "unavailable"] | None = None
+    broker: Literal["ok", "unavailable"] | None = None
