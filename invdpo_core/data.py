@@ -46,7 +46,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from invdpo_core.storage import download_prefix, exists, is_s3, list_files, open_s3, read_bytes, split_s3
+from invdpo_core.storage import (
+    StorageError,
+    download_prefix,
+    exists,
+    is_s3,
+    list_files,
+    open_s3,
+    read_bytes,
+    split_s3,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -128,13 +137,26 @@ class _Shard(NamedTuple):
 @contextmanager
 def _open_parquet(uri: str, metadata: pq.FileMetaData | None = None) -> Iterator[pq.ParquetFile]:
     # Passing the saved footer back avoids re-reading it for every row group.
-    f = open_s3(uri) if is_s3(uri) else open(uri, "rb")
+    f = open_s3(uri) if is_s3(uri) else pa.OSFile(uri, "rb")
     try:
         if metadata is None and f.seek(0, io.SEEK_END) == 0:
             raise DatasetError("empty_dataset", f"{uri}: file is empty (0 bytes)")
         yield pq.ParquetFile(f, metadata=metadata)
     finally:
         f.close()
+
+
+@contextmanager
+def _read_errors(where: str, what: str) -> Iterator[None]:
+    """Storage failures and corrupt files as DatasetErrors naming the file."""
+    try:
+        yield
+    except FileNotFoundError as exc:  # e.g. deleted between listing and reading
+        raise DatasetError("dataset_not_found", _one_line(str(exc))) from None
+    except (StorageError, PermissionError) as exc:
+        raise DatasetError("storage_error", _one_line(str(exc))) from None
+    except (pa.ArrowException, OSError) as exc:  # pyarrow reports a corrupt file as ArrowInvalid or OSError
+        raise DatasetError("bad_file", f"{where}: {what} ({_one_line(str(exc))})") from None
 
 
 # Column -> (accepted arrow types, what the message asks for).
@@ -164,11 +186,8 @@ class _ParquetSource:
     def __init__(self, shards: list[str]):
         self.shards: list[_Shard] = []
         for uri in shards:
-            try:
-                with _open_parquet(uri) as pf:
-                    metadata, schema = pf.metadata, pf.schema_arrow
-            except pa.ArrowException as exc:
-                raise DatasetError("bad_file", f"{uri}: not a readable parquet file ({_one_line(str(exc))})") from None
+            with _read_errors(uri, "not a readable parquet file"), _open_parquet(uri) as pf:
+                metadata, schema = pf.metadata, pf.schema_arrow
             _check_schema(uri, schema)
             sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
             self.shards.append(_Shard(uri, metadata, [sum(sizes[:i]) for i in range(len(sizes))]))
@@ -184,13 +203,11 @@ class _ParquetSource:
             random.Random(seed).shuffle(units)
         for i, rg in units:
             shard = self.shards[i]
-            try:
-                with _open_parquet(shard.uri, shard.metadata) as pf:
-                    table = pf.read_row_group(rg, columns=list(PICKAPIC_COLUMNS))
-            except pa.ArrowException as exc:
-                raise DatasetError(
-                    "bad_file", f"{shard.uri} row group {rg}: cannot read ({_one_line(str(exc))})"
-                ) from None
+            with (
+                _read_errors(f"{shard.uri} row group {rg}", "cannot read"),
+                _open_parquet(shard.uri, shard.metadata) as pf,
+            ):
+                table = pf.read_row_group(rg, columns=list(PICKAPIC_COLUMNS))
             captions = table.column("caption").to_pylist()
             labels = table.column("label_0").to_pylist()
             jpg_0, jpg_1 = table.column("jpg_0"), table.column("jpg_1")
@@ -230,14 +247,14 @@ class _JsonlSource:
                 self.path = download_prefix(uri, self._tmp.name) / posixpath.basename(uri)
             except FileNotFoundError:
                 raise DatasetError("dataset_not_found", f"{uri}: no such manifest") from None
-            except OSError as exc:
+            except StorageError as exc:
                 raise DatasetError("storage_error", _one_line(str(exc))) from None
             self.base = posixpath.dirname(uri)
         else:
             self.path = Path(uri)
             self.base = str(self.path.parent)
         self.offsets, self.lines = array("q"), array("q")
-        with open(self.path, "rb") as f:
+        with _read_errors(uri, "cannot read manifest"), open(self.path, "rb") as f:
             pos = 0
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -259,10 +276,12 @@ class _JsonlSource:
         uri = self._resolve(path)
         try:
             return read_bytes(uri)
-        except FileNotFoundError:
-            return f"no such file {uri}"  # a missing image is a data problem: counted like a corrupt one
-        except OSError as exc:
+        except StorageError as exc:  # the store, not the data, is the problem: stop
             raise DatasetError("storage_error", _one_line(str(exc))) from None
+        except FileNotFoundError:  # a missing image is a data problem: counted like a corrupt one
+            return f"no such file {uri}"
+        except OSError as exc:
+            return f"cannot read {uri}: {exc.strerror or exc}"
 
     def records(self, seed: int | None) -> Iterator[_Raw]:
         order = array("q", range(self.total))
@@ -306,7 +325,7 @@ def _open(uri: str) -> _ParquetSource | _JsonlSource:
         raise DatasetError("bad_uri", f"dataset: {exc}") from None
     except FileNotFoundError as exc:
         raise DatasetError("dataset_not_found", _one_line(str(exc))) from None
-    except OSError as exc:
+    except (StorageError, PermissionError) as exc:
         raise DatasetError("storage_error", _one_line(str(exc))) from None
     if not found:
         raise DatasetError("dataset_not_found", f"{uri}: no such file, directory or s3 prefix")

@@ -54,6 +54,15 @@ class ModelReferenceError(ValueError):
         super().__init__(message)
 
 
+class StorageError(OSError):
+    """An S3 request failed for a reason other than a missing object. `code`: "forbidden", "unreachable" or
+    "s3_error". A missing object or bucket raises FileNotFoundError instead."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -94,17 +103,17 @@ def s3_client() -> Any:
 
 
 def _storage_error(uri: str, exc: Exception) -> OSError:
-    """Map a boto error to FileNotFoundError / PermissionError / OSError with one line naming the URI only."""
+    """Map a boto error to FileNotFoundError or StorageError, one line naming the URI only (never credentials)."""
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             what = "bucket does not exist" if code == "NoSuchBucket" else "no such object"
             return FileNotFoundError(f"{uri}: {what}")
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return PermissionError(f"{uri}: access denied ({code})")
-        return OSError(f"{uri}: S3 error {code}")
+            return StorageError("forbidden", f"{uri}: access denied ({code})")
+        return StorageError("s3_error", f"{uri}: S3 error {code}")
     # BotoCoreError: endpoint unreachable, no credentials... The class name says which without any secret.
-    return OSError(f"{uri}: cannot reach S3 ({type(exc).__name__})")
+    return StorageError("unreachable", f"{uri}: cannot reach S3 ({type(exc).__name__})")
 
 
 def _list_keys(bucket: str, prefix: str) -> list[dict[str, Any]]:
@@ -169,7 +178,7 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
-    """The whole content of a local file or an s3 object. Raises FileNotFoundError / PermissionError / OSError."""
+    """The whole content of a local file or an s3 object. Raises FileNotFoundError, or StorageError for S3."""
     if not is_s3(uri):
         return Path(uri).read_bytes()
     bucket, key = split_s3(uri)
@@ -245,7 +254,7 @@ def download_prefix(uri: str, dest_dir: str | Path) -> Path:
     for obj in objects:
         rel = posixpath.relpath(obj["Key"], key) if key else obj["Key"]
         if rel.startswith("..") or rel.startswith("/"):  # a hostile key must not write outside dest
-            raise OSError(f"s3://{bucket}/{obj['Key']}: key escapes the download directory")
+            raise StorageError("s3_error", f"s3://{bucket}/{obj['Key']}: key escapes the download directory")
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -272,7 +281,9 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         except (ClientError, BotoCoreError) as exc:
             raise _storage_error(f"s3://{bucket}/{target}", exc) from None
         except S3UploadFailedError as exc:  # upload_file wraps ClientError in this
-            raise OSError(f"s3://{bucket}/{target}: upload failed ({str(exc).split(':')[0]})") from None
+            raise StorageError(
+                "s3_error", f"s3://{bucket}/{target}: upload failed ({str(exc).split(':')[0]})"
+            ) from None
 
 
 def _hub_offline() -> bool:
@@ -291,10 +302,9 @@ def check_model_reference(uri: str) -> None:
             found = exists(_join(uri, "model_index.json"))
         except ValueError as exc:
             raise ModelReferenceError("bad_model_reference", f"base model: {exc}") from None
-        except PermissionError as exc:
-            raise ModelReferenceError("model_forbidden", f"base model {exc}") from None
-        except OSError as exc:
-            raise ModelReferenceError("model_unreachable", f"base model {exc}") from None
+        except StorageError as exc:
+            code = "model_forbidden" if exc.code == "forbidden" else "model_unreachable"
+            raise ModelReferenceError(code, f"base model {exc}") from None
         if not found:
             raise ModelReferenceError("model_not_found", f"base model {uri}: no model_index.json under this prefix")
         return

@@ -1,5 +1,6 @@
 import io
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -259,6 +260,11 @@ def _case_empty_manifest(tmp_path):
     return tmp_path / "manifest.jsonl", ["manifest.jsonl: no records"]
 
 
+def _case_not_parquet(tmp_path):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 but not really")
+    return tmp_path / "d.parquet", [f"{tmp_path / 'd.parquet'}: not a readable parquet file (Parquet"]
+
+
 def _case_missing_path(tmp_path):
     return tmp_path / "nope.parquet", [f"{tmp_path / 'nope.parquet'}: no such file"]
 
@@ -273,6 +279,7 @@ def _case_missing_path(tmp_path):
         _case_no_rows,
         _case_empty_dir,
         _case_empty_manifest,
+        _case_not_parquet,
         _case_missing_path,
     ],
 )
@@ -379,7 +386,7 @@ def test_s3_datasets_read_like_local_ones(s3_env, toy_datasets, fmt, capsys):
     assert code == 0 and f"pairs: {report.pairs}" in out
 
 
-def test_s3_dataset_errors_are_one_line(s3_env, tmp_path, capsys):
+def test_s3_dataset_errors_are_one_line(s3_env, tmp_path, capsys, monkeypatch):
     code, _, err = run_validate(capsys, f"s3://{s3_env}/nothing/here")
     assert code == 2 and err == f"error: s3://{s3_env}/nothing/here: no such file, directory or s3 prefix\n"
     code, _, err = run_validate(capsys, "s3://no-such-bucket-xyz/data.parquet")
@@ -391,3 +398,11 @@ def test_s3_dataset_errors_are_one_line(s3_env, tmp_path, capsys):
     code, _, err = run_validate(capsys, f"s3://{s3_env}/bad")
     assert code == 2 and f"s3://{s3_env}/bad/d.parquet row 2: label_0 must be" in err
     assert "testing" not in err  # never a credential
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(DatasetError, match=r"cannot reach S3 \(EndpointConnectionError\)$") as info:
+        inspect_dataset(f"s3://{s3_env}/bad")
+    assert info.value.code == "storage_error"
