@@ -61,7 +61,7 @@ def enqueue_training(job_id: str, app: Celery | None = None) -> None:
     (app or celery_app).send_task(TRAIN_TASK, args=[job_id], queue=GPU_QUEUE)
 
 
-def _train_job_id(raw: bytes | str) -> str | None:
+def job_id_of_message(raw: bytes | str) -> str | None:
     """The job id inside one raw kombu/Redis message, or None if it is not a train_job message."""
     try:
         message = json.loads(raw)
@@ -90,7 +90,7 @@ def pending_job_ids(broker_url: str) -> set[str] | None:
         raws = [*client.lrange(GPU_QUEUE, 0, -1), *client.hvals("unacked")]
     finally:
         client.close()
-    return {job_id for raw in raws if (job_id := _train_job_id(raw)) is not None}
+    return {job_id for raw in raws if (job_id := job_id_of_message(raw)) is not None}
 
 
 def ping_broker(broker_url: str, app: Celery | None = None) -> bool:

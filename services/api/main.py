@@ -21,6 +21,7 @@ from services.api.logs import configure_logging
 from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from services.api.routes import health, jobs
+from services.api.security import mask_secrets
 from services.api.settings import Settings, get_settings
 from services.queue import make_celery
 
@@ -33,9 +34,9 @@ Jobs go `validating_files` -> `queued` -> `running` -> `succeeded` | `failed` | 
 
 
 def _json_safe(value: Any) -> Any:
-    """Echoed inputs may hold what JSON cannot carry: lone surrogates (escaped) and NaN/Infinity (as strings)."""
+    """422s echo the inputs: mask credentials in them, and what JSON cannot carry (lone surrogates, NaN)."""
     if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return mask_secrets(value.encode("utf-8", "backslashreplace").decode("utf-8"))
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
