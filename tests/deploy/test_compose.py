@@ -1,0 +1,212 @@
+"""docker-compose.yml and docker-compose.cpu.yml, parsed with PyYAML (Docker cannot run here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import yaml
+from deploy_contract import (
+    COMMANDS,
+    IMAGE_ENV,
+    INTERPOLATION,
+    ROOT,
+    SETTINGS_MODULES,
+    check_env_names,
+    resolve_compose,
+    validate_settings,
+)
+
+COMPOSE = ROOT / "docker-compose.yml"
+CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
+
+# One-shot jobs: they run to completion and exit 0, so they have no healthcheck; their dependents wait for
+# service_completed_successfully instead of service_healthy.
+ONE_SHOT_JOBS = {"createbuckets", "migrate"}
+# Secrets compose must refuse to start without.
+REQUIRED_SECRETS = {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"}
+# Optional secrets: a Hugging Face token is only needed for gated base models.
+OPTIONAL_SECRETS = {"HF_TOKEN"}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|ACCESS_KEY")
+# Our services' compose names -> the component whose Settings reads their INVDPO_* variables.
+OUR_SERVICES = {"api": "api", "migrate": "migrate", "worker": "worker"}
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """PyYAML plus compose's merge tags (!reset, !override)."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": True})
+ComposeLoader.add_constructor(
+    "!override", lambda loader, node: {"!override": loader.construct_mapping(node, deep=True)}
+)
+
+
+@pytest.fixture(scope="module")
+def compose(counts: dict) -> dict:
+    data = yaml.safe_load(COMPOSE.read_text())
+    counts["compose_services"] = len(data["services"])
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    assert isinstance(env, dict), "environment must be a mapping (NAME: value) so names can be checked"
+    return {name: str(value) for name, value in env.items()}
+
+
+def strings(node: object):
+    """Every string in a parsed YAML tree."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item)
+
+
+def test_the_expected_services_are_there(services: dict) -> None:
+    assert set(services) == {"postgres", "redis", "s3", "createbuckets", "mlflow", "migrate", "api", "worker"}
+
+
+def test_every_long_running_service_has_a_healthcheck(services: dict) -> None:
+    for name, service in services.items():
+        if name in ONE_SHOT_JOBS:
+            # Excepted: a job that exits is never "healthy"; it must not restart either.
+            assert "healthcheck" not in service, name
+            assert service.get("restart") == "no", name
+            continue
+        check = service.get("healthcheck")
+        assert check and not check.get("disable"), f"{name} has no healthcheck"
+        assert check["test"][0] in ("CMD", "CMD-SHELL") and check["test"] != ["NONE"], name
+        assert service.get("restart") == "unless-stopped", name
+
+
+def test_dependencies_wait_for_health_or_completion(services: dict) -> None:
+    waited_for = set()
+    for name, service in services.items():
+        depends_on = service.get("depends_on", {})
+        assert isinstance(depends_on, dict), f"{name}: depends_on must use the long syntax with a condition"
+        for target, spec in depends_on.items():
+            assert target in services, f"{name} depends on unknown {target}"
+            expected = "service_completed_successfully" if target in ONE_SHOT_JOBS else "service_healthy"
+            assert spec.get("condition") == expected, f"{name} -> {target}: {spec}"
+            waited_for.add(target)
+    assert ONE_SHOT_JOBS <= waited_for
+
+
+def test_the_api_and_the_worker_start_after_migrations_and_their_backends(services: dict) -> None:
+    for name in ("api", "worker"):
+        assert {"migrate", "redis", "s3", "mlflow"} <= set(services[name]["depends_on"]), name
+    assert "postgres" in services["migrate"]["depends_on"]
+    assert "createbuckets" in services["mlflow"]["depends_on"]
+
+
+def test_required_secrets_use_error_interpolation() -> None:
+    text = COMPOSE.read_text()
+    found = {}
+    for match in INTERPOLATION.finditer(text):
+        name, operator, _ = match.groups()
+        found.setdefault(name, set()).add(operator)
+    assert REQUIRED_SECRETS <= set(found), f"missing: {REQUIRED_SECRETS - set(found)}"
+    for name, operators in found.items():
+        if name in REQUIRED_SECRETS or (SECRET_NAME.search(name) and name not in OPTIONAL_SECRETS):
+            assert operators == {":?"}, f"${{{name}}} must always be written ${{{name}:?message}}: {operators}"
+
+
+def test_nothing_secret_is_committed(compose: dict) -> None:
+    interpolated_only = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:[?-][^}]*\}$")
+    for name, service in compose["services"].items():
+        for variable, value in environment(service).items():
+            if SECRET_NAME.search(variable):
+                assert interpolated_only.match(value), f"{name}: {variable} must come from .env, not be literal"
+    for text in strings(compose):
+        for userinfo in re.findall(r"://([^/@\s]*)@", text):
+            _, _, password = userinfo.partition(":")
+            assert password.startswith("${") and ":?" in password, f"literal password in {text!r}"
+        assert not re.search(r"--requirepass\s+[^\s\"$]", text), f"literal Redis password in {text!r}"
+    # .env.example documents every secret with an empty value, and no .env is tracked by git.
+    example = dict(
+        line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines() if re.match(r"^[A-Z]", line)
+    )
+    for name in REQUIRED_SECRETS | OPTIONAL_SECRETS:
+        assert example.get(name) == "", f".env.example must list {name} with an empty value"
+    tracked = subprocess.run(["git", "ls-files", ".env"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert tracked.stdout.strip() == "", ".env is tracked by git"
+
+
+@pytest.mark.parametrize("name", sorted(OUR_SERVICES))
+def test_our_services_read_only_settings_fields_and_library_variables(services: dict, name: str) -> None:
+    module = SETTINGS_MODULES[OUR_SERVICES[name]]
+    assert check_env_names(set(environment(services[name])), module) == []
+
+
+def test_other_services_set_no_invdpo_variables_and_only_known_ones(services: dict) -> None:
+    for name, service in services.items():
+        if name in OUR_SERVICES:
+            continue
+        problems = check_env_names(set(environment(service)), None, IMAGE_ENV.get(name, set()))
+        assert problems == [], f"{name}: {problems}"
+
+
+@pytest.mark.parametrize("name", sorted(OUR_SERVICES))
+def test_our_services_settings_accept_the_compose_values(
+    services: dict, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {key: resolve_compose(value) for key, value in environment(services[name]).items()}
+    settings = validate_settings(SETTINGS_MODULES[OUR_SERVICES[name]], env, monkeypatch)
+    assert settings.database_url == env["INVDPO_DATABASE_URL"]
+
+
+def test_commands_are_the_documented_entry_commands(services: dict) -> None:
+    for name in ("api", "migrate", "worker"):
+        assert services[name]["command"] == COMMANDS[name], name
+
+
+def test_the_api_does_not_migrate_at_startup_because_the_migrate_job_did(services: dict) -> None:
+    assert environment(services["api"])["INVDPO_MIGRATE_ON_STARTUP"] == "false"
+
+
+def test_worker_reserves_one_gpu_and_its_healthcheck_reads_the_heartbeat_file(services: dict) -> None:
+    worker = services["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    heartbeat = environment(worker)["INVDPO_HEARTBEAT_FILE"]
+    assert heartbeat in " ".join(worker["healthcheck"]["test"])
+    assert environment(worker)["INVDPO_ARTIFACT_URI"].startswith("s3://")
+
+
+def test_mlflow_uses_postgres_s3_artifacts_and_proxies_them(services: dict) -> None:
+    command = services["mlflow"]["command"]
+    assert command[:2] == ["mlflow", "server"]
+    uri = command[command.index("--backend-store-uri") + 1]
+    assert uri.startswith("postgresql+psycopg://") and uri.endswith("@postgres:5432/mlflow")
+    assert command[command.index("--artifacts-destination") + 1].startswith("s3://")
+    assert "--serve-artifacts" in command
+    assert "mlflow:*" in command[command.index("--allowed-hosts") + 1].split(",")
+    assert environment(services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
+
+
+def test_published_ports_are_on_loopback_only(services: dict) -> None:
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_cpu_override_drops_the_gpu_and_builds_the_cpu_worker(services: dict) -> None:
+    override = yaml.load(CPU_OVERRIDE.read_text(), Loader=ComposeLoader)
+    assert set(override["services"]) == {"worker"}
+    worker = override["services"]["worker"]
+    assert worker["deploy"] == {"!reset": True}
+    assert worker["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert worker["build"]["args"]["BASE_IMAGE"] == "ubuntu:22.04"
+    assert worker["image"] != services["worker"]["image"], "the CPU image must not overwrite the CUDA one"
