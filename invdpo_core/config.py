@@ -100,7 +100,13 @@ class TrainingConfig(_Strict):
     checkpoints_to_keep: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
     validation_prompts: list[str] = Field(default_factory=list, description="Prompts for sample grids.")
     validation_interval: int = Field(0, ge=0, description="Sample grids every this many steps; 0 disables.")
+    validation_inference_steps: int = Field(25, ge=1, description="Denoising steps for the validation samples.")
     output_dir: str = Field("runs/invdpo", min_length=1, description="Where checkpoints and the model go.")
+    resume: bool = Field(
+        True,
+        description="Continue from the newest complete checkpoint in output_dir/checkpoints (false: start at step 0 "
+        "and delete the checkpoints there).",
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainingConfig:
