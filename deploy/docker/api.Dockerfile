@@ -43,6 +43,7 @@ RUN mkdir -p invdpo_core services \
 COPY invdpo_core ./invdpo_core
 COPY services ./services
 RUN pip install --no-deps --force-reinstall . \
+    && rm -rf build *.egg-info \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 
 USER 10001:10001

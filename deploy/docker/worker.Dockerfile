@@ -54,6 +54,7 @@ RUN mkdir -p invdpo_core services \
 COPY invdpo_core ./invdpo_core
 COPY services ./services
 RUN pip install --no-deps --force-reinstall . \
+    && rm -rf build *.egg-info \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 USER 10001:10001

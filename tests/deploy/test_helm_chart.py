@@ -192,7 +192,7 @@ def test_worker_probes_read_the_heartbeat_file(renders: dict) -> None:
         command = worker[probe]["exec"]["command"]
         assert command[:2] == ["python", "-c"] and command[3:] == [heartbeat, "120"], probe
     mounts = {mount["mountPath"] for mount in worker["volumeMounts"]}
-    assert {"/tmp", "/scratch", "/home/invdpo/.cache", "/dev/shm"} <= mounts
+    assert {"/tmp", "/home/invdpo", "/scratch", "/home/invdpo/.cache", "/dev/shm"} <= mounts
     assert heartbeat.startswith("/tmp/")
 
 

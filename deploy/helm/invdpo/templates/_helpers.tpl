@@ -166,7 +166,8 @@ Settings shared by the API and the workers: database, broker, MLflow, log level,
 {{- end }}
 
 {{/*
-Volume mount and volume of the writable /tmp every container needs under a read-only root filesystem.
+Volume mount and volume of the writable /tmp every container needs under a read-only root filesystem. The
+long-running containers also get an emptyDir home directory, for libraries that keep state under $HOME.
 */}}
 {{- define "invdpo.tmpVolumeMount" -}}
 - name: tmp
