@@ -57,9 +57,12 @@ def cmd_dataset_make_toy(args: argparse.Namespace) -> int:
         raise CLIError(f"--pairs must be >= 1, got {args.pairs}")
     if args.model_dir and not (Path(args.model_dir) / "model_index.json").is_file():
         raise CLIError(f"--model-dir {args.model_dir}: no model_index.json (not a diffusers pipeline)")
-    path = make_toy_dataset(
-        args.out, args.pairs, fmt=args.format, seed=args.seed, kind=args.kind, model_dir=args.model_dir
-    )
+    try:
+        path = make_toy_dataset(
+            args.out, args.pairs, fmt=args.format, seed=args.seed, kind=args.kind, model_dir=args.model_dir
+        )
+    except OSError as exc:  # e.g. OUT is a file, or not writable
+        raise CLIError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     report = inspect_dataset(str(path))
     print(f"wrote {report.pairs} toy pairs to {path}")
     return 0

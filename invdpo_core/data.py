@@ -130,18 +130,21 @@ def _image_size(data: bytes) -> tuple[int, int]:
 
 class _Shard(NamedTuple):
     uri: str
+    size: int  # bytes
     metadata: pq.FileMetaData
     row_offsets: list[int]  # first row of each row group within the file
 
 
 @contextmanager
-def _open_parquet(uri: str, metadata: pq.FileMetaData | None = None) -> Iterator[pq.ParquetFile]:
-    # Passing the saved footer back avoids re-reading it for every row group.
-    f = open_s3(uri) if is_s3(uri) else pa.OSFile(uri, "rb")
+def _open_parquet(uri: str, shard: _Shard | None = None) -> Iterator[tuple[pq.ParquetFile, int]]:
+    """The parquet file and its size in bytes. Reopening a known shard (saved footer and size) costs no request;
+    pre_buffer coalesces a row group's column chunks into few reads (few GETs on S3)."""
+    f = open_s3(uri, shard.size if shard else None) if is_s3(uri) else pa.OSFile(uri, "rb")
     try:
-        if metadata is None and f.seek(0, io.SEEK_END) == 0:
+        size = shard.size if shard else f.seek(0, io.SEEK_END)
+        if size == 0:
             raise DatasetError("empty_dataset", f"{uri}: file is empty (0 bytes)")
-        yield pq.ParquetFile(f, metadata=metadata)
+        yield pq.ParquetFile(f, metadata=shard.metadata if shard else None, pre_buffer=True), size
     finally:
         f.close()
 
@@ -186,11 +189,11 @@ class _ParquetSource:
     def __init__(self, shards: list[str]):
         self.shards: list[_Shard] = []
         for uri in shards:
-            with _read_errors(uri, "not a readable parquet file"), _open_parquet(uri) as pf:
+            with _read_errors(uri, "not a readable parquet file"), _open_parquet(uri) as (pf, size):
                 metadata, schema = pf.metadata, pf.schema_arrow
             _check_schema(uri, schema)
             sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-            self.shards.append(_Shard(uri, metadata, [sum(sizes[:i]) for i in range(len(sizes))]))
+            self.shards.append(_Shard(uri, size, metadata, [sum(sizes[:i]) for i in range(len(sizes))]))
         self.files = len(self.shards)
         self.total = sum(s.metadata.num_rows for s in self.shards)
 
@@ -205,7 +208,7 @@ class _ParquetSource:
             shard = self.shards[i]
             with (
                 _read_errors(f"{shard.uri} row group {rg}", "cannot read"),
-                _open_parquet(shard.uri, shard.metadata) as pf,
+                _open_parquet(shard.uri, shard) as (pf, _),
             ):
                 table = pf.read_row_group(rg, columns=list(PICKAPIC_COLUMNS))
             captions = table.column("caption").to_pylist()

@@ -190,16 +190,18 @@ def read_bytes(uri: str) -> bytes:
 
 
 class _S3RangeReader(io.RawIOBase):
-    """A seekable read-only view of one s3 object: every read is one ranged GET. Lets pyarrow read a parquet
-    footer and single row groups without downloading the shard."""
+    """A seekable read-only view of one s3 object: every read is one ranged GET, unbuffered, so pyarrow fetches a
+    parquet footer or one row group's column chunks and nothing else."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, size: int | None = None):
         self.uri = uri
         self._bucket, self._key = split_s3(uri)
-        try:
-            self.size: int = s3_client().head_object(Bucket=self._bucket, Key=self._key)["ContentLength"]
-        except (ClientError, BotoCoreError) as exc:
-            raise _storage_error(uri, exc) from None
+        if size is None:
+            try:
+                size = int(s3_client().head_object(Bucket=self._bucket, Key=self._key)["ContentLength"])
+            except (ClientError, BotoCoreError) as exc:
+                raise _storage_error(uri, exc) from None
+        self.size = size
         self._pos = 0
 
     def readable(self) -> bool:
@@ -216,26 +218,31 @@ class _S3RangeReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
-    def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self.size - self._pos)
+    def read(self, size: int | None = -1) -> bytes:
+        # One GET for the whole request (RawIOBase's default readall would loop in 8 KB requests).
+        n = self.size - self._pos if size is None or size < 0 else min(size, self.size - self._pos)
         if n <= 0:
-            return 0
+            return b""
         try:
             response = s3_client().get_object(
                 Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-{self._pos + n - 1}"
             )
-            data = response["Body"].read()
+            data: bytes = response["Body"].read()
         except (ClientError, BotoCoreError) as exc:
             raise _storage_error(self.uri, exc) from None
-        buffer[: len(data)] = data
         self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
         return len(data)
 
 
-def open_s3(uri: str, buffer_size: int = 1 << 20) -> io.BufferedReader:
-    """A buffered, seekable binary file over an s3 object, fetched lazily by ranged GETs (reads larger than
-    `buffer_size` go straight to one GET)."""
-    return io.BufferedReader(_S3RangeReader(uri), buffer_size=buffer_size)
+def open_s3(uri: str, size: int | None = None) -> io.RawIOBase:
+    """A seekable binary file over an s3 object, fetched lazily: each read is one ranged GET. Pass `size` if known
+    to save the HEAD request."""
+    return _S3RangeReader(uri, size)
 
 
 def download_prefix(uri: str, dest_dir: str | Path) -> Path:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from invdpo_core import storage
 from invdpo_core.cli import main
 from invdpo_core.data import DatasetError, PreferencePair, inspect_dataset, iter_pairs, load_image
 from invdpo_core.storage import upload_dir
@@ -355,6 +356,24 @@ def test_make_toy_writes_n_pairs_that_validate(tmp_path, capsys, fmt):
         assert {"image_0_uid", "label_1", "model_0", "best_image_uid"} <= set(names)
 
 
+def test_make_toy_with_a_model_dir(tmp_path, capsys):
+    from invdpo_core.testing import build_tiny_pipeline
+
+    build_tiny_pipeline(kind="sd15", seed=4).save_pretrained(tmp_path / "model")
+    argv = ["dataset", "make-toy", str(tmp_path / "toy"), "--pairs", "2", "--model-dir", str(tmp_path / "model")]
+    assert main(argv) == 0
+    assert len(list(iter_pairs(str(tmp_path / "toy")))) == 2
+    (tmp_path / "file").write_text("")
+    for argv, message in [
+        (["--pairs", "2", "--model-dir", str(tmp_path)], "no model_index.json"),
+        (["--pairs", "0"], "--pairs must be >= 1"),
+    ]:
+        capsys.readouterr()
+        assert main(["dataset", "make-toy", str(tmp_path / "toy2"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
 @pytest.fixture(scope="module")
 def toy_datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
@@ -406,3 +425,30 @@ def test_s3_dataset_errors_are_one_line(s3_env, tmp_path, capsys, monkeypatch):
     with pytest.raises(DatasetError, match=r"cannot reach S3 \(EndpointConnectionError\)$") as info:
         inspect_dataset(f"s3://{s3_env}/bad")
     assert info.value.code == "storage_error"
+
+
+def test_s3_parquet_is_fetched_by_ranged_reads(s3_env, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(600)]  # incompressible images
+    images = []
+    for pixels in noise:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG")
+        images.append(buf.getvalue())
+    path = write_pickapic(
+        tmp_path / "big" / "d.parquet", [1] * 300, row_group_size=30, jpg_0=images[:300], jpg_1=images[300:]
+    )
+    upload_dir(tmp_path / "big", f"s3://{s3_env}/big")
+    fetched: list[int] = []
+    real = storage._S3RangeReader.read
+
+    def spy(self, size=-1):
+        data = real(self, size)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(storage._S3RangeReader, "read", spy)
+    pairs = iter_pairs(f"s3://{s3_env}/big", seed=0)
+    assert len([next(pairs) for _ in range(10)]) == 10
+    assert sum(fetched) < path.stat().st_size / 3  # the footer and one row group, not the file
+    assert len(list(pairs)) == 290 and sum(fetched) < 1.5 * path.stat().st_size
