@@ -182,7 +182,7 @@ long-running containers also get an emptyDir home directory, for libraries that 
 An emptyDir source, in flow style; takes its size limit ("" for none).
 */}}
 {{- define "invdpo.emptyDir" -}}
-{{- if . }}{{ dict "sizeLimit" . | toJson }}{{ else }}{}{{ end }}
+{{- if . }}{{ printf "{sizeLimit: %s}" . }}{{ else }}{}{{ end }}
 {{- end }}
 
 {{/*
