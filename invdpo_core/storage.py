@@ -352,25 +352,30 @@ def resolve_model(uri: str, cache_dir: str | Path) -> str:
     if not is_s3(uri):
         path = Path(uri).expanduser()
         return str(path) if path.is_dir() else uri
-    bucket, key, objects = _list_s3(uri)
-    listing = "\n".join(f"{o['Key']} {o.get('ETag', '')} {o['Size']}" for o in sorted(objects, key=lambda o: o["Key"]))
-    digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
-    target = Path(cache_dir) / "s3" / bucket / (key or "_root") / digest
-    if (target / ".complete").is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Download next to the target and rename, so a crashed or concurrent download never leaves a half model
-    # that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
-        download_prefix(uri, tmp)
-        (tmp / ".complete").write_text(listing)
+        bucket, key, objects = _list_s3(uri)
+        listing = "\n".join(
+            f"{o['Key']} {o.get('ETag', '')} {o['Size']}" for o in sorted(objects, key=lambda o: o["Key"])
+        )
+        digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+        target = Path(cache_dir) / "s3" / bucket / (key or "_root") / digest
+        if (target / ".complete").is_file():
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Download next to the target and rename, so a crashed or concurrent download never leaves a half model
+        # that looks complete.
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
         try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / ".complete").is_file():  # not a concurrent winner: a stale partial dir
-                shutil.rmtree(target, ignore_errors=True)
+            download_prefix(uri, tmp)
+            (tmp / ".complete").write_text(listing)
+            try:
                 tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+            except OSError:
+                if not (target / ".complete").is_file():  # not a concurrent winner: a stale partial dir
+                    shutil.rmtree(target, ignore_errors=True)
+                    tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
+    except StorageError as exc:  # the store failed between the check and the download; local disk errors propagate
+        raise ModelReferenceError("model_unreachable", f"base model {exc}") from None
