@@ -1,0 +1,492 @@
+"""The arbiter: which formulation of Inversion-DPO aligns a model, measured against Diffusion-DPO.
+
+A tiny text-conditioned UNet (invdpo_core.testing) is pretrained for a few minutes on a synthetic distribution of
+4x8x8 latents (one blob per prompt, random channel amplitudes). The reward is computable: mean of latent channel 0
+minus mean of channel 1. Preference pairs are made two ways (sampled from the base; drawn from the data), labelled
+by the reward, and every method and target is trained from the same base on the same pairs for the same budget,
+over several seeds, with the label-swap control (a method that really learns the preference must move the reward
+the other way when the labels are swapped). Reward and win-rate against the base are measured on samples from
+fixed seeds every few steps.
+
+    python benchmarks/alignment.py            # full study (about 30-40 min on 2 cores)
+    python benchmarks/alignment.py --quick    # the main table only (under 15 min on 2 cores)
+
+Writes benchmarks/results/alignment.json and alignment.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from invdpo_core.inversion import (
+    Conditioning,
+    InvertedPairs,
+    build_inverted_pairs,
+    ddim_sample,
+    encode_prompts,
+    pair_coin,
+)
+from invdpo_core.losses import dpo_loss
+from invdpo_core.methods import (
+    diffusion_dpo_points,
+    inversion_dpo_points,
+    points_loss,
+    policy_errors,
+    timestep_weights,
+)
+from invdpo_core.testing import build_tiny_pipeline
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parent / ".cache"
+DEVICE = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- the synthetic world
+def sample_data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n latents (n, 4, 8, 8) and their prompt index: a Gaussian blob at a per-prompt place, random amplitudes."""
+    prompt = torch.randint(0, len(PROMPTS), (n,), generator=gen)
+    centers = torch.tensor([[2.0, 2.0], [2.0, 5.0], [5.0, 2.0], [5.0, 5.0]])[prompt]  # (n, 2)
+    centers = centers + 0.5 * torch.randn((n, 2), generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    d2 = (yy[None] - centers[:, 0, None, None]) ** 2 + (xx[None] - centers[:, 1, None, None]) ** 2
+    blob = torch.exp(-d2 / 3.0)  # (n, 8, 8)
+    base_amp = torch.tensor([[1.0, 1.0, 0.5, -0.5], [0.5, 1.5, -0.5, 0.5], [1.5, 0.5, 0.5, 0.5], [1.0, 1.0, -1.0, 0]])
+    amp = base_amp[prompt] + 0.6 * torch.randn((n, 4), generator=gen)  # (n, 4)
+    z = 2.0 * amp[:, :, None, None] * blob[:, None] + 0.05 * torch.randn((n, 4, 8, 8), generator=gen)
+    return z, prompt
+
+
+def reward(z: torch.Tensor) -> torch.Tensor:
+    """The computable preference: mean of channel 0 minus mean of channel 1, (n,)."""
+    return z[:, 0].mean(dim=(1, 2)) - z[:, 1].mean(dim=(1, 2))
+
+
+def reward_b(z: torch.Tensor) -> torch.Tensor:
+    """A second, different reward kept aside as a held-out check: mean of channel 2 (brightness of one colour)."""
+    return z[:, 2].mean(dim=(1, 2)) * 2
+
+
+# ---------------------------------------------------------------- base model
+@dataclass
+class World:
+    unet: torch.nn.Module
+    scheduler: object
+    cond_table: Conditioning  # one row per prompt
+    uncond: Conditioning  # the empty prompt, for guided inversion
+    eval_noise: torch.Tensor  # (E, 4, 8, 8) fixed sampling seeds
+    eval_prompt: torch.Tensor  # (E,)
+    sample_steps: int = 20
+
+
+def pretrain_base(steps: int, seed: int = 0) -> World:
+    pipe = build_tiny_pipeline("sd15", seed=seed)
+    cond_table = encode_prompts(pipe, PROMPTS, device=DEVICE, resolution=64)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    path = CACHE / f"alignment_base_{steps}_{seed}.pt"
+    if path.exists():
+        unet.load_state_dict(torch.load(path))
+        print(f"loaded pretrained base from {path}")
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        start = time.time()
+        for step in range(steps):
+            z, p = sample_data(128, gen)
+            t = torch.randint(0, 1000, (128,), generator=gen)
+            noise = torch.randn(z.shape, generator=gen)
+            pred = unet(scheduler.add_noise(z, noise, t), t, **cond_table.index(p).unet_kwargs()).sample
+            loss = (pred - noise).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 500 == 0 or step == steps - 1:
+                print(f"pretrain step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+        CACHE.mkdir(exist_ok=True)
+        torch.save(unet.state_dict(), path)
+    unet.requires_grad_(False).eval()
+    gen = torch.Generator().manual_seed(1234)
+    e = 64
+    uncond = encode_prompts(pipe, [""], device=DEVICE, resolution=64)
+    noise = torch.randn((e, 4, 8, 8), generator=gen)
+    return World(unet, scheduler, cond_table, uncond, noise, torch.arange(e) % len(PROMPTS))
+
+
+@torch.no_grad()
+def generate(world: World, unet: torch.nn.Module, noise: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    return ddim_sample(
+        unet, world.scheduler.config, noise, world.cond_table.index(prompt), num_steps=world.sample_steps
+    )
+
+
+# ---------------------------------------------------------------- preference pairs
+@dataclass
+class Pairs:
+    z_w: torch.Tensor
+    z_l: torch.Tensor
+    prompt: torch.Tensor
+    source: str
+
+
+def make_pairs(world: World, source: str, n: int, reward_fn=reward, seed: int = 7) -> Pairs:
+    gen = torch.Generator().manual_seed(seed)
+    if source == "data":
+        a, p = sample_data(n, gen)
+        # Same prompt for both images of a pair: draw a second set and re-draw until the prompts match.
+        b = torch.empty_like(a)
+        for i in range(n):
+            while True:
+                z, q = sample_data(1, gen)
+                if q.item() == p[i].item():
+                    b[i] = z[0]
+                    break
+    else:  # sampled from the base: two seeds per prompt
+        p = torch.randint(0, len(PROMPTS), (n,), generator=gen)
+        a = generate(world, world.unet, torch.randn((n, 4, 8, 8), generator=gen), p)
+        b = generate(world, world.unet, torch.randn((n, 4, 8, 8), generator=gen), p)
+    a_wins = (reward_fn(a) > reward_fn(b)).view(n, 1, 1, 1)
+    return Pairs(torch.where(a_wins, a, b), torch.where(a_wins, b, a), p, source)
+
+
+# ---------------------------------------------------------------- one training run
+@dataclass
+class Run:
+    name: str
+    method: str  # diffusion_dpo | inversion_dpo | diffusion_dpo_unshared
+    target: str = "-"
+    swap: bool = False
+    k: int = 1
+    beta: float = 1000.0
+    weighting: str = "uniform"
+    guidance: float = 1.0
+    inversion_steps: int = 20
+    lr: float = 1e-4
+
+
+@dataclass
+class Result:
+    run: str
+    pairs: str
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    reward: list[float] = field(default_factory=list)
+    win_rate: list[float] = field(default_factory=list)
+    reward_b: list[float] = field(default_factory=list)
+    cache_seconds: float = 0.0
+    final_train_acc: float = 0.0
+
+
+def invert_pairs(world: World, pairs: Pairs, run: Run) -> InvertedPairs:
+    uncond = world.uncond if run.guidance != 1.0 else None
+    parts = []
+    for s in range(0, len(pairs.prompt), 64):
+        sl = slice(s, s + 64)
+        cond = world.cond_table.index(pairs.prompt[sl])
+        parts.append(
+            build_inverted_pairs(
+                world.unet, world.scheduler.config, pairs.z_w[sl], pairs.z_l[sl], cond,
+                target=run.target, num_steps=run.inversion_steps, guidance=run.guidance,
+                uncond=None if uncond is None else uncond.repeat(cond.hidden_states.shape[0]),
+                use_winner_noise=pair_coin(0, [str(i) for i in range(s, s + cond.hidden_states.shape[0])]),
+            )
+        )  # fmt: skip
+    return InvertedPairs.cat(parts)
+
+
+def swap_pairs(p: InvertedPairs) -> InvertedPairs:
+    return InvertedPairs(p.timesteps, p.xt_l, p.xt_w, p.target_l, p.target_w, p.ref_err_l, p.ref_err_w)
+
+
+def evaluate(world: World, unet: torch.nn.Module, base_rewards: torch.Tensor) -> tuple[float, float, float]:
+    z = generate(world, unet, world.eval_noise, world.eval_prompt)
+    r = reward(z)
+    win = ((r > base_rewards).float() + 0.5 * (r == base_rewards).float()).mean().item()
+    return r.mean().item(), win, reward_b(z).mean().item()
+
+
+def train_run(
+    world: World, pairs: Pairs, run: Run, seed: int, steps: int, eval_every: int, cache: dict, base_rewards
+) -> Result:
+    res = Result(run.name, pairs.source, seed)
+    policy = copy.deepcopy(world.unet).requires_grad_(True).train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=run.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(pairs.prompt)
+    inverted = None
+    if run.method == "inversion_dpo":
+        key = (pairs.source, run.target, run.guidance, run.inversion_steps)
+        if key not in cache:
+            t0 = time.time()
+            cache[key] = (invert_pairs(world, pairs, run), time.time() - t0)
+        inverted, res.cache_seconds = cache[key]
+        if run.swap:
+            inverted = swap_pairs(inverted)
+        weights = timestep_weights(inverted.timesteps, world.scheduler.alphas_cumprod, run.weighting)
+    z_w, z_l = (pairs.z_l, pairs.z_w) if run.swap else (pairs.z_w, pairs.z_l)
+    start = time.time()
+    acc = []
+    for step in range(steps + 1):
+        if step % eval_every == 0:
+            policy.eval()
+            r, w, rb = evaluate(world, policy, base_rewards)
+            policy.train()
+            res.steps.append(step)
+            res.wall.append(time.time() - start + res.cache_seconds)
+            res.reward.append(r)
+            res.win_rate.append(w)
+            res.reward_b.append(rb)
+        if step == steps:
+            break
+        idx = torch.randperm(n, generator=gen)[:8]
+        cond = world.cond_table.index(pairs.prompt[idx])
+        if run.method == "inversion_dpo":
+            assert inverted is not None
+            k = run.k or inverted.ref_err_w.shape[1]
+            points = inversion_dpo_points(inverted.select(idx), cond, k=k, weights=weights, generator=gen)
+        elif run.method == "diffusion_dpo":
+            points = diffusion_dpo_points(world.unet, world.scheduler, z_w[idx], z_l[idx], cond, generator=gen)
+        else:  # diffusion_dpo_unshared: the ablation with independent noise and timestep for winner and loser
+            a = diffusion_dpo_points(world.unet, world.scheduler, z_w[idx], z_l[idx], cond, generator=gen)
+            b = diffusion_dpo_points(world.unet, world.scheduler, z_w[idx], z_l[idx], cond, generator=gen)
+            err_w, _ = policy_errors(policy, a)  # the winner at a's (t, noise)
+            _, err_l = policy_errors(policy, b)  # the loser at b's
+            loss, metrics = dpo_loss(err_w, err_l, a.ref_err_w, b.ref_err_l, beta=run.beta)
+        if run.method != "diffusion_dpo_unshared":
+            loss, metrics = points_loss(policy, points, beta=run.beta, loss_type="sigmoid")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        acc.append(metrics["implicit_acc"].item())
+    res.final_train_acc = statistics.mean(acc[-20:])
+    return res
+
+
+# ---------------------------------------------------------------- why: what the reference side looks like
+def diagnose(world: World, pair_sets: dict[str, Pairs], steps: int = 20) -> list[dict]:
+    """Per target, how the frozen reference's errors at the cached points differ between winner and loser.
+
+    At init the policy equals the reference, so whatever separates Lr_w from Lr_l independently of the policy is a
+    handle the loss can pull on. For each target: the mean gap Lr_w - Lr_l, the share of pairs where the winner's
+    reference error is larger, and the correlation of the gap with the reward gap r_w - r_l across pairs.
+    """
+    rows = []
+    for src, pairs in pair_sets.items():
+        gap_r = reward(pairs.z_w) - reward(pairs.z_l)
+        for target in ("paired", "x0", "step"):
+            inv = invert_pairs(world, pairs, Run("diag", "inversion_dpo", target, inversion_steps=steps))
+            gap = (inv.ref_err_w - inv.ref_err_l).mean(dim=1)  # (P,)
+            corr = torch.corrcoef(torch.stack([gap, gap_r]))[0, 1].item()
+            rows.append(
+                {
+                    "pairs": src,
+                    "target": target,
+                    "ref_err_gap_mean": gap.mean().item(),
+                    "share_winner_err_larger": (gap > 0).float().mean().item(),
+                    "corr_gap_reward_gap": corr,
+                    "ref_err_mean": torch.cat([inv.ref_err_w, inv.ref_err_l]).mean().item(),
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------- the study
+def summarize(results: list[Result], base_reward: float) -> list[dict]:
+    rows: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        rows.setdefault((r.pairs, r.run), []).append(r)
+    table = []
+    for (src, name), rs in rows.items():
+        finals = [r.reward[-1] for r in rs]
+        wins = [r.win_rate[-1] for r in rs]
+        table.append(
+            {
+                "pairs": src,
+                "run": name,
+                "seeds": len(rs),
+                "reward_final_mean": statistics.mean(finals),
+                "reward_final_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "reward_gain": statistics.mean(finals) - base_reward,
+                "win_rate_mean": statistics.mean(wins),
+                "win_rate_min": min(wins),
+                "win_rate_max": max(wins),
+                "reward_b_final_mean": statistics.mean(r.reward_b[-1] for r in rs),
+                "train_implicit_acc": statistics.mean(r.final_train_acc for r in rs),
+                "cache_seconds": statistics.mean(r.cache_seconds for r in rs),
+                "wall_seconds": statistics.mean(r.wall[-1] for r in rs),
+            }
+        )
+    return table
+
+
+def steps_to_reach(results: list[Result], threshold: float) -> dict[str, dict]:
+    """Per run (data pairs), the mean first eval step and wall time at which the reward reached `threshold`."""
+    out: dict[str, dict] = {}
+    for r in results:
+        hit = next((i for i, v in enumerate(r.reward) if v >= threshold), None)
+        d = out.setdefault(f"{r.pairs}/{r.run}", {"steps": [], "wall": [], "reached": 0, "seeds": 0})
+        d["seeds"] += 1
+        if hit is not None:
+            d["reached"] += 1
+            d["steps"].append(r.steps[hit])
+            d["wall"].append(r.wall[hit])
+    return {
+        k: {
+            "reached": f"{v['reached']}/{v['seeds']}",
+            "steps_mean": statistics.mean(v["steps"]) if v["steps"] else None,
+            "wall_mean": statistics.mean(v["wall"]) if v["wall"] else None,
+        }
+        for k, v in out.items()
+    }
+
+
+def plot(results: list[Result], base_reward: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = sorted({r.pairs for r in results})
+    fig, axes = plt.subplots(len(sources), 2, figsize=(13, 4.5 * len(sources)), squeeze=False)
+    names = list(dict.fromkeys(r.run for r in results))
+    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    for row, src in enumerate(sources):
+        for name in names:
+            rs = [r for r in results if r.pairs == src and r.run == name]
+            if not rs:
+                continue
+            steps = rs[0].steps
+            mean = [statistics.mean(r.reward[i] for r in rs) for i in range(len(steps))]
+            wall = [statistics.mean(r.wall[i] for r in rs) for i in range(len(steps))]
+            style = "--" if "swap" in name else "-"
+            axes[row][0].plot(steps, mean, style, color=colors[name], label=name)
+            axes[row][1].plot(wall, mean, style, color=colors[name], label=name)
+        for col, xlabel in enumerate(["optimizer steps", "wall seconds (incl. inversion cache)"]):
+            ax = axes[row][col]
+            ax.axhline(base_reward, color="black", lw=0.8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean reward of samples")
+            ax.set_title(f"pairs {src}")
+        axes[row][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="main table only, under 15 minutes on 2 cores")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--pretrain-steps", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    pretrain_steps = args.pretrain_steps or 2000
+    t_all = time.time()
+    world = pretrain_base(pretrain_steps)
+    base_samples = generate(world, world.unet, world.eval_noise, world.eval_prompt)
+    base_rewards = reward(base_samples)
+    base_reward = base_rewards.mean().item()
+    data_reward = reward(sample_data(2048, torch.Generator().manual_seed(99))[0]).mean().item()
+    print(f"base model: sample reward {base_reward:+.3f} (data distribution {data_reward:+.3f})")
+
+    main_runs = [
+        Run("diffusion_dpo", "diffusion_dpo", beta=1000.0),
+        Run("diffusion_dpo swap", "diffusion_dpo", swap=True),
+        Run("inversion paired", "inversion_dpo", "paired"),
+        Run("inversion paired swap", "inversion_dpo", "paired", swap=True),
+        Run("inversion x0", "inversion_dpo", "x0"),
+        Run("inversion x0 swap", "inversion_dpo", "x0", swap=True),
+        Run("inversion step", "inversion_dpo", "step"),
+        Run("inversion reference", "inversion_dpo", "reference"),
+    ]
+    investigations = [
+        Run("paired K=4", "inversion_dpo", "paired", k=4),
+        Run("paired all-N", "inversion_dpo", "paired", k=0),
+        Run("paired 1/(2abar) weight", "inversion_dpo", "paired", weighting="inverse_alpha"),
+        Run("paired beta 5000", "inversion_dpo", "paired", beta=5000.0),
+        Run("paired beta 200", "inversion_dpo", "paired", beta=200.0),
+        Run("paired guidance 2", "inversion_dpo", "paired", guidance=2.0),
+        Run("paired N=50", "inversion_dpo", "paired", inversion_steps=50),
+        Run("paired N=10", "inversion_dpo", "paired", inversion_steps=10),
+        Run("x0 all-N", "inversion_dpo", "x0", k=0),
+        Run("diffusion_dpo, unshared noise and t", "diffusion_dpo_unshared"),
+        Run("x0 1/(2abar) weight", "inversion_dpo", "x0", weighting="inverse_alpha"),
+        Run("step all-N 1/(2abar) (released-code-like)", "inversion_dpo", "step", k=0, weighting="inverse_alpha"),
+    ]
+    # Quick: the main table on pairs drawn from the data. Full: also pairs sampled from the base, and every fix tried.
+    plan: list[tuple[str, Run]] = [("data", run) for run in main_runs]
+    if not args.quick:
+        plan += [("base", run) for run in main_runs] + [("data", run) for run in investigations]
+    pair_sets = {src: make_pairs(world, src, args.pairs) for src in {src for src, _ in plan}}
+    cache: dict = {}
+    results: list[Result] = []
+    eval_every = max(args.steps // 5, 1)
+    for src, run in plan:
+        for seed in range(args.seeds):
+            t0 = time.time()
+            res = train_run(world, pair_sets[src], run, seed, args.steps, eval_every, cache, base_rewards)
+            results.append(res)
+            print(
+                f"[{time.time() - t_all:6.0f}s] pairs={src:4s} {run.name:42s} seed={seed} "
+                f"reward {res.reward[0]:+.3f} -> {res.reward[-1]:+.3f} win {res.win_rate[-1]:.2f} "
+                f"train acc {res.final_train_acc:.2f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+    table = summarize(results, base_reward)
+    threshold = base_reward + 0.5 * max(
+        (row["reward_gain"] for row in table if row["run"] == "diffusion_dpo" and row["pairs"] == "data"), default=0
+    )
+    reach = steps_to_reach([r for r in results if r.pairs == "data"], threshold)
+    print(f"\nbase reward {base_reward:+.3f}; {args.seeds} seeds, {args.steps} steps, {args.pairs} pairs")
+    print(f"{'pairs':5s} {'run':42s} {'reward (mean ± sd)':>20s} {'gain':>7s} {'win-rate [min,max]':>20s} {'acc':>5s}")
+    for row in table:
+        print(
+            f"{row['pairs']:5s} {row['run']:42s} {row['reward_final_mean']:+9.3f} ± {row['reward_final_sd']:.3f} "
+            f"{row['reward_gain']:+7.3f} {row['win_rate_mean']:6.2f} [{row['win_rate_min']:.2f},"
+            f"{row['win_rate_max']:.2f}] {row['train_implicit_acc']:5.2f}"
+        )
+    print(f"\nsteps / wall seconds to reach reward {threshold:+.3f} (half of diffusion_dpo's gain), data pairs:")
+    for name, v in reach.items():
+        print(f"  {name:48s} reached {v['reached']}  steps {v['steps_mean']}  wall {v['wall_mean']}")
+    diagnostics = diagnose(world, pair_sets)
+    print("\nreference errors at the cached points (Lr_w - Lr_l), 20 inversion steps:")
+    for d in diagnostics:
+        print(
+            f"  pairs={d['pairs']:4s} {d['target']:7s} gap {d['ref_err_gap_mean']:+.4f} "
+            f"(winner larger in {d['share_winner_err_larger']:.0%}), corr with reward gap "
+            f"{d['corr_gap_reward_gap']:+.2f}, mean Lr {d['ref_err_mean']:.4f}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "diagnostics": diagnostics,
+        "machine": {"torch_threads": torch.get_num_threads(), "device": "cpu"},
+        "settings": vars(args) | {"out": str(args.out), "pretrain_steps": pretrain_steps},
+        "base_reward": base_reward,
+        "data_reward": data_reward,
+        "table": table,
+        "reach_threshold": threshold,
+        "reach": reach,
+        "runs": [asdict(r) for r in results],
+        "total_seconds": time.time() - t_all,
+    }
+    (args.out / "alignment.json").write_text(json.dumps(payload, indent=1))
+    plot(results, base_reward, args.out / "alignment.png")
+    print(f"\nwrote {args.out / 'alignment.json'} and alignment.png in {time.time() - t_all:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
