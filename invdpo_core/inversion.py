@@ -99,7 +99,8 @@ def _guided_eps(
 ) -> torch.Tensor:
     if uncond is None or guidance == 1.0:
         return unet(x, t, **cond.unet_kwargs()).sample
-    both = unet(torch.cat([x, x]), t, **Conditioning.cat([uncond, cond]).unet_kwargs()).sample
+    # (2B, ...): unconditional then conditional; the timestep labels too, or B > 1 fails to broadcast.
+    both = unet(torch.cat([x, x]), torch.cat([t, t]), **Conditioning.cat([uncond, cond]).unet_kwargs()).sample
     eps_uncond, eps_cond = both.chunk(2)
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
