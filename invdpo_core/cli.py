@@ -68,6 +68,107 @@ def cmd_dataset_make_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+    import signal
+
+    from invdpo_core.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+    from tqdm import tqdm
+
+    from invdpo_core.checkpoint import CheckpointError
+    from invdpo_core.data import DatasetError
+    from invdpo_core.storage import ModelReferenceError
+    from invdpo_core.train import TrainCallbacks, TrainError, train
+
+    def emit(event: str, **fields: object) -> None:
+        print(json.dumps({"event": event, **fields}), flush=True)
+
+    bars: dict[str, tqdm] = {}
+
+    def on_cache_progress(done: int, total: int) -> None:
+        if args.json:
+            return emit("cache", done=done, total=total)
+        if "cache" not in bars:
+            bars["cache"] = tqdm(total=total, desc="inversion cache", unit="pair", dynamic_ncols=True)
+        bars["cache"].total = total
+        bars["cache"].update(done - bars["cache"].n)
+
+    def on_step(step: int, total: int, metrics: dict[str, float]) -> None:
+        if args.json:
+            return emit("step", step=step, total=total, **metrics)
+        if "cache" in bars:
+            bars.pop("cache").close()
+        if "train" not in bars:  # made at the first step, so a resumed run's ETA counts only this run's steps
+            bars["train"] = tqdm(total=total, initial=step - 1, desc="train", unit="step", dynamic_ncols=True)
+        bar = bars["train"]
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", implicit_acc=f"{metrics['implicit_acc']:.2f}", refresh=False)
+        bar.update(step - bar.n)
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        if args.json:
+            emit("checkpoint", step=step, path=str(path))
+
+    def on_validation(step: int, images: list) -> None:
+        folder = Path(config.output_dir) / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"step-{step:06d}-{i}.png" for i in range(len(images))]
+        for image, path in zip(images, paths, strict=True):
+            image.save(path)
+        if args.json:
+            emit("validation", step=step, paths=[str(p) for p in paths])
+
+    # The first Ctrl-C asks for a checkpoint and a clean stop after the current step; a second one aborts.
+    stop = {"requested": False}
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    callbacks = TrainCallbacks(
+        on_step=on_step,
+        should_stop=lambda: stop["requested"],
+        on_checkpoint=on_checkpoint,
+        on_validation=on_validation,
+        on_cache_progress=on_cache_progress,
+    )
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(config, callbacks)
+    except (DatasetError, ModelReferenceError, TrainError, CheckpointError, OSError) as exc:
+        raise CLIError(" ".join(str(exc).split())) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for bar in bars.values():
+            bar.close()
+    if args.json:
+        emit(
+            "done",
+            steps=result.steps,
+            stopped_early=result.stopped_early,
+            metrics=result.metrics,
+            wall_time_s=round(result.wall_time_s, 3),
+            pairs_per_s=round(result.pairs_per_s, 3),
+            model_path=str(result.model_path) if result.model_path else None,
+            checkpoint=str(result.checkpoint) if result.checkpoint else None,
+        )
+    elif result.stopped_early:
+        print(f"stopped at step {result.steps}; resume with the same command (checkpoint {result.checkpoint})")
+    else:
+        print(
+            f"trained {result.steps} steps in {result.wall_time_s:.1f} s ({result.pairs_per_s:.2f} pairs/s); "
+            f"model: {result.model_path}"
+        )
+    return 130 if stop["requested"] else 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="invdpo", description="Inversion-DPO fine-tuning of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +195,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--kind", choices=["sd15", "sdxl"], default="sd15", help="tiny pipeline shape (no --model-dir)")
     p.add_argument("--model-dir", default=None, help="generate with this diffusers pipeline instead")
     p.set_defaults(func=cmd_dataset_make_toy)
+
+    p = sub.add_parser("train", help="fine-tune on preference pairs; resumes from the output_dir's checkpoints")
+    p.add_argument("--config", default=None, help="YAML training config (fields: invdpo_core/config.py)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (dotted for nested: adapter.type=lora); repeatable",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON line per event on stdout instead of a progress bar")
+    p.set_defaults(func=cmd_train)
     return parser, sub
 
 
