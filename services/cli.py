@@ -5,17 +5,12 @@ from __future__ import annotations
 import sys
 
 from invdpo_core.cli import build_parser, run
+from services.client import add_client_commands
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, sub = build_parser()
-    # The API client registers its commands here (services/client.py) once it exists.
-    try:
-        from services.client import add_client_commands
-    except ImportError:
-        pass
-    else:
-        add_client_commands(sub)
+    add_client_commands(sub)
     return run(parser, argv)
 
 
