@@ -1,0 +1,227 @@
+"""Time per optimizer step: Inversion-DPO (cached trajectory, K=1 and all N) against Diffusion-DPO, side by side.
+
+What is timed, on the same tiny SD1.5-shaped UNet (invdpo_core.testing), batch of pairs and latent size:
+
+- diffusion_dpo: one shared timestep and noise per pair, the frozen reference UNet forward under no_grad, the
+  policy forward and backward (methods.diffusion_dpo_points + points_loss).
+- inversion_dpo K=1: one point per pair read from the cached inversion, policy forward and backward, no
+  reference forward (methods.inversion_dpo_points + points_loss).
+- inversion_dpo all N: every one of the N inverted points, two-pass gradient (methods.all_points_backward).
+
+Each "step" is zero_grad, the loss, backward, gradient clipping at 1.0 and AdamW.step(), as in invdpo_core/train.py
+with its defaults; latents and prompt embeddings are precomputed for every method (the trainer also VAE-encodes
+the images of every diffusion_dpo step, which inversion_dpo reads from its cache; that is left out here and only
+widens the gap). Also timed: the one-off cost of building the inversion cache (build_inverted_pairs) for the same
+batch, `paired` target (3N reference UNet calls per pair) and an unpaired target, `x0` (4N), reported per pair in
+seconds and in diffusion_dpo steps, with the number of visits per pair after which the K=1 saving repays it.
+
+How: after a warm-up, every method runs once per round, rounds repeated --reps times (A, B, C, ..., A, B, C, ...;
+the starting method rotates each round), so all methods see the same load on shared cores. Reported: the median
+time of each, and the median (and quartiles) of the per-round ratio to the diffusion_dpo step of the same round.
+The load average is printed at the start and the end. Absolute times depend on the machine and its load; the
+ratios are the result. One torch thread by default: on 2 cores shared with other jobs, 2 OpenMP threads ran
+the UNet about 10x slower than 1 (threads spin waiting for each other).
+
+    .venv/bin/python benchmarks/train_step.py [--batch 4] [--latent-size 8|16|32] [--inversion-steps 20] [--reps 20]
+
+Writes benchmarks/results/train_step.json. Target (issue 8): the K=1 step at most 0.8x the diffusion_dpo step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from invdpo_core.inversion import build_inverted_pairs, encode_prompts, pair_coin
+from invdpo_core.methods import (
+    all_points_backward,
+    diffusion_dpo_points,
+    inversion_dpo_points,
+    points_loss,
+    timestep_weights,
+)
+from invdpo_core.testing import build_tiny_pipeline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = torch.device("cpu")
+BETA = 5000.0
+TARGET_K1_RATIO = 0.8
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each call, round by round; each round runs every function once, starting one further along."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4, help="preference pairs per step")
+    ap.add_argument("--latent-size", type=int, default=8, help="latent side (8 = 64 px images); try 16 or 32")
+    ap.add_argument("--inversion-steps", type=int, default=20, help="N (the trainer's default is 20)")
+    ap.add_argument("--reps", type=int, default=20, help="interleaved rounds (>= 20 for the README figures)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--out", type=Path, default=RESULTS / "train_step.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_start = load()
+    print(load_start)
+
+    # --- the model, the data and the cache ---------------------------------------------------------------------
+    b, s, n = args.batch, args.latent_size, args.inversion_steps
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    unet = pipe.unet.train()  # the policy, fully fine-tuned
+    ref = copy.deepcopy(unet).eval().requires_grad_(False)  # the frozen reference
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(0)
+    z_w = torch.randn((b, 4, s, s), generator=gen)  # (B, 4, s, s) winners
+    z_l = torch.randn((b, 4, s, s), generator=gen)  # (B, 4, s, s) losers
+    prompts = [("a red circle", "a blue square")[i % 2] for i in range(b)]
+    cond = encode_prompts(pipe, prompts, device=DEVICE, resolution=8 * s)
+    coin = pair_coin(0, [str(i) for i in range(b)])
+
+    def build_cache(target: str):  # type: ignore[no-untyped-def]
+        return build_inverted_pairs(
+            ref, pipe.scheduler.config, z_w, z_l, cond, target=target, num_steps=n, use_winner_noise=coin
+        )
+
+    pairs = build_cache("paired")
+    weights = timestep_weights(pairs.timesteps, noise_scheduler.alphas_cumprod, "uniform")  # (N,)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=0.0)
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def optimizer_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    def diffusion_dpo() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=gen)
+        loss, _ = points_loss(unet, points, beta=BETA, loss_type="sigmoid")
+        loss.backward()
+        optimizer_step()
+
+    def inversion_k1() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        points = inversion_dpo_points(pairs, cond, k=1, weights=weights, generator=gen)
+        loss, _ = points_loss(unet, points, beta=BETA, loss_type="sigmoid")
+        loss.backward()
+        optimizer_step()
+
+    def inversion_all_n() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        all_points_backward(unet, pairs, cond, weights=weights, beta=BETA, loss_type="sigmoid")
+        optimizer_step()
+
+    fns: dict[str, Callable[[], object]] = {
+        "diffusion_dpo": diffusion_dpo,
+        "inversion_dpo K=1": inversion_k1,
+        f"inversion_dpo all N={n}": inversion_all_n,
+        "cache build, paired (3N calls/pair)": lambda: build_cache("paired"),
+        "cache build, x0 (4N calls/pair)": lambda: build_cache("x0"),
+    }
+    print(
+        f"tiny sd15 UNet ({sum(p.numel() for p in params) / 1e6:.2f} M params), batch {b} pairs, latents 4x{s}x{s} "
+        f"({8 * s} px), N={n}, {args.reps} interleaved rounds after {args.warmup} warm-up, {args.threads} thread(s)"
+    )
+    wall = time.perf_counter()
+    times = interleaved(fns, args.reps, args.warmup)
+    wall = time.perf_counter() - wall
+    load_end = load()
+
+    # --- report ------------------------------------------------------------------------------------------------
+    base = times["diffusion_dpo"]
+    rows = {}
+    for name, ts in times.items():
+        per_pair = name.startswith("cache")  # a cache build is per pair; a step is per batch
+        ratios = [t / d / (b if per_pair else 1) for t, d in zip(ts, base, strict=True)]
+        med = statistics.median(ts)
+        rows[name] = {
+            "median_s": med,
+            "per_pair_s": med / b,
+            "pairs_per_s": None if per_pair else b / med,
+            "ratio_to_diffusion_dpo_step": quartiles(ratios),
+            "times_s": ts,
+        }
+    print(f"\n{'':38} {'median s':>12} {'pairs/s':>8} {'x diffusion_dpo step':>21} {'(q1-q3)':>13}")
+    for name, r in rows.items():
+        q1, q2, q3 = r["ratio_to_diffusion_dpo_step"]
+        secs = f"{r['per_pair_s']:.4f}/pair" if r["pairs_per_s"] is None else f"{r['median_s']:.4f}"
+        pps = "-" if r["pairs_per_s"] is None else f"{r['pairs_per_s']:.1f}"
+        print(f"{name:38} {secs:>12} {pps:>8} {q2:>21.3f} ({q1:.3f}-{q3:.3f})")
+    all_n = rows[f"inversion_dpo all N={n}"]["ratio_to_diffusion_dpo_step"][1]
+    print(f"all N={n}: {all_n / n:.3f}x a diffusion_dpo step per inverted point (2 passes: N no-grad + N with grad)")
+    k1 = rows["inversion_dpo K=1"]["ratio_to_diffusion_dpo_step"][1]
+    verdict = "met" if k1 <= TARGET_K1_RATIO else "MISSED"
+    print(f"\ntarget: K=1 step <= {TARGET_K1_RATIO}x diffusion_dpo step: {k1:.3f}x, {verdict}")
+    saving = statistics.median(base) - rows["inversion_dpo K=1"]["median_s"]
+    payback = {}
+    for name in ("cache build, paired (3N calls/pair)", "cache build, x0 (4N calls/pair)"):
+        # Per pair: cache cost t_cache / B against a saving of (t_diff - t_k1) / B per visit; B cancels.
+        payback[name] = rows[name]["median_s"] / saving if saving > 0 else None
+        visits = "never (no saving)" if payback[name] is None else f"{payback[name]:.1f} visits per pair"
+        print(f"{name}: repaid by the K=1 saving after {visits}")
+    print(f"{wall:.0f} s of timed rounds; {load_end}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "train_step",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+        "load_start": load_start,
+        "load_end": load_end,
+        "config": {
+            "batch_pairs": b,
+            "latent": [4, s, s],
+            "inversion_steps": n,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "beta": BETA,
+            "optimizer": "AdamW lr 1e-5, clip 1.0",
+        },
+        "results": rows,
+        "k1_target": TARGET_K1_RATIO,
+        "k1_ratio_median": k1,
+        "k1_target_met": k1 <= TARGET_K1_RATIO,
+        "cache_payback_visits": payback,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
