@@ -8,6 +8,8 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,7 +63,9 @@ def broker(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _pg_database() -> Iterator[str]:
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database of our own; dropped afterwards."""
     name = f"invdpo_api_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -77,18 +81,25 @@ def _pg_database() -> Iterator[str]:
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated database, one per backend for the session; tables are emptied before each test (`clean_db`)."""
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'invdpo.db'}"
+        else:
+            url = stack.enter_context(pg_database())
+        engine = make_engine(url)
+        migrate(engine)
+        engine.dispose()
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables at all, per backend."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'invdpo.db'}"
-        gen = None
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
     else:
-        gen = _pg_database()
-        url = next(gen)
-    engine = make_engine(url)
-    migrate(engine)
-    engine.dispose()
-    yield url
-    if gen is not None:
-        gen.close()
+        with pg_database() as url:
+            yield url
 
 
 @pytest.fixture

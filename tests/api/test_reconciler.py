@@ -162,11 +162,21 @@ def test_the_app_reconciles_periodically(
     broker: redis.Redis,
     gpu_messages: Callable[[], list[str]],
 ) -> None:
-    client = make_client(reconcile_interval_seconds=0.1, reconcile_after_seconds=0.05)
+    client = make_client(reconcile_interval_seconds=0.1, reconcile_after_seconds=0.5)
     job_id = _create(client, make_key("alpha"), job_body())
     broker.flushdb()
     deadline = time.monotonic() + 10
-    while gpu_messages() != [job_id] and time.monotonic() < deadline:
+    while job_id not in gpu_messages() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert gpu_messages() == [job_id]
-    assert 'invdpo_reconciler_redispatched_total{reason="requeued"} 1.0' in client.get("/metrics").text
+    # In the loop, not in a test's direct call: at least once (a duplicate would be harmless, the claim is atomic).
+    assert job_id in gpu_messages()
+    while _requeued_metric(client) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _requeued_metric(client) >= 1
+
+
+def _requeued_metric(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('invdpo_reconciler_redispatched_total{reason="requeued"}'):
+            return float(line.split()[-1])
+    return 0.0
