@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -27,6 +29,18 @@ TRAIN_TASK = "invdpo.train_job"
 RECONCILE_TASK = "invdpo.reconcile"
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
+
+
+def _transport_options(broker_url: str) -> dict[str, Any]:
+    if broker_url.startswith("filesystem://"):
+        # The embedded single-machine broker (`make demo`): kombu's filesystem transport keeps each message as a
+        # file in the directory the URL names, filesystem:///abs/dir. The API and the worker share that folder.
+        folder = Path(urlsplit(broker_url).path or "broker")
+        for sub in ("queue", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        queue = str(folder / "queue")
+        return {"data_folder_in": queue, "data_folder_out": queue, "control_folder": str(folder / "control")}
+    return {"visibility_timeout": 3600, "socket_timeout": 5, "socket_connect_timeout": 3}
 
 
 def make_celery(broker_url: str) -> Celery:
@@ -43,7 +57,7 @@ def make_celery(broker_url: str) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600, "socket_timeout": 5, "socket_connect_timeout": 3},
+        broker_transport_options=_transport_options(broker_url),
         # An API request must not hang on a dead broker: the reconciler re-sends what could not be sent.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
     )
