@@ -13,8 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 from PIL import Image
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
+from services.api.settings import Settings as ApiSettings
 from services.queue import enqueue_training, job_id_of_message, make_celery, ping_broker
+from services.worker.settings import Settings as WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,3 +105,19 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "100%" in result.stderr and "implicit_acc=" in result.stderr  # the live progress bar
     assert _children_of(out) == []
     print(f"demo wall time: {elapsed:.0f} s")
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.default
+    return "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@pytest.mark.parametrize(("title", "settings"), [("API", ApiSettings), ("Worker", WorkerSettings)])
+def test_readme_configuration_is_the_settings(title: str, settings: type[BaseSettings]) -> None:
+    """The README's Configuration tables list every setting with its exact environment variable and default."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(f"\n{title} (`services/{title.lower()}/settings.py`):\n", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    expected = [f"| `INVDPO_{name.upper()}` | `{_default(f)}` |" for name, f in settings.model_fields.items()]
+    assert [row[: len(prefix)] for row, prefix in zip(rows, expected, strict=False)] == expected
+    assert len(rows) == len(expected)
