@@ -17,6 +17,7 @@ For the worker, in order of use:
     set_run_info(session, job_id, mlflow_run_id=..., registered_model_version=..., fine_tuned_model=...)
     is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
+    requeue_job(session, job_id, worker_id) -> bool          running -> queued (graceful shutdown, checkpointed)
 The job's validated TrainingConfig is `invdpo_core.config.parse_config(get_job(session, job_id).config)`.
 """
 
@@ -329,6 +330,28 @@ def is_cancel_requested(session: Session, job_id: str, worker_id: str | None = N
         return True
     status, claimed_by = row
     return status != "running" or (worker_id is not None and claimed_by != worker_id)
+
+
+def requeue_job(session: Session, job_id: str, worker_id: str | None = None) -> bool:
+    """running -> queued, for a worker stopping gracefully (SIGTERM) after saving a checkpoint: the next claim
+    continues from it. The attempt is given back, since a graceful stop is not a worker loss. False if the job is
+    no longer this worker's or is no longer running (e.g. cancel_requested: then finish it as cancelled)."""
+    done = _transition(
+        session,
+        job_id,
+        ("running",),
+        *_owned(worker_id),
+        status="queued",
+        claimed_by=None,
+        heartbeat_at=None,
+        estimated_finish=None,
+        dispatched_at=utcnow(),
+        attempt=Job.attempt - 1,
+    )
+    if done:
+        session.add(_event(job_id, "The worker is shutting down: checkpoint saved, job queued again"))
+    session.commit()
+    return done
 
 
 _FINAL_EVENTS = {

@@ -20,7 +20,7 @@ from services.api.db import make_engine, make_session_factory, migrate
 from services.api.logs import configure_logging
 from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from services.api.routes import health, jobs
+from services.api.routes import health, jobs, models
 from services.api.security import mask_secrets
 from services.api.settings import Settings, get_settings
 from services.queue import make_celery
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(jobs.router)
+    app.include_router(models.router)
     app.include_router(health.router)
     return app
 

@@ -1,0 +1,78 @@
+"""Registered models: promote a version (alias `champion`), the one the serving command loads.
+
+    mlflow models serve -m models:/NAME@champion --env-manager local
+
+A worker registers each job's model with alias `candidate`; promotion moves `champion` through MLflow's aliases
+(stages are deprecated). A project may promote only versions its own jobs registered (the `job_id` tag).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path
+from pydantic import BaseModel, Field
+
+from services.api import jobstore, schemas
+from services.api.deps import CallerDep, SessionDep, SettingsDep
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+CHAMPION = "champion"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": schemas.ErrorDetail, "description": "Missing or invalid API key."},
+    404: {"model": schemas.ErrorDetail, "description": "No such model version registered by this project."},
+    503: {"model": schemas.ErrorDetail, "description": "The model registry (MLflow) did not answer."},
+}
+ModelName = Annotated[
+    str, Path(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registered model.")
+]
+
+
+class PromoteRequest(BaseModel):
+    version: int = Field(ge=1, description="The registered model version to serve as `champion`.")
+
+
+class ModelAlias(BaseModel):
+    name: str
+    version: int
+    alias: str
+    job_id: str
+    model_uri: str = Field(description="What `mlflow models serve -m` takes.")
+
+
+@router.post("/{name}/promote", response_model=ModelAlias, responses=_ERRORS)
+def promote_model(
+    name: ModelName, body: PromoteRequest, session: SessionDep, caller: CallerDep, settings: SettingsDep
+) -> ModelAlias:
+    """Point alias `champion` of the registered model at `version` (a version a job of this project registered)."""
+    from mlflow import MlflowClient  # imported on use: MLflow takes seconds to import and only this route needs it
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    try:
+        version = client.get_model_version(name, str(body.version))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise HTTPException(404, "model version not found") from None
+        log.warning("model registry error", extra={"error_code": exc.error_code})
+        raise HTTPException(503, "model registry unavailable") from None
+    except Exception as exc:  # connection refused, timeouts: the registry is down, not the request wrong
+        log.warning("model registry unreachable", extra={"error": type(exc).__name__})
+        raise HTTPException(503, "model registry unavailable") from None
+    job_id = (version.tags or {}).get("job_id", "")
+    # Another project's version (or one registered outside invdpo) is indistinguishable from a missing one.
+    if not (jobstore.is_job_id(job_id) and jobstore.get_job(session, job_id, caller.project_id)):
+        raise HTTPException(404, "model version not found")
+    try:
+        client.set_registered_model_alias(name, CHAMPION, str(body.version))
+    except Exception as exc:
+        log.warning("model registry error", extra={"error": type(exc).__name__})
+        raise HTTPException(503, "model registry unavailable") from None
+    log.info("model promoted", extra={"model": name, "version": body.version, "job_id": job_id})
+    return ModelAlias(
+        name=name, version=body.version, alias=CHAMPION, job_id=job_id, model_uri=f"models:/{name}@{CHAMPION}"
+    )

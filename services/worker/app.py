@@ -1,0 +1,235 @@
+"""The GPU worker: `celery -A services.worker.app worker -Q gpu,default --concurrency 1 --prefetch-multiplier 1`.
+
+Tasks: `invdpo.train_job(job_id)` on the `gpu` queue, `invdpo.reconcile()` on `default` (one reconciler pass, as
+the API runs periodically). The Celery configuration is services.queue's, shared with the API.
+
+The database, not Celery, decides whether a job runs. The task claims the job with an atomic conditional UPDATE
+(`jobstore.claim_job`): a duplicate or redelivered message finds the job taken and returns; a message for a job
+whose worker died (heartbeat older than INVDPO_HEARTBEAT_TIMEOUT_SECONDS) takes it over and resumes it.
+
+The Redis visibility-timeout trap: messages are acknowledged early (`task_acks_late=False`, services.queue), so
+Redis never redelivers a job that trains for longer than the visibility timeout. A message lost with a dead
+worker is not lost work: the job's database heartbeat goes stale, the reconciler (the API's loop, or
+invdpo.reconcile) sends it again, and the next claim resumes it from its last checkpoint.
+
+Processes:
+- the Celery main process touches INVDPO_HEARTBEAT_FILE (container probes) from a thread, and on warm shutdown
+  (SIGTERM) passes SIGTERM on to the training processes, which checkpoint and put the job back in the queue;
+- the pool process runs the task: it claims the job, starts a fresh `accelerate launch ... -m
+  services.worker.run_job` (one process per visible GPU), renews the job's database heartbeat while it waits, and
+  fails the job if the training process died without reporting. It never imports torch, so CUDA is never
+  initialised in a process that forks, and every job gives all GPU memory back when its process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import psutil
+from celery import signals
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.api import jobstore
+from services.api.db import make_engine, make_session_factory
+from services.api.logs import configure_logging
+from services.queue import RECONCILE_TASK, TRAIN_TASK, make_celery
+from services.worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB = "services.worker.run_job"
+_MAIN_PID = os.getpid()  # the Celery main process imports this module; pool processes are forked from it later
+
+app = make_celery(get_settings().broker_url)
+
+
+@lru_cache
+def sessions() -> sessionmaker[Session]:
+    return make_session_factory(make_engine(get_settings().database_url))
+
+
+# ---------------------------------------------------------------- process lifecycle
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    configure_logging(get_settings().log_level)  # JSON lines, credentials masked (instead of Celery's format)
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        log.warning("cannot touch the heartbeat file", extra={"path": str(path), "error": exc.strerror})
+
+
+def _beat_forever(path: Path, interval: float) -> None:
+    while True:
+        _touch(path)
+        time.sleep(interval)
+
+
+@signals.worker_init.connect
+def _start_heartbeat(**_: Any) -> None:
+    # A thread of the main process: it keeps beating while the pool process waits on an hour-long training.
+    settings = get_settings()
+    interval = min(settings.heartbeat_interval_seconds, 30.0)
+    threading.Thread(
+        target=_beat_forever, args=(Path(settings.heartbeat_file), interval), name="heartbeat", daemon=True
+    ).start()
+
+
+@signals.worker_process_init.connect
+def _fresh_pool_process(**_: Any) -> None:
+    sessions.cache_clear()  # never share the parent's database connections across fork
+
+
+@signals.worker_shutting_down.connect
+def _stop_training(**_: Any) -> None:
+    """Warm shutdown (SIGTERM to the main process, as `docker stop` or Kubernetes send it): ask the training
+    processes to checkpoint and requeue their job. Celery then waits for the task, which waits for them."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+            # The training ranks only: the accelerate launcher (which ignores SIGTERM) must not tear them down.
+            if RUN_JOB in cmdline and "accelerate.commands.launch" not in cmdline:
+                proc.send_signal(signal.SIGTERM)
+                log.warning("asked the training process to checkpoint and requeue", extra={"pid": proc.pid})
+        except psutil.Error:
+            continue
+
+
+# ---------------------------------------------------------------- training
+
+
+def visible_gpus() -> int:
+    """GPUs this worker may use, counted without initialising CUDA here: CUDA_VISIBLE_DEVICES, else nvidia-smi."""
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices is not None:
+        return len([d for d in devices.split(",") if d.strip() and not d.strip().startswith("-")])
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def launch_command(job_id: str, worker_id: str, processes: int, mixed_precision: str) -> list[str]:
+    """`accelerate launch` of run_job, through this interpreter (the same environment as the worker)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    cmd += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if processes > 1:
+        with socket.socket() as s:  # a free rendezvous port: two workers on one host must not collide
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd += ["--multi_gpu", "--main_process_port", str(port)]
+    return [*cmd, "-m", RUN_JOB, job_id, "--worker-id", worker_id]
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+@app.task(name=TRAIN_TASK)
+def train_job(job_id: str) -> None:
+    """Claim the job and train it in a fresh process; return at once if the job is not claimable."""
+    settings = get_settings()
+    if not jobstore.is_job_id(job_id):
+        log.warning("message ignored: not a job id", extra={"job_id": job_id[:64]})
+        return
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    with sessions()() as session:
+        claimed = jobstore.claim_job(
+            session, job_id, worker_id, heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds
+        )
+        job = jobstore.get_job(session, job_id) if claimed else None
+    if job is None:
+        log.info("job not claimable: running elsewhere, finished or cancelled", extra={"job_id": job_id})
+        return
+    processes = settings.num_processes or max(1, visible_gpus())
+    cmd = launch_command(job_id, worker_id, processes, str(job.config.get("mixed_precision", "no")))
+    log.info("training started", extra={"job_id": job_id, "worker_id": worker_id, "processes": processes})
+    # In the pool process, ignore SIGTERM while the training runs: a SIGTERM to the whole process group must
+    # reach the training process (which checkpoints and requeues) without killing the process that reports for
+    # it. The launcher inherits the ignore; run_job installs its own handler.
+    in_pool = os.getpid() != _MAIN_PID
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if in_pool else None
+    try:
+        proc = subprocess.Popen(cmd)
+        returncode = _wait(proc, job_id, worker_id, settings.heartbeat_interval_seconds)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _after_exit(job_id, worker_id, returncode)
+
+
+def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, interval: float) -> int:
+    """Wait for the training process, renewing the job's heartbeat (also through model loading, caching and
+    uploads, when no step reports progress)."""
+    while True:
+        try:
+            return proc.wait(timeout=interval)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            with sessions()() as session:
+                jobstore.heartbeat(session, job_id, worker_id)
+        except SQLAlchemyError as exc:
+            log.warning("job heartbeat failed", extra={"job_id": job_id, "error": type(exc).__name__})
+
+
+def _after_exit(job_id: str, worker_id: str, returncode: int) -> None:
+    """If the training process ended without ending the job (killed, out of memory), end it here."""
+    with sessions()() as session:
+        job = jobstore.get_job(session, job_id)
+        if job is None or job.claimed_by != worker_id or job.status not in ("running", "cancel_requested"):
+            log.info("training process done", extra={"job_id": job_id, "returncode": returncode})
+            return
+        if job.status == "cancel_requested":
+            jobstore.finish_job(session, job_id, "cancelled", worker_id=worker_id)
+            return
+        error: jobstore.JobErrorInfo = {
+            "code": "training_process_died",
+            "message": f"the training process {_describe(returncode)} before reporting; checkpoints are kept",
+            "param": None,
+        }
+        jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+        log.error("training process died", extra={"job_id": job_id, "returncode": returncode})
+
+
+# ---------------------------------------------------------------- light work
+
+
+@app.task(name=RECONCILE_TASK)
+def reconcile() -> None:
+    """One reconciler pass (re-send lost messages, resume jobs of dead workers, re-validate stuck jobs)."""
+    from services.api.reconciler import reconcile_queued_jobs
+    from services.api.validation import validate_job_files
+
+    settings = get_settings()
+    with sessions()() as session:
+        report = reconcile_queued_jobs(
+            session,
+            settings.reconcile_after_seconds,
+            broker_url=settings.broker_url,
+            celery=app,
+            heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
+            max_attempts=settings.max_attempts,
+        )
+    for job_id in report.revalidate:
+        validate_job_files(sessions(), job_id, celery=app, sample=settings.validation_sample)

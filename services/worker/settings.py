@@ -1,0 +1,72 @@
+"""Settings of the GPU worker, read from the environment (prefix INVDPO_), behind a cached `get_settings()`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The worker's settings. Environment variables (all prefixed INVDPO_):
+
+    INVDPO_DATABASE_URL, INVDPO_BROKER_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_MLFLOW_EXPERIMENT,
+    INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE, INVDPO_HEARTBEAT_INTERVAL_SECONDS,
+    INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
+    INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS,
+    INVDPO_VALIDATION_SAMPLE, INVDPO_LOG_LEVEL.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
+
+    database_url: str = Field("sqlite:///./invdpo.db", description="SQLAlchemy URL of the job database (the API's).")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker the worker consumes from.")
+    mlflow_tracking_uri: str = Field("sqlite:///./mlflow.db", description="MLflow tracking server and registry.")
+    mlflow_experiment: str = Field("invdpo", min_length=1, description="MLflow experiment the job runs go to.")
+    artifact_uri: str = Field(
+        "./artifacts",
+        min_length=1,
+        description="Where checkpoints and final models go, under <artifact_uri>/<job id>/: s3://bucket/prefix or "
+        "a local directory.",
+    )
+    work_dir: str = Field(
+        "./work", min_length=1, description="Local scratch: one directory per running job, removed when it ends."
+    )
+    cache_dir: str | None = Field(
+        None, description="Cache of base models downloaded from s3:// (default ~/.cache/invdpo; the trainer's)."
+    )
+    heartbeat_file: str = Field(
+        "/tmp/invdpo-worker-heartbeat", description="File touched while the worker lives (container probes)."
+    )
+    heartbeat_interval_seconds: float = Field(
+        30.0, gt=0, description="How often the heartbeat file and the running job's database heartbeat are renewed."
+    )
+    heartbeat_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this may be claimed by another worker (its own "
+        "worker is presumed dead). Keep it equal to the API's and several times heartbeat_interval_seconds.",
+    )
+    progress_interval_seconds: float = Field(
+        2.0, ge=0, description="At most one progress write (step, metrics event) per this many seconds."
+    )
+    cancel_poll_seconds: float = Field(
+        1.0, ge=0, description="The trainer asks the database whether to stop at most this often."
+    )
+    num_processes: int | None = Field(
+        None, ge=1, description="Training processes per job; default: one per visible GPU (one on a CPU)."
+    )
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics to the MLflow run.")
+    reconcile_after_seconds: float = Field(
+        120.0, gt=0, description="invdpo.reconcile: a queued job untouched this long is re-dispatched."
+    )
+    max_attempts: int = Field(3, ge=1, description="invdpo.reconcile: worker deaths tolerated per job.")
+    validation_sample: int = Field(8, ge=1, description="invdpo.reconcile: records read to re-check a training file.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
