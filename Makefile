@@ -33,9 +33,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Each benchmark prints a table and writes benchmarks/results/<name>.json; memory.py also runs data_memory.py.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/alignment.py --quick
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/inversion.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/alignment.py --quick
 
 clean:
 	rm -rf $(VENV) demo-out runs
