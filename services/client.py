@@ -168,9 +168,9 @@ def _print_job(job: dict[str, Any]) -> None:
             print(f"{name + ':':18}{value}")
 
 
-def _print_event(event: dict[str, Any], write: Any = print) -> None:
+def _event_line(event: dict[str, Any]) -> str:
     level = "" if event["level"] == "info" else f"{event['level']}: "
-    write(f"{_when(event['created_at'])}  {level}{event['message']}")
+    return f"{_when(event['created_at'])}  {level}{event['message']}"
 
 
 def _more(has_more: bool, items: list[dict[str, Any]], command: str) -> None:
@@ -182,15 +182,11 @@ def _more(has_more: bool, items: list[dict[str, Any]], command: str) -> None:
 
 
 def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
-    """Show the job's events live (a progress bar with loss, implicit_acc and status, or JSON lines) until it
-    finishes; returns the final job."""
+    """Show the job's events live until it finishes (messages as lines, steps as a progress bar with loss,
+    implicit_acc and status; or JSON lines) and return the final job."""
     from tqdm import tqdm
 
-    job = api.call("GET", f"{JOBS}/{job_id}")
-    bar = None
-    if not as_json:
-        bar = tqdm(total=job.get("total_steps"), initial=job.get("step") or 0, unit="step", dynamic_ncols=True)
-        bar.set_postfix(status=job["status"])
+    bar: tqdm | None = None
     postfix: dict[str, str] = {}
     last_id, done = None, False
     try:
@@ -202,22 +198,28 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
                     done = True
                     break
                 last_id = event_id or last_id
-                if bar is None:
+                if as_json:
                     _print_json(payload, lines=True)
                 elif payload["type"] == "metrics" and payload.get("data"):
                     metrics = payload["data"]
-                    if metrics.get("total_steps"):
-                        bar.total = metrics["total_steps"]
+                    step = int(metrics.get("step", 0))
+                    if bar is None:  # made at the first step: its rate and ETA count training, not queue or loading
+                        bar = tqdm(
+                            total=metrics.get("total_steps"), initial=max(step - 1, 0), unit="step", dynamic_ncols=True
+                        )
+                        postfix["status"] = "running"
                     for name in ("loss", "implicit_acc"):
                         if isinstance(metrics.get(name), int | float):
                             postfix[name] = f"{metrics[name]:.4g}"
-                    bar.set_postfix(**postfix, status="running", refresh=False)
-                    bar.update(int(metrics.get("step", bar.n)) - bar.n)
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(step - bar.n)
+                elif bar is None:
+                    print(_event_line(payload), flush=True)
                 else:
-                    _print_event(payload, bar.write)
-                    # Messages mark the status changes (queued, started, cancel requested): show the new one.
-                    status = api.call("GET", f"{JOBS}/{job_id}")["status"]
-                    bar.set_postfix(**postfix, status=status)
+                    bar.write(_event_line(payload))
+                    # Messages mark the status changes (cancel requested, finished): show the new one.
+                    postfix["status"] = api.call("GET", f"{JOBS}/{job_id}")["status"]
+                    bar.set_postfix(postfix)
     finally:
         if bar is not None:
             bar.close()
@@ -322,7 +324,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         _print_json(page)
         return 0
     for event in page["data"]:
-        _print_event(event)
+        print(_event_line(event))
     _more(page["has_more"], page["data"], f"invdpo jobs events {args.job_id}")
     return 0
 
@@ -344,14 +346,13 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    body = {"version": args.version, **({"force": True} if args.force else {})}
     with Api() as api:
-        answer = api.call(
-            "POST", f"/v1/models/{args.name}/promote", json={"version": args.version, "force": args.force}
-        )
+        answer = api.call("POST", f"/v1/models/{args.name}/promote", json=body)
     if args.json:
         _print_json(answer)
     else:
-        print(f"models:/{args.name}@champion -> version {answer.get('version', args.version)}")
+        print(f"{answer['model_uri']} -> version {answer['version']} (job {answer['job_id']})")
     return 0
 
 
@@ -417,6 +418,6 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     )
     p = models.add_parser("promote", parents=[common], help="move the `champion` alias to a registered version")
     p.add_argument("name")
-    p.add_argument("version")
+    p.add_argument("version", type=int)
     p.add_argument("--force", action="store_true", help="promote even if the promotion gate says no")
     p.set_defaults(func=cmd_promote)

@@ -168,7 +168,9 @@ def _api_key(env: dict[str, str]) -> str:
 def _sample_image(tracking_uri: str, model_uri: str, path: Path) -> None:
     import mlflow
     import pandas as pd
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # the pipeline's loading bar
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)
     answer = model.predict(pd.DataFrame({"prompt": [PROMPTS[0]], "seed": [0]}))
@@ -257,7 +259,7 @@ def run_demo(out: Path, steps: int) -> None:
             if not version:
                 raise DemoError(f"job {job['id']} succeeded but registered no model version")
             print(f"[4/5] registered models:/{MODEL_NAME}/{version} (alias candidate); promoting it to champion")
-            api.call("POST", f"/v1/models/{MODEL_NAME}/promote", json={"version": version})
+            api.call("POST", f"/v1/models/{MODEL_NAME}/promote", json={"version": int(version)})
         print("[5/5] generating a sample with the champion, loaded through mlflow.pyfunc")
         sample = out / "sample.png"
         _sample_image(env["INVDPO_MLFLOW_TRACKING_URI"], f"models:/{MODEL_NAME}@champion", sample)

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,8 +49,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The API app under uvicorn in a thread; yields its URL, a key of project `alpha` and its session factory."""
+    db = tmp_path_factory.mktemp("client-db")
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path_factory.mktemp('client-db') / 'invdpo.db'}",
+        database_url=f"sqlite:///{db / 'invdpo.db'}",
+        mlflow_tracking_uri=f"sqlite:///{db / 'mlflow.db'}",
         broker_url=REDIS_URL,
         reconcile_interval_seconds=0,  # no re-sends behind the tests' backs
         events_poll_seconds=0.05,
@@ -67,7 +70,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         time.sleep(0.02)
     with app.state.session_factory() as session:
         key, _ = create_api_key(session, "alpha")
-    yield {"url": f"http://127.0.0.1:{port}", "key": key, "sessions": app.state.session_factory}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "key": key,
+        "sessions": app.state.session_factory,
+        "mlflow": settings.mlflow_tracking_uri,
+    }
     server.should_exit = True
     thread.join(10)
     broker = redis.Redis.from_url(REDIS_URL)
@@ -305,6 +313,19 @@ def test_unreachable_api_is_one_line_without_the_key(
     assert "secret" not in err
 
 
-def test_promote_reports_api_errors(api: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "models", "promote", "no-such-model", "1")
-    assert code == 2 and err.startswith("error: 404 ") and err.count("\n") == 1
+def test_promote(
+    create: Callable[..., dict], api: dict[str, Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    job = create()
+    registry = MlflowClient(tracking_uri=api["mlflow"])
+    registry.create_registered_model("toy-model")
+    # What the worker registers: a version tagged with the job that made it.
+    registry.create_model_version("toy-model", source=str(tmp_path), tags={"job_id": job["id"]})
+    code, out, _ = run(capsys, "models", "promote", "toy-model", "1")
+    assert (code, out) == (0, f"models:/toy-model@champion -> version 1 (job {job['id']})\n")
+    assert str(registry.get_model_version_by_alias("toy-model", "champion").version) == "1"
+
+    code, _, err = run(capsys, "models", "promote", "toy-model", "2")
+    assert (code, err) == (2, "error: 404 model version not found\n")
