@@ -164,28 +164,59 @@ def train_job(job_id: str) -> None:
     processes = settings.num_processes or max(1, visible_gpus())
     cmd = launch_command(job_id, worker_id, processes, str(job.config.get("mixed_precision", "no")))
     log.info("training started", extra={"job_id": job_id, "worker_id": worker_id, "processes": processes})
-    # In the pool process, ignore SIGTERM while the training runs: a SIGTERM to the whole process group must
-    # reach the training process (which checkpoints and requeues) without killing the process that reports for
-    # it. The launcher inherits the ignore; run_job installs its own handler.
+    # SIGTERM is ignored while the launcher starts, so that it inherits the ignore: a SIGTERM to the whole process
+    # group must reach the training process (run_job installs its own handler: checkpoint, then requeue) and not
+    # kill the launcher under it. A pool process keeps ignoring it until the training ends, so that the process
+    # reporting for the job outlives it; the main process (solo pool) keeps Celery's warm-shutdown handler.
     in_pool = os.getpid() != _MAIN_PID
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if in_pool else None
+    previous = _ignore_sigterm()
     try:
         proc = subprocess.Popen(cmd)
+        if not in_pool:
+            _restore_sigterm(previous)
         returncode = _wait(proc, job_id, worker_id, settings.heartbeat_interval_seconds)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _restore_sigterm(previous)
     _after_exit(job_id, worker_id, returncode)
 
 
+def _ignore_sigterm() -> Any:
+    try:
+        return signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread (threads pool): leave signals alone
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _training_processes(worker_id: str) -> list[psutil.Process]:
+    """Training processes of this claim still alive, wherever they were reparented (if their launcher died)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if worker_id in cmdline and "accelerate.commands.launch" not in cmdline:
+            found.append(proc)
+    return found
+
+
 def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, interval: float) -> int:
-    """Wait for the training process, renewing the job's heartbeat (also through model loading, caching and
-    uploads, when no step reports progress)."""
+    """Wait for the launcher, then for any training process that outlived it, renewing the job's heartbeat
+    meanwhile (also through model loading, caching and uploads, when no step reports progress)."""
+    returncode = None
     while True:
-        try:
-            return proc.wait(timeout=interval)
-        except subprocess.TimeoutExpired:
-            pass
+        if returncode is None:
+            try:
+                returncode = proc.wait(timeout=interval)
+            except subprocess.TimeoutExpired:
+                pass
+        if returncode is not None:
+            alive = _training_processes(worker_id)
+            if not alive:
+                return returncode
+            psutil.wait_procs(alive, timeout=interval)
         try:
             with sessions()() as session:
                 jobstore.heartbeat(session, job_id, worker_id)

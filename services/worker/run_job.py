@@ -13,6 +13,7 @@ Exit status 0 means the job's state was reported (whatever it is); anything else
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import posixpath
@@ -290,8 +291,9 @@ class JobRunner:
                     mlflow.end_run("SCHEDULED")
                     self.enqueue()
                     return 0
+            # The run first: once the job is final, whoever reads it may read the run too.
+            mlflow.end_run("KILLED")
             jobstore.finish_job(session, self.job_id, "cancelled", worker_id=self.worker_id)
-        mlflow.end_run("KILLED")
         self.cleanup()
         return 0
 
@@ -327,13 +329,13 @@ class JobRunner:
         )
         model = f"models:/{name}/{version}"
         self.event(f"Model {'registered' if created else 'already registered'} as {model} (alias candidate)")
+        mlflow.end_run("FINISHED")  # before the job is final: whoever reads the job may read the run at once
         with self.sessions() as session:
             jobstore.set_run_info(session, self.job_id, registered_model_version=version, fine_tuned_model=model)
             jobstore.finish_job(
                 session, self.job_id, "succeeded", fine_tuned_model=model, registered_model_version=version,
                 worker_id=self.worker_id,
             )  # fmt: skip
-        mlflow.end_run("FINISHED")
         self.cleanup()
         return 0
 
@@ -342,11 +344,12 @@ class JobRunner:
 
         error = job_error(exc)
         log.error("job failed", extra={"job_id": self.job_id, "code": error["code"]}, exc_info=exc)
+        if mlflow.active_run() is not None:
+            with contextlib.suppress(Exception):  # MLflow may be what failed: the job must still be reported
+                mlflow.end_run("FAILED")
         with self.sessions() as session:
             jobstore.add_event(session, self.job_id, "".join(traceback.format_exception(exc)), level="error")
             jobstore.finish_job(session, self.job_id, "failed", error, worker_id=self.worker_id)
-        if mlflow.active_run() is not None:
-            mlflow.end_run("FAILED")
         self.cleanup()
 
     def event(self, message: str) -> None:

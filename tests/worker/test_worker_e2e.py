@@ -126,14 +126,14 @@ def test_job_succeeds_tracked_in_mlflow_registered_promoted_and_served(
     assert grid.size == (128, 64)  # two 64 px samples side by side
 
     versions = client.search_model_versions(f"name = '{name}'")
-    assert [v.version for v in versions] == [job["registered_model_version"]]
+    assert [str(v.version) for v in versions] == [job["registered_model_version"]]
     assert versions[0].aliases == ["candidate"] and versions[0].tags["job_id"] == job_id
 
     # Promote through the API, then serve the champion with MLflow's own scoring server.
     response = api.post(f"/v1/models/{name}/promote", json={"version": int(versions[0].version)}, headers=auth)
     assert response.status_code == 200, response.text
     assert response.json()["model_uri"] == f"models:/{name}@champion"
-    assert client.get_model_version_by_alias(name, "champion").version == versions[0].version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(versions[0].version)
     assert api.post(f"/v1/models/{name}/promote", json={"version": 99}, headers=auth).status_code == 404
 
     port = free_port()
