@@ -1,4 +1,4 @@
-"""The core's command-line commands: `invdpo tiny-model`, `invdpo dataset ...`, `invdpo train`.
+"""The core's command-line commands: `invdpo tiny-model`, `invdpo dataset ...`, `invdpo train`, `invdpo evaluate`.
 
 `build_parser()` is extended by services/cli.py with the job-client commands; the core knows nothing of HTTP.
 Each command is a function taking the parsed args and returning an exit code; user errors raise `CLIError`
@@ -169,6 +169,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if stop["requested"] else 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from invdpo_core.data import DatasetError
+    from invdpo_core.evaluate import EvaluationError, evaluate
+    from invdpo_core.storage import ModelReferenceError
+
+    scorers: dict[str, str] = {}
+    for item in args.scorer:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--scorer {item!r}: expected NAME=PATH")
+        scorers[name] = path
+    try:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise CLIError(f"--prompts {args.prompts}: cannot read: {exc.strerror or exc}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        result = evaluate(
+            args.model, args.base, args.pairs, prompts, out_dir=args.out, scorers=scorers, device=device,
+            seed=args.seed, beta=args.beta, draws=args.draws, max_pairs=args.max_pairs,
+            inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    except (EvaluationError, DatasetError, ModelReferenceError, OSError) as exc:
+        raise CLIError(" ".join(str(exc).split())) from None
+    if args.json:
+        print(json.dumps({**result.to_json(), "metrics": result.metrics()}, indent=2))
+        return 0
+    pm, level = result.pair_metrics, f"{result.confidence:.0%}"
+    print(f"model: {result.model} ({result.adapter}) against base: {result.base}")
+    print(f"held-out pairs: {pm.pairs}, {pm.draws} (t, noise) draws each, beta {pm.beta:g}")
+    iv = pm.implicit_acc
+    print(f"  implicit accuracy: {iv.mean:.3f} [{iv.lower:.3f}, {iv.upper:.3f}] ({level} bootstrap interval)")
+    iv = pm.reward_margin
+    print(f"  reward margin: {iv.mean:.4g} [{iv.lower:.4g}, {iv.upper:.4g}]")
+    print(f"prompts: {result.prompts} (seeds {result.seed}..{result.seed + result.prompts - 1}, same for both)")
+    for name, m in result.scorers.items():
+        iv = m.win_rate
+        print(
+            f"  {name}: win-rate {iv.mean:.3f} [{iv.lower:.3f}, {iv.upper:.3f}] ({m.wins} wins, {m.ties} ties, "
+            f"{m.losses} losses); mean score {m.base_mean:.4g} -> {m.model_mean:.4g}"
+        )
+    for name, reason in result.not_run.items():
+        print(f"  {name}: not run ({reason})")
+    print(f"grid: {result.grid} (top: base, bottom: fine-tuned)")
+    print(f"wrote {Path(args.out) / 'evaluation.json'}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="invdpo", description="Inversion-DPO fine-tuning of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +260,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     )
     p.add_argument("--json", action="store_true", help="one JSON line per event on stdout instead of a progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="compare a fine-tuned model with its base: implicit accuracy, win-rates, grid")
+    p.add_argument("--model", required=True, help="fine-tuned diffusers pipeline, or a LoRA output dir of train")
+    p.add_argument("--base", required=True, help="the base pipeline: local dir, hub id or s3:// prefix")
+    p.add_argument("--pairs", required=True, help="held-out preference pairs (parquet or JSONL, local or s3://)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument(
+        "--scorer",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a scorer's local directory: pickscore, hpsv2, hpsv2.1, clip_score, aesthetic; repeatable "
+        "(the built-in toy reward always runs)",
+    )
+    p.add_argument("--out", default="evaluation", help="where grid.png and evaluation.json go")
+    p.add_argument("--beta", type=float, default=5000.0, help="DPO temperature of the reward margin")
+    p.add_argument("--draws", type=int, default=8, help="(timestep, noise) draws per pair")
+    p.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per image")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance when generating")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the base UNet's native size)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs or prompts per forward")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i; also seeds the draws and bootstrap")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    p.set_defaults(func=cmd_evaluate)
     return parser, sub
 
 
