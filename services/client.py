@@ -187,8 +187,8 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
     from tqdm import tqdm
 
     bar: tqdm | None = None
-    postfix: dict[str, str] = {}
-    last_id, done = None, False
+    shown: dict[str, str] = {}  # loss and implicit_acc, then status: the bar's postfix
+    status, last_id, done = "running", None, False
     try:
         while not done:
             # The server closes the stream after a while; reconnect with the last id seen to continue from there.
@@ -204,22 +204,20 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
                     metrics = payload["data"]
                     step = int(metrics.get("step", 0))
                     if bar is None:  # made at the first step: its rate and ETA count training, not queue or loading
-                        bar = tqdm(
-                            total=metrics.get("total_steps"), initial=max(step - 1, 0), unit="step", dynamic_ncols=True
-                        )
-                        postfix["status"] = "running"
+                        total = metrics.get("total_steps")
+                        bar = tqdm(total=total, initial=max(step - 1, 0), unit="step", dynamic_ncols=True)
                     for name in ("loss", "implicit_acc"):
                         if isinstance(metrics.get(name), int | float):
-                            postfix[name] = f"{metrics[name]:.4g}"
-                    bar.set_postfix(postfix, refresh=False)
+                            shown[name] = f"{metrics[name]:.4g}"
+                    bar.set_postfix({**shown, "status": status}, refresh=False)
                     bar.update(step - bar.n)
                 elif bar is None:
                     print(_event_line(payload), flush=True)
                 else:
                     bar.write(_event_line(payload))
                     # Messages mark the status changes (cancel requested, finished): show the new one.
-                    postfix["status"] = api.call("GET", f"{JOBS}/{job_id}")["status"]
-                    bar.set_postfix(postfix)
+                    status = api.call("GET", f"{JOBS}/{job_id}")["status"]
+                    bar.set_postfix({**shown, "status": status})
     finally:
         if bar is not None:
             bar.close()

@@ -121,7 +121,8 @@ class Children:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs.values():
             try:
-                proc.wait(20)  # the worker checkpoints its running job on SIGTERM
+                # Short: the worker would checkpoint a running job, but the next demo run starts afresh anyway.
+                proc.wait(5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
