@@ -17,7 +17,9 @@ step and reads VmHWM as the peak; the figure is peak - baseline. The child runs 
 MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB so every tensor of 64 KiB or more is its own mapping, returned to the
 system when freed: without it the allocator keeps freed blocks resident (the cache build's activations would sit in
 the baseline and the step would reuse them unseen). The latents are larger than the tests' (16x16, batch 2 by
-default) so that activation memory, not allocator noise, dominates. Linux only.
+default) so that activation memory, not allocator noise, dominates (the naive step at N=10 already adds ~200 MB);
+--latent-size 32 works too but takes several minutes per N=50 process on 2 shared cores. Linux only. The step
+times printed next to the memory are wall time of one step, for orientation only (benchmarks/train_step.py times).
 
 The data-reader half of issue 8's memory question (peak RSS against the dataset size) is benchmarks/data_memory.py;
 this script runs it in a subprocess and keeps its output in the JSON (skip with --skip-data-reader).
