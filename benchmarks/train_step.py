@@ -40,6 +40,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -167,7 +168,7 @@ def main() -> None:
     load_end = load()
 
     # --- report ------------------------------------------------------------------------------------------------
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name in fns:
         per = b if name.startswith("cache") else 1  # a cache build is reported per pair, a step per batch of B
         rows[name] = {
