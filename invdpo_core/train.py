@@ -17,7 +17,8 @@ the position in the data (epoch, index). 2N steps straight equal N + resume + N 
 a memory cache and batch_size > 1 across an epoch boundary the rebuilt cache may batch pairs differently, which
 can change results at float rounding level.
 
-Models downloaded from s3:// are cached under $INVDPO_CACHE_DIR (default ~/.cache/invdpo).
+Ties kept by tie_policy=keep train as ordinary pairs (jpg_0 as the chosen image). Models downloaded from s3:// are
+cached under $INVDPO_CACHE_DIR (default ~/.cache/invdpo).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import gather_object, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
@@ -182,6 +184,10 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
     started = time.perf_counter()
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
+    if not PartialState().use_distributed:
+        # accelerate keeps its precision in a process-wide singleton that refuses a second value, and a worker
+        # process runs jobs of different precisions one after another. (A distributed launch runs one job.)
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
     )
@@ -358,9 +364,10 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
                 use_winner_noise=pair_coin(config.seed, [p.source for p in batch]),
             )  # fmt: skip
         entries = []
+        keep_on = torch.device("cpu") if config.inversion_cache != "none" else device
         for i, pair in enumerate(batch):
             # A copy, not a view: a view would keep (and torch.save would write) the whole batch's storage.
-            entry = _map_pairs(inv.select(slice(i, i + 1)), lambda t: t.to("cpu", copy=True))
+            entry = _map_pairs(inv.select(slice(i, i + 1)), lambda t: t.to(keep_on, copy=True))
             if config.inversion_cache == "memory":
                 cache[pair.source] = entry
             elif config.inversion_cache == "disk":

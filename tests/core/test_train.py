@@ -134,6 +134,32 @@ def test_lora_changes_every_adapter_weight_and_loads_with_load_lora_weights(conf
     assert adapted.shape == (1, 64, 64, 3) and not np.array_equal(plain, adapted)
 
 
+def test_sdxl_lora_with_gradient_checkpointing(config, tmp_path_factory, dataset):
+    model = tmp_path_factory.mktemp("sdxl")
+    build_tiny_pipeline("sdxl", seed=0).save_pretrained(model)
+    cfg = config(
+        base_model=str(model),
+        method="inversion_dpo",
+        adapter={"type": "lora"},
+        gradient_checkpointing=True,
+        max_steps=2,
+    )
+    result = train(cfg)
+    assert result.steps == 2 and np.isfinite(result.metrics["loss"])
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(result.model_path)
+    assert pipe("a red circle", num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)
+
+
+def test_bf16_full_fine_tune_saves_the_frozen_parts_in_full_precision(config):
+    # Also a second precision in one process: the worker runs jobs one after another.
+    result = train(config(method="diffusion_dpo", mixed_precision="bf16", max_steps=2))
+    assert np.isfinite(result.metrics["loss"])
+    pipe = DiffusionPipeline.from_pretrained(result.model_path)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+
+
 RESUME_RUNS = {
     # Crosses an epoch boundary at the resume point (4 pairs a step, 8 pairs), accumulation, warmup + cosine.
     "diffusion_dpo_full": {
