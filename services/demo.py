@@ -142,15 +142,17 @@ def _wait_ready(url: str, children: Children) -> None:
     raise DemoError(f"the API at {url} was not ready after {READY_TIMEOUT_S:.0f} s")
 
 
-def _make_inputs(out: Path) -> tuple[Path, Path]:
+def _make_inputs(out: Path) -> tuple[Path, Path, Path]:
+    """The tiny model, toy training pairs, and held-out pairs (other seeds) for the job's evaluation."""
     from invdpo_core.testing import build_tiny_pipeline
     from invdpo_core.toy import make_toy_dataset
 
     model = out / "tiny-model"
     build_tiny_pipeline("sd15", seed=0).save_pretrained(model)
     # Drawn by the same seeded tiny pipeline (rebuilt in memory rather than reloaded from disk: faster).
-    dataset = make_toy_dataset(out / "toy-data", TOY_PAIRS, fmt="jsonl", seed=0, kind="sd15")
-    return model, dataset
+    train = make_toy_dataset(out / "toy-train", TOY_PAIRS, fmt="jsonl", seed=0, kind="sd15")
+    held_out = make_toy_dataset(out / "toy-validation", TOY_PAIRS // 2, fmt="jsonl", seed=1, kind="sd15")
+    return model, train, held_out
 
 
 def _api_key(env: dict[str, str]) -> str:
@@ -221,8 +223,10 @@ def run_demo(out: Path, steps: int) -> None:
             [sys.executable, "-m", "uvicorn", "services.api.main:app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "warning", "--no-access-log"],
         )  # fmt: skip
-        print(f"[1/5] tiny model and {TOY_PAIRS} toy 'redder is better' preference pairs")
-        model, dataset = _make_inputs(out)
+        print(
+            f"[1/5] tiny model and toy 'redder is better' preference pairs ({TOY_PAIRS} + {TOY_PAIRS // 2} held out)"
+        )
+        model, dataset, held_out = _make_inputs(out)
         print("[2/5] waiting for the API and the worker")
         _wait_ready(url, children)
         children.watch()
@@ -230,6 +234,7 @@ def run_demo(out: Path, steps: int) -> None:
         body = {
             "model": str(model),
             "training_file": str(dataset),
+            "validation_file": str(held_out),
             "method": {
                 "type": "inversion_dpo",
                 "hyperparameters": {
