@@ -202,6 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({**result.to_json(), "metrics": result.metrics()}, indent=2))
         return 0
     pm, level = result.pair_metrics, f"{result.confidence:.0%}"
+    assert pm is not None, "--pairs is required"
     print(f"model: {result.model} ({result.adapter}) against base: {result.base}")
     print(f"held-out pairs: {pm.pairs}, {pm.draws} (t, noise) draws each, beta {pm.beta:g}")
     iv = pm.implicit_acc

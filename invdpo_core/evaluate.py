@@ -99,7 +99,7 @@ class Evaluation:
     base: str
     adapter: Literal["full", "lora"]
     confidence: float
-    pair_metrics: PairMetrics
+    pair_metrics: PairMetrics | None  # None: no held-out pairs given
     prompts: int
     seed: int  # prompt i is generated with seed + i, by both models
     inference_steps: int
@@ -116,10 +116,8 @@ class Evaluation:
     def metrics(self) -> dict[str, float]:
         """Flat `eval/...` metrics for MLflow and the promotion gate (gate.py)."""
         out: dict[str, float] = {}
-        for name, iv in (
-            ("implicit_acc", self.pair_metrics.implicit_acc),
-            ("reward_margin", self.pair_metrics.reward_margin),
-        ):
+        pm = self.pair_metrics
+        for name, iv in (("implicit_acc", pm.implicit_acc), ("reward_margin", pm.reward_margin)) if pm else ():
             out[f"eval/{name}"], out[f"eval/{name}_lower"], out[f"eval/{name}_upper"] = iv.mean, iv.lower, iv.upper
         for scorer, m in self.scorers.items():
             out[f"eval/win_rate/{scorer}"] = m.win_rate.mean
@@ -421,7 +419,7 @@ def image_grid(top: Sequence[Image.Image], bottom: Sequence[Image.Image]) -> Ima
 def evaluate(
     model: str,
     base: str,
-    pairs: str,
+    pairs: str | None,
     prompts: Sequence[str],
     *,
     out_dir: str | Path,
@@ -440,8 +438,9 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate `model` (a pipeline or a LoRA output of train.py) against `base`; see the module docstring.
 
-    scorers: name -> local directory, for any of SCORERS (toy is always run). resolution: default the base UNet's
-    native size. Writes OUT_DIR/grid.png and OUT_DIR/evaluation.json.
+    pairs: held-out preference pairs (None: no reward-free metrics). scorers: name -> local directory, for any of
+    SCORERS (toy is always run). resolution: default the base UNet's native size. Writes OUT_DIR/grid.png and
+    OUT_DIR/evaluation.json.
     """
     scorers = dict(scorers or {})
     check_scorers(scorers)  # before any model loads: a typo should cost nothing
@@ -455,10 +454,12 @@ def evaluate(
     if res % 8:
         raise EvaluationError(f"resolution must be a multiple of 8, got {res}")
 
-    pm = pair_metrics(
-        models, pairs, beta=beta, draws=draws, resolution=res, device=device, seed=seed,
-        batch_size=batch_size, max_pairs=max_pairs, confidence=confidence,
-    )  # fmt: skip
+    pm = None
+    if pairs is not None:
+        pm = pair_metrics(
+            models, pairs, beta=beta, draws=draws, resolution=res, device=device, seed=seed,
+            batch_size=batch_size, max_pairs=max_pairs, confidence=confidence,
+        )  # fmt: skip
     images = []
     for side in ("base", "model"):
         with models.as_base() if side == "base" else nullcontext(models.tuned) as pipe:

@@ -222,14 +222,14 @@ def test_scorer_problems_are_one_line_errors(tiny_clip, tmp_path):
             check_scorers({name: path})
 
 
-def test_a_given_scorer_runs_and_leaves_the_not_run_list(tmp_path, base_dir, held_out, tiny_clip):
+def test_a_given_scorer_runs_and_leaves_the_not_run_list(tmp_path, base_dir, tiny_clip):
     result = evaluate(
-        str(base_dir), str(base_dir), str(held_out), PROMPTS[:3], out_dir=tmp_path,
-        scorers={"pickscore": str(tiny_clip)}, max_pairs=2, **GEN,
-    )  # fmt: skip
+        str(base_dir), str(base_dir), None, PROMPTS[:3], out_dir=tmp_path, scorers={"pickscore": str(tiny_clip)}, **GEN
+    )
     assert set(result.scorers) == {"toy", "pickscore"} and "pickscore" not in result.not_run
     assert result.scorers["pickscore"].win_rate.mean == 0.5  # identical images score identically
-    assert result.pair_metrics.pairs == 2
+    # No held-out pairs: no reward-free metrics, rather than made-up ones.
+    assert result.pair_metrics is None and not any("implicit_acc" in k for k in result.metrics())
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
