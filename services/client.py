@@ -30,7 +30,6 @@ from services.api.security import mask_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 JOBS = "/v1/fine_tuning/jobs"
-TERMINAL = ("succeeded", "failed", "cancelled")
 FOLLOW_EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
 
 
@@ -97,7 +96,12 @@ class Api:
             raise self._unreachable(exc) from None
         if response.is_error:
             raise CLIError(_error_line(response))
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise CLIError(
+                f"{self.url} answered {path} with something other than JSON: is it the invdpo API?"
+            ) from None
 
     def stream_events(self, job_id: str, last_event_id: str | None) -> Iterator[tuple[str, str, str | None]]:
         """(event, data, id) of the job's server-sent-events stream until the server closes it."""
@@ -109,12 +113,13 @@ class Api:
                 if r.is_error:
                     r.read()
                     raise CLIError(_error_line(r))
-                event, data, event_id = "message", list[str](), None
+                event, event_id = "message", None
+                data: list[str] = []
                 for line in r.iter_lines():  # the SSE wire format: field lines, a blank line ends an event
                     if not line:
                         if data:
                             yield event, "\n".join(data), event_id
-                        event, data, event_id = "message", [], None
+                        event, event_id, data = "message", None, []
                         continue
                     field, _, value = line.partition(":")
                     value = value.removeprefix(" ")

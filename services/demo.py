@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "invdpo-demo"
 PROMPTS = ["a red circle", "a blue square"]
 TOY_PAIRS = 16
+MARKER = ".invdpo-demo"  # marks a directory this demo made, so a rerun may empty it
 READY_TIMEOUT_S = 120.0  # cold imports of torch, diffusers and mlflow on a busy 2-core machine
 
 
@@ -80,13 +81,11 @@ class Children:
         self.lock = threading.Lock()
         self.stopping = False
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str]) -> None:
         with open(self.out / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
+            self.procs[name] = subprocess.Popen(
                 argv, cwd=self.out, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.procs[name] = proc
-        return proc
 
     def dead(self) -> str | None:
         """Why a child is gone (its exit code and the last line of its log), or None if all still run."""
@@ -203,9 +202,12 @@ def _children(out: Path, env: dict[str, str]) -> Iterator[Children]:
 
 def run_demo(out: Path, steps: int) -> None:
     started = time.monotonic()
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():  # never empty a directory the demo did not make
+            raise DemoError(f"{out} exists and is not a demo directory; pass another --out")
         shutil.rmtree(out)  # a fresh database, registry and broker each run: version 1, one job
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     env = _environment(out)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -302,10 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # one line; the details are in the logs
         reason = str(exc) if isinstance(exc, DemoError | CLIError) else f"{type(exc).__name__}: {exc}"
-        print(
-            f"demo failed: {mask_secrets(' '.join(reason.split()))} (logs: {out}/api.log, {out}/worker.log)",
-            file=sys.stderr,
-        )
+        logs = [str(log) for log in (out / "api.log", out / "worker.log") if log.exists()]
+        where = f" (logs: {', '.join(logs)})" if logs else ""
+        print(f"demo failed: {mask_secrets(' '.join(reason.split()))}{where}", file=sys.stderr)
         return 1
     return 0
 
