@@ -397,8 +397,10 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
         walk = _pairs_from(config, epoch, index)
         while walked < planned and not covers:
             group: list[PreferencePair] = []  # one micro-batch of every process
-            for e, i, pair in walk:
-                if e > epoch + 1 or (e == epoch + 1 and i >= index):  # back at the start position: a full pass
+            for e, _i, pair in walk:
+                # A full pass: a whole epoch walked. Resumed mid-epoch (index > 0), the next epoch's first `index`
+                # pairs are other pairs (each epoch has its own order), so only the end of the next epoch is one.
+                if e > epoch + 1 or (e == epoch + 1 and index == 0):
                     covers = True
                     break
                 group.append(pair)

@@ -215,6 +215,18 @@ def test_n_steps_resume_n_steps_equals_2n_steps(config, tmp_path, run):
     assert resumed.metrics == pytest.approx(straight.metrics, rel=1e-5, abs=1e-6)
 
 
+def test_a_run_resumed_mid_epoch_releases_the_reference_only_once_every_pair_is_cached(config):
+    # Resumed at pair 2 of epoch 0, the rest of epoch 0 plus pairs 0-1 of epoch 1 are not the whole dataset (each
+    # epoch has its own order): the cache walk must go on to the end of epoch 1 before the reference is dropped.
+    cfg = config(method="inversion_dpo", max_steps=10)
+    steps: list[int] = []
+    train(cfg, TrainCallbacks(on_step=lambda s, total, m: steps.append(s), should_stop=lambda: len(steps) == 1))
+    cache: list[tuple[int, int]] = []
+    result = train(cfg, TrainCallbacks(on_cache_progress=lambda done, total: cache.append((done, total))))
+    assert result.resumed_from == 1 and result.steps == 10
+    assert cache[-1] == (14, 14)  # 6 pairs left in epoch 0, then all 8 of epoch 1
+
+
 def test_should_stop_checkpoints_and_stops_within_one_step(config):
     calls = []
 
