@@ -15,6 +15,7 @@ For the worker, in order of use:
     add_event(session, job_id, message, level="info", type="message", data=None) -> int
     add_checkpoint(session, job_id, step_number, uri, metrics=None) -> int
     set_run_info(session, job_id, mlflow_run_id=..., registered_model_version=..., fine_tuned_model=...)
+    set_evaluation(session, job_id, evaluation)              the evaluation after training (the gate reads it)
     is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
     requeue_job(session, job_id, worker_id) -> bool          running -> queued (graceful shutdown, checkpointed)
@@ -318,6 +319,12 @@ def set_run_info(
     }
     if values:
         session.execute(update(Job).where(Job.id == job_id).values(**values))
+    session.commit()
+
+
+def set_evaluation(session: Session, job_id: str, evaluation: dict[str, Any]) -> None:
+    """Record the evaluation after training ({metrics, not_run, grid, error}, see services/worker/evaluation.py)."""
+    session.execute(update(Job).where(Job.id == job_id).values(evaluation=evaluation))
     session.commit()
 
 

@@ -110,6 +110,7 @@ class Job(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     registered_model_version: Mapped[str | None] = mapped_column(String(32))
     fine_tuned_model: Mapped[str | None] = mapped_column(Text)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # jobstore.set_evaluation; the gate reads it
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_param: Mapped[str | None] = mapped_column(String(128))

@@ -86,6 +86,18 @@ class Method(BaseModel):
     hyperparameters: dict[str, Any] = Field(description="The resolved hyperparameters, defaults included.")
 
 
+class JobEvaluation(BaseModel):
+    """The fine-tuned model against its base, measured by the worker after training (invdpo_core/evaluate.py)."""
+
+    metrics: dict[str, float] = Field(
+        description="eval/implicit_acc[_lower|_upper] and eval/reward_margin[...] on the validation_file; "
+        "eval/win_rate[_lower|_upper]/SCORER and eval/score_base|score_model/SCORER on the prompts."
+    )
+    not_run: dict[str, str] = Field(description="Scorers that did not run, and why: never a number for them.")
+    grid: str | None = Field(description="MLflow artifact of the run: base row on top, fine-tuned row below.")
+    error: str | None = Field(None, description="Why the evaluation failed, if it did (the model is kept).")
+
+
 class Job(BaseModel):
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     id: str
@@ -107,6 +119,7 @@ class Job(BaseModel):
     mlflow_run_id: str | None
     registered_model_version: str | None
     fine_tuned_model: str | None
+    evaluation: JobEvaluation | None = Field(None, description="Set once the job succeeded and was evaluated.")
     error: JobError | None
 
 

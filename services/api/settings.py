@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from invdpo_core.gate import GateRule, parse_gate_rule
 
 
 class Settings(BaseSettings):
@@ -16,7 +19,7 @@ class Settings(BaseSettings):
     INVDPO_RETRY_AFTER_SECONDS, INVDPO_MAX_BODY_BYTES, INVDPO_LOG_LEVEL, INVDPO_RECONCILE_INTERVAL_SECONDS,
     INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_MAX_ATTEMPTS,
     INVDPO_MIGRATE_ON_STARTUP, INVDPO_ALLOW_LOCAL_FILES, INVDPO_VALIDATION_SAMPLE, INVDPO_EVENTS_POLL_SECONDS,
-    INVDPO_EVENTS_STREAM_MAX_SECONDS.
+    INVDPO_EVENTS_STREAM_MAX_SECONDS, INVDPO_PROMOTION_GATE.
     """
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
@@ -56,6 +59,31 @@ class Settings(BaseSettings):
     events_stream_max_seconds: float = Field(
         600.0, gt=0, description="An events stream closes after this long; clients reconnect with Last-Event-ID."
     )
+    promotion_gate: str = Field(
+        '{"min_implicit_acc_lower": 0.5}',
+        description="The rule POST /v1/models/{name}/promote checks on the job's evaluation, as JSON with the fields "
+        "of invdpo_core/gate.py GateRule (min_implicit_acc_lower, win_rate_scorer, min_win_rate); none turns the "
+        "gate off. A request with force: true promotes anyway, recorded as a tag on the model version.",
+    )
+
+    @field_validator("promotion_gate")
+    @classmethod
+    def _check_gate(cls, value: str) -> str:
+        _gate_rule(value)
+        return value
+
+    def gate_rule(self) -> GateRule | None:
+        """The promotion gate's rule, or None when it is off."""
+        return _gate_rule(self.promotion_gate)
+
+
+def _gate_rule(value: str) -> GateRule | None:
+    if value.strip().lower() == "none":
+        return None
+    data = json.loads(value)  # a JSONDecodeError is a ValueError: pydantic reports it against the field
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object or none")
+    return parse_gate_rule(data)
 
 
 @lru_cache

@@ -3,9 +3,10 @@
     accelerate launch --num_processes N -m services.worker.run_job JOB_ID --worker-id WORKER_ID
 
 It loads the job row, restores the job's newest checkpoint from the object store, calls `invdpo_core.train.train`
-with callbacks that report to the database and MLflow, and ends the job: succeeded (model logged and registered),
-cancelled, queued again (SIGTERM: checkpoint first), or failed (a code and one line; the traceback goes to the
-events). With several processes (GPUs) every rank trains; only rank 0 talks to the database, MLflow and the store.
+with callbacks that report to the database and MLflow, and ends the job: succeeded (model evaluated against its
+base, logged and registered), cancelled, queued again (SIGTERM: checkpoint first), or failed (a code and one line;
+the traceback goes to the events). With several processes (GPUs) every rank trains; only rank 0 talks to the
+database, MLflow and the store.
 
 Exit status 0 means the job's state was reported (whatever it is); anything else tells the parent it was not.
 """
@@ -310,9 +311,15 @@ class JobRunner:
         import mlflow
 
         from invdpo_core.storage import upload_dir
+        from services.worker.evaluation import evaluate_job, summary
         from services.worker.tracking import default_model_name, register_model_once
 
         assert model_path is not None, "a finished run has a model"
+        # Evaluated before registering: the version appears with its evidence already on the job and the run.
+        evaluation = evaluate_job(config, model_path, self.out / "evaluation", self.settings)
+        with self.sessions() as session:
+            jobstore.set_evaluation(session, self.job_id, evaluation)
+        self.event(summary(evaluation))
         pipeline = (
             model_path
             if config.adapter.type == "full"

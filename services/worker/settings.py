@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE, INVDPO_HEARTBEAT_INTERVAL_SECONDS,
     INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
     INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS,
-    INVDPO_VALIDATION_SAMPLE, INVDPO_LOG_LEVEL.
+    INVDPO_VALIDATION_SAMPLE, INVDPO_LOG_LEVEL, INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE.
     """
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="invdpo.reconcile: worker deaths tolerated per job.")
     validation_sample: int = Field(8, ge=1, description="invdpo.reconcile: records read to re-check a training file.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
+    eval_scorers: dict[str, str] = Field(
+        {},
+        description="Scorers the evaluation after training uses, as JSON {name: local directory} (pickscore, hpsv2, "
+        "hpsv2.1, clip_score, aesthetic; invdpo_core/evaluate.py). The built-in toy reward always runs; the others "
+        "are reported as not run.",
+    )
+    eval_guidance_scale: float = Field(
+        7.5, ge=0, description="Classifier-free guidance of the evaluation's images (base and fine-tuned alike)."
+    )
 
 
 @lru_cache

@@ -293,6 +293,7 @@ def _api(tmp_path: Path, registry: str) -> TestClient:
     settings = ApiSettings(
         database_url=f"sqlite:///{tmp_path / 'api.db'}", broker_url="redis://127.0.0.1:1/0",
         mlflow_tracking_uri=registry, reconcile_interval_seconds=0,
+        promotion_gate="none",  # these jobs have no evaluation; test_promotion_gate.py tests the gate
     )  # fmt: skip
     return TestClient(create_app(settings))
 

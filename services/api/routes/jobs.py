@@ -168,6 +168,7 @@ def job_out(job: Job) -> schemas.Job:
         mlflow_run_id=job.mlflow_run_id,
         registered_model_version=job.registered_model_version,
         fine_tuned_model=job.fine_tuned_model,
+        evaluation=schemas.JobEvaluation.model_validate(job.evaluation) if job.evaluation else None,
         error=error,
     )
 

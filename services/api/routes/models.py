@@ -3,7 +3,10 @@
     mlflow models serve -m models:/NAME@champion --env-manager local
 
 A worker registers each job's model with alias `candidate`; promotion moves `champion` through MLflow's aliases
-(stages are deprecated). A project may promote only versions its own jobs registered (the `job_id` tag).
+(stages are deprecated). A project may promote only versions its own jobs registered (the `job_id` tag), and only
+when the job's evaluation passes the promotion gate (INVDPO_PROMOTION_GATE, invdpo_core/gate.py), unless the
+request says `force`: the version is then tagged with who forced it and why the gate refused. People who promote
+by hand in the MLflow UI are not gated.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path
 from pydantic import BaseModel, Field
 
+from invdpo_core.gate import evaluate_gate
 from services.api import jobstore, schemas
 from services.api.deps import CallerDep, SessionDep, SettingsDep
 
@@ -25,6 +29,11 @@ CHAMPION = "champion"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": schemas.ErrorDetail, "description": "Missing or invalid API key."},
     404: {"model": schemas.ErrorDetail, "description": "No such model version registered by this project."},
+    409: {
+        "model": schemas.ErrorDetail,
+        "description": "The job's evaluation fails the promotion gate (`promotion gate failed: <reasons>`); "
+        "`force` overrides.",
+    },
     503: {"model": schemas.ErrorDetail, "description": "The model registry (MLflow) did not answer."},
 }
 ModelName = Annotated[
@@ -34,6 +43,9 @@ ModelName = Annotated[
 
 class PromoteRequest(BaseModel):
     version: int = Field(ge=1, description="The registered model version to serve as `champion`.")
+    force: bool = Field(
+        False, description="Promote even if the promotion gate refuses; recorded as tags on the model version."
+    )
 
 
 class ModelAlias(BaseModel):
@@ -48,7 +60,8 @@ class ModelAlias(BaseModel):
 def promote_model(
     name: ModelName, body: PromoteRequest, session: SessionDep, caller: CallerDep, settings: SettingsDep
 ) -> ModelAlias:
-    """Point alias `champion` of the registered model at `version` (a version a job of this project registered)."""
+    """Point alias `champion` of the registered model at `version` (a version a job of this project registered),
+    if the job's evaluation passes the promotion gate or `force` is set."""
     from mlflow import MlflowClient  # imported on use: MLflow takes seconds to import and only this route needs it
     from mlflow.exceptions import MlflowException
 
@@ -65,14 +78,23 @@ def promote_model(
         raise HTTPException(503, "model registry unavailable") from None
     job_id = (version.tags or {}).get("job_id", "")
     # Another project's version (or one registered outside invdpo) is indistinguishable from a missing one.
-    if not (jobstore.is_job_id(job_id) and jobstore.get_job(session, job_id, caller.project_id)):
+    job = jobstore.get_job(session, job_id, caller.project_id) if jobstore.is_job_id(job_id) else None
+    if job is None:
         raise HTTPException(404, "model version not found")
+    rule = settings.gate_rule()
+    passed, reasons = evaluate_gate((job.evaluation or {}).get("metrics") or {}, rule) if rule else (True, [])
+    if not passed and not body.force:
+        raise HTTPException(409, "promotion gate failed: " + "; ".join(reasons))
     try:
+        if not passed:
+            forced_by = f"project {caller.project_id}, key {caller.key_prefix}"
+            client.set_model_version_tag(name, str(body.version), "promotion_forced_by", forced_by)
+            client.set_model_version_tag(name, str(body.version), "promotion_gate_failed", "; ".join(reasons))
         client.set_registered_model_alias(name, CHAMPION, str(body.version))
     except Exception as exc:
         log.warning("model registry error", extra={"error": type(exc).__name__})
         raise HTTPException(503, "model registry unavailable") from None
-    log.info("model promoted", extra={"model": name, "version": body.version, "job_id": job_id})
+    log.info("model promoted", extra={"model": name, "version": body.version, "job_id": job_id, "forced": not passed})
     return ModelAlias(
         name=name, version=body.version, alias=CHAMPION, job_id=job_id, model_uri=f"models:/{name}@{CHAMPION}"
     )

@@ -1,0 +1,64 @@
+"""The evaluation after training: the fine-tuned model against its base (invdpo_core/evaluate.py) on the job's
+validation_file and prompts, logged to the job's MLflow run and returned as the job's `evaluation` record, which
+the promotion gate (POST /v1/models/{name}/promote) reads.
+
+Runs in the training process, on rank 0, while the job's run is active.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from invdpo_core.config import TrainingConfig
+from services.api.security import mask_secrets
+from services.worker.settings import Settings
+
+GRID_ARTIFACT = "evaluation/grid.png"
+
+
+def evaluate_job(config: TrainingConfig, model_path: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
+    """Evaluate the trained model and log eval/... metrics, evaluation/grid.png and evaluation/evaluation.json to the
+    active run. Returns {metrics, not_run, grid, error}. An evaluation that fails is recorded (error), not raised:
+    the model is trained either way, and the gate finds no metrics to pass on."""
+    import mlflow
+    import torch
+
+    from invdpo_core.evaluate import DEFAULT_PROMPTS, evaluate
+
+    try:
+        result = evaluate(
+            str(model_path), config.base_model, config.validation_dataset,
+            config.validation_prompts or DEFAULT_PROMPTS, out_dir=out_dir, scorers=settings.eval_scorers,
+            device="cuda" if torch.cuda.is_available() else "cpu", seed=config.seed, beta=config.beta,
+            inference_steps=config.validation_inference_steps, guidance_scale=settings.eval_guidance_scale,
+            resolution=config.resolution,
+        )  # fmt: skip
+    except Exception as exc:  # out of memory, a scorer that will not load, an unreadable validation file...
+        text = mask_secrets(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+        return {"metrics": {}, "not_run": {}, "grid": None, "error": text if len(text) <= 300 else text[:297] + "..."}
+    metrics = result.metrics()
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(result.grid, "evaluation")
+    mlflow.log_artifact(str(Path(out_dir) / "evaluation.json"), "evaluation")
+    return {"metrics": metrics, "not_run": result.not_run, "grid": GRID_ARTIFACT, "error": None}
+
+
+def summary(evaluation: dict[str, Any]) -> str:
+    """One line for the job's events."""
+    if evaluation["error"]:
+        return f"Evaluation failed: {evaluation['error']}"
+    m = evaluation["metrics"]
+    parts = []
+    if "eval/implicit_acc" in m:
+        parts.append(
+            f"implicit accuracy {m['eval/implicit_acc']:.3f} "
+            f"[{m['eval/implicit_acc_lower']:.3f}, {m['eval/implicit_acc_upper']:.3f}]"
+        )
+    else:
+        parts.append("implicit accuracy not measured (no validation_file)")
+    scorers = sorted(k.removeprefix("eval/win_rate/") for k in m if k.startswith("eval/win_rate/"))
+    parts += [f"{s} win-rate {m[f'eval/win_rate/{s}']:.3f}" for s in scorers]
+    if evaluation["not_run"]:
+        parts.append(f"not run: {', '.join(evaluation['not_run'])}")
+    return "Evaluated against the base: " + "; ".join(parts)
