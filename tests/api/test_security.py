@@ -38,7 +38,7 @@ def json_logs() -> Iterator[io.StringIO]:
     root.removeHandler(handler)
 
 
-def _job_routes(app: FastAPI) -> list[tuple[str, str]]:
+def _v1_routes(app: FastAPI) -> list[tuple[str, str]]:
     paths = app.openapi()["paths"]
     return [(method.upper(), path) for path, ops in paths.items() if path.startswith("/v1/") for method in ops]
 
@@ -47,11 +47,12 @@ def _job_routes(app: FastAPI) -> list[tuple[str, str]]:
     "headers",
     [{}, {"Authorization": "Bearer"}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer invdpo-x"}],
 )
-def test_every_job_endpoint_needs_a_valid_key(client: TestClient, app: FastAPI, headers: dict[str, str]) -> None:
-    routes = _job_routes(app)
-    assert len(routes) == 7
+def test_every_v1_endpoint_needs_a_valid_key(client: TestClient, app: FastAPI, headers: dict[str, str]) -> None:
+    routes = _v1_routes(app)
+    assert len(routes) >= 7
     for method, path in routes:
-        r = client.request(method, path.replace("{job_id}", "ftjob-" + "a" * 24), headers=headers)
+        path = path.replace("{job_id}", "ftjob-" + "a" * 24).replace("{name}", "tiny")
+        r = client.request(method, path, headers=headers)
         assert r.status_code == 401, (method, path)
         assert r.json() == UNAUTHORIZED
         assert r.headers["WWW-Authenticate"] == "Bearer"
@@ -62,7 +63,7 @@ def test_a_project_sees_only_its_own_jobs(
 ) -> None:
     alpha, beta = make_key("alpha"), make_key("beta")
     job_id = client.post(JOBS, json=job_body(), headers=alpha).json()["id"]
-    for method, path in _job_routes(app):
+    for method, path in _v1_routes(app):
         if "{job_id}" in path:
             r = client.request(method, path.replace("{job_id}", job_id), headers=beta)
             assert r.status_code == 404 and r.json() == {"detail": "job not found"}, (method, path)

@@ -315,7 +315,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=schemas.Job, responses=_ERRORS)
-def get_job(job: JobDep) -> schemas.Job:
+async def get_job(job: JobDep) -> schemas.Job:
     """One job with its progress, timestamps, MLflow run and model version once known, and error if it failed."""
     return job_out(job)
 
