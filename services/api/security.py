@@ -41,8 +41,15 @@ _SECRET_PATTERNS = [
 ]
 
 
+# Every pattern above needs one of these (lower-cased); most log lines have none, and skip the regexes.
+_TRIGGERS = ("@", "=", "secret", "passw", "token", "authorization", "bearer", "akia", "asia", f"{KEY_PREFIX}-")
+
+
 def mask_secrets(text: str) -> str:
     """`text` with every credential-looking value replaced by ***; used on log lines and user-facing errors."""
+    lowered = text.lower()
+    if not any(trigger in lowered for trigger in _TRIGGERS):
+        return text
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(r"\1***", text)
     return text
