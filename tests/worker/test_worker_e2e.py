@@ -127,7 +127,8 @@ def test_job_succeeds_tracked_in_mlflow_registered_promoted_and_served(
 
     versions = client.search_model_versions(f"name = '{name}'")
     assert [str(v.version) for v in versions] == [job["registered_model_version"]]
-    assert versions[0].aliases == ["candidate"] and versions[0].tags["job_id"] == job_id
+    assert versions[0].tags["job_id"] == job_id  # (search results carry no aliases)
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == job["registered_model_version"]
 
     # Promote through the API, then serve the champion with MLflow's own scoring server.
     response = api.post(f"/v1/models/{name}/promote", json={"version": int(versions[0].version)}, headers=auth)

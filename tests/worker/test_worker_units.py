@@ -325,7 +325,8 @@ def test_promote_sets_champion_on_a_version_of_the_callers_project(tmp_path: Pat
             assert (answer.status_code, answer.json()) == (404, {"detail": "model version not found"})
         assert api.post("/v1/models/dogs/promote", json={"version": 1}, headers=auth).status_code == 404
         assert api.post("/v1/models/cats/promote", json={"version": 1}).status_code == 401
-        assert api.post("/v1/models/cats/promote", json={"version": 0}, headers=auth).status_code == 422
+        for bad in (0, 2**31, 10**30):
+            assert api.post("/v1/models/cats/promote", json={"version": bad}, headers=auth).status_code == 422
         assert str(client.get_model_version_by_alias("cats", "champion").version) == "1"
 
 

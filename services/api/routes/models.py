@@ -42,7 +42,8 @@ ModelName = Annotated[
 
 
 class PromoteRequest(BaseModel):
-    version: int = Field(ge=1, description="The registered model version to serve as `champion`.")
+    # MLflow keeps versions as 32-bit integers: a larger one is a bad request, not a registry failure.
+    version: int = Field(ge=1, le=2**31 - 1, description="The registered model version to serve as `champion`.")
     force: bool = Field(
         False, description="Promote even if the promotion gate refuses; recorded as tags on the model version."
     )
