@@ -25,13 +25,8 @@ from services.api.main import app as default_app
 
 JOBS = "/v1/fine_tuning/jobs"
 # The SSE stream stays open until its job ends; test_jobs.py covers it.
-# Known failure, owned by the worker/MLflow route: a huge `version` (no upper bound in PromoteRequest) makes the
-# MLflow store fail, answered as 503 "model registry unavailable". Reported; the mark goes when the bound lands.
-_KNOWN = {
-    ("POST", "/v1/models/{name}/promote"): pytest.mark.xfail(reason="unbounded version -> registry 503", strict=False)
-}
 OPERATIONS = [
-    pytest.param(method.upper(), path, marks=_KNOWN.get((method.upper(), path), ()))
+    (method.upper(), path)
     for path, operations in default_app.openapi()["paths"].items()
     if not path.endswith("/events/stream")
     for method in operations
