@@ -164,6 +164,8 @@ def _print_job(job: dict[str, Any]) -> None:
         ("mlflow_run_id", job.get("mlflow_run_id")),
         ("fine_tuned_model", job.get("fine_tuned_model")),
     ]
+    if job.get("evaluation"):
+        rows.append(("evaluation", evaluation_line(job["evaluation"])))
     if job.get("error"):
         error = job["error"]
         param = f" ({error['param']})" if error.get("param") else ""
@@ -171,6 +173,27 @@ def _print_job(job: dict[str, Any]) -> None:
     for name, value in rows:
         if value is not None:
             print(f"{name + ':':18}{value}")
+
+
+def evaluation_line(evaluation: dict[str, Any]) -> str:
+    """`implicit_acc 0.62 [0.25, 0.88], win_rate/toy 1 [1, 1], ...`: each metric with its interval when it has one."""
+    if evaluation.get("error"):
+        return f"failed: {evaluation['error']}"
+    metrics: dict[str, float] = evaluation.get("metrics") or {}
+
+    def bound(name: str, which: str) -> str:  # eval/win_rate/toy -> eval/win_rate_lower/toy
+        head, _, rest = name.partition("/")
+        metric, sep, scorer = rest.partition("/")
+        return f"{head}/{metric}_{which}{sep}{scorer}"
+
+    parts = []
+    for name, value in metrics.items():
+        if "_lower" in name or "_upper" in name:
+            continue
+        lower, upper = metrics.get(bound(name, "lower")), metrics.get(bound(name, "upper"))
+        interval = f" [{lower:.3g}, {upper:.3g}]" if lower is not None and upper is not None else ""
+        parts.append(f"{name.removeprefix('eval/')} {value:.3g}{interval}")
+    return ", ".join(parts) or "no metrics"
 
 
 def _event_line(event: dict[str, Any]) -> str:

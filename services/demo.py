@@ -13,6 +13,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import base64
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "invdpo-demo"
 PROMPTS = ["a red circle", "a blue square"]
 TOY_PAIRS = 16
+GATE = {"min_implicit_acc_lower": None, "win_rate_scorer": "toy", "min_win_rate": 0.5}
 MARKER = ".invdpo-demo"  # marks a directory this demo made, so a rerun may empty it
 READY_TIMEOUT_S = 120.0  # cold imports of torch, diffusers and mlflow on a busy 2-core machine
 
@@ -67,6 +69,10 @@ def _environment(out: Path) -> dict[str, str]:
         "INVDPO_SYSTEM_METRICS": "false",
         "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
         "INVDPO_LOG_LEVEL": "WARNING",
+        # The toy task is "redder is better", which the built-in toy reward measures directly: the gate asks that the
+        # model's images beat the base's under it. (The default rule, the implicit accuracy's interval on held-out
+        # pairs above 0.5, needs more held-out pairs than a demo can afford to make.)
+        "INVDPO_PROMOTION_GATE": json.dumps(GATE),
     }
 
 
@@ -266,7 +272,8 @@ def run_demo(out: Path, steps: int) -> None:
             version = job.get("registered_model_version")
             if not version:
                 raise DemoError(f"job {job['id']} succeeded but registered no model version")
-            print(f"[4/5] registered models:/{MODEL_NAME}/{version} (alias candidate); promoting it to champion")
+            gate = f"toy-reward win-rate against the base > {GATE['min_win_rate']}"
+            print(f"[4/5] registered models:/{MODEL_NAME}/{version} (alias candidate); promoting it (gate: {gate})")
             api.call("POST", f"/v1/models/{MODEL_NAME}/promote", json={"version": int(version)})
         print("[5/5] generating a sample with the champion, loaded through mlflow.pyfunc")
         sample = out / "sample.png"

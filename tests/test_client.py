@@ -136,6 +136,9 @@ def act_as_worker(api: dict[str, Any], job_id: str, outcome: str, *, pause: floa
     with sessions() as session:
         jobstore.add_checkpoint(session, job_id, 4, f"file:///tmp/{job_id}/checkpoint-4", {"loss": 0.29})
         if outcome == "succeeded":
+            metrics = {"eval/implicit_acc": 0.75, "eval/implicit_acc_lower": 0.5, "eval/implicit_acc_upper": 1.0}
+            metrics |= {"eval/win_rate/toy": 1.0, "eval/win_rate_lower/toy": 1.0, "eval/win_rate_upper/toy": 1.0}
+            jobstore.set_evaluation(session, job_id, {"metrics": metrics, "not_run": {}, "grid": None})
             jobstore.finish_job(session, job_id, "succeeded", fine_tuned_model="models:/toy/1")
         elif outcome == "failed":
             error: jobstore.JobErrorInfo = {"code": "out_of_memory", "message": "CUDA out of memory", "param": None}
@@ -211,6 +214,10 @@ def test_events_and_checkpoints(
     assert len(page["data"]) == 2 and page["has_more"]
     code, out, _ = run(capsys, "jobs", "events", job["id"], "--after", page["data"][-1]["id"], "--json")
     assert [e["id"] for e in json.loads(out)["data"]][0] > page["data"][-1]["id"]
+
+    code, out, _ = run(capsys, "jobs", "get", job["id"])
+    assert "fine_tuned_model: models:/toy/1\n" in out
+    assert "evaluation:       implicit_acc 0.75 [0.5, 1], win_rate/toy 1 [1, 1]\n" in out
 
     code, out, _ = run(capsys, "jobs", "checkpoints", job["id"])
     assert (code, out) == (0, f"step       4  file:///tmp/{job['id']}/checkpoint-4  loss=0.29\n")
@@ -323,9 +330,15 @@ def test_promote(
     registry.create_registered_model("toy-model")
     # What the worker registers: a version tagged with the job that made it.
     registry.create_model_version("toy-model", source=str(tmp_path), tags={"job_id": job["id"]})
-    code, out, _ = run(capsys, "models", "promote", "toy-model", "1")
+    capsys.readouterr()  # MLflow's own log lines while it made its tables
+    # The job has no evaluation, so the promotion gate has no evidence and refuses; --force overrides it.
+    code, out, err = run(capsys, "models", "promote", "toy-model", "1")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: 409 promotion gate failed: eval/implicit_acc_lower missing") and err.count("\n") == 1
+    code, out, _ = run(capsys, "models", "promote", "toy-model", "1", "--force")
     assert (code, out) == (0, f"models:/toy-model@champion -> version 1 (job {job['id']})\n")
     assert str(registry.get_model_version_by_alias("toy-model", "champion").version) == "1"
+    assert registry.get_model_version("toy-model", "1").tags["promotion_forced_by"].startswith("project ")
 
-    code, _, err = run(capsys, "models", "promote", "toy-model", "2")
+    code, _, err = run(capsys, "models", "promote", "toy-model", "2", "--force")
     assert (code, err) == (2, "error: 404 model version not found\n")
