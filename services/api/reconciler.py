@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.api import jobstore
 from services.api.models import Job, utcnow
-from services.api.settings import Settings
+from services.api.settings import Settings, get_settings
 from services.api.validation import validate_job_files
 from services.queue import enqueue_training, pending_job_ids
 
@@ -53,7 +53,7 @@ def reconcile_queued_jobs(
     session: Session,
     older_than_seconds: float,
     *,
-    broker_url: str,
+    broker_url: str | None = None,
     celery: Celery | None = None,
     heartbeat_timeout_seconds: float = 300.0,
     max_attempts: int = 3,
@@ -61,7 +61,8 @@ def reconcile_queued_jobs(
     """One pass: re-send queued jobs (dispatched more than `older_than_seconds` ago) that have no message in the
     broker, re-send running jobs whose heartbeat is stale (failing them after `max_attempts`), finish
     cancel_requested jobs whose worker is gone, and claim stale validating_files jobs for re-validation (returned
-    in `revalidate`; the caller runs the validation)."""
+    in `revalidate`; the caller runs the validation). The broker defaults to INVDPO_BROKER_URL and `services.queue`'s
+    Celery app."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_seconds)
     stale_heartbeat = now - timedelta(seconds=heartbeat_timeout_seconds)
@@ -82,7 +83,7 @@ def reconcile_queued_jobs(
         return report
     # With a Redis broker we can see which messages are still waiting, so a job that is merely waiting its turn
     # behind long trainings is not sent again (which would inflate the queue length autoscalers read).
-    waiting = pending_job_ids(broker_url) or set()
+    waiting = pending_job_ids(broker_url or get_settings().broker_url) or set()
     for job in candidates:
         if job.status == "cancel_requested":
             if jobstore.finish_job(session, job.id, "cancelled"):
