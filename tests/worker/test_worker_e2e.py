@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,7 +142,10 @@ def test_job_succeeds_tracked_in_mlflow_registered_promoted_and_served(
     serve = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}, cwd=ROOT,
+        # The scoring server is `exec uvicorn ...`: this environment's bin directory must be on PATH.
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:

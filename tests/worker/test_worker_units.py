@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
 from fixtures_s3 import s3_test_client
@@ -113,6 +115,31 @@ def test_a_training_process_that_dies_without_reporting_fails_the_job(sessions: 
         assert "SIGKILL" in (job.error_message or "")
 
 
+def test_reconcile_task_resends_a_queued_job_whose_message_was_lost(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch, redis_server: Any
+) -> None:
+    from datetime import timedelta
+
+    from services.api.models import utcnow
+    from services.queue import make_celery, pending_job_ids
+
+    job_id = make_job(sessions)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.dispatched_at = utcnow() - timedelta(minutes=10)
+        session.commit()
+    settings = Settings(broker_url=redis_server.url, reconcile_after_seconds=60, _env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setattr(worker_app, "get_settings", lambda: settings)
+    monkeypatch.setattr(worker_app, "sessions", lambda: sessions)
+    monkeypatch.setattr(worker_app, "app", make_celery(redis_server.url))
+    redis_server.restart()  # an empty broker: the job's message is gone
+    worker_app.reconcile.run()
+    assert pending_job_ids(redis_server.url) == {job_id}
+    worker_app.reconcile.run()  # just re-sent: not again
+    assert len(redis.Redis.from_url(redis_server.url).lrange("gpu", 0, -1)) == 1
+
+
 # ---------------------------------------------------------------- the training process
 
 
@@ -141,11 +168,11 @@ def test_checkpoints_go_to_the_store_with_a_row_and_a_new_machine_restores_the_n
     uri = f"s3://{s3_env}/checkpoints"
     first = JobRunner(_settings(tmp_path, "first", uri), sessions, job_id, WORKER, main=True)
     for step in (5, 10):
-        path = save_checkpoint(first.out / "checkpoints", step, {"model": {"w": torch.full((3,), float(step))}},
-                               config_hash="h")  # fmt: skip
+        objects = {"model": {"w": torch.full((3,), float(step))}}
+        path = save_checkpoint(first.out / "checkpoints", step, objects, config_hash="h")
         first.on_checkpoint(path, step)
-    keys = [o["Key"] for o in s3_test_client(__import__("os").environ["AWS_ENDPOINT_URL_S3"]).list_objects_v2(
-        Bucket=s3_env, Prefix=f"checkpoints/{job_id}/")["Contents"]]  # fmt: skip
+    s3 = s3_test_client(os.environ["AWS_ENDPOINT_URL_S3"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_env, Prefix=f"checkpoints/{job_id}/")["Contents"]]
     assert f"checkpoints/{job_id}/checkpoints/checkpoint-10/manifest.json" in keys
     with sessions() as session:
         rows, _ = jobstore.list_checkpoints(session, job_id, after=None, limit=10)
@@ -159,7 +186,6 @@ def test_checkpoints_go_to_the_store_with_a_row_and_a_new_machine_restores_the_n
     assert read_manifest(restored) == read_manifest(first.out / "checkpoints" / "checkpoint-10")
 
     # The newest stored copy is gone: the one before it is restored.
-    s3 = s3_test_client(__import__("os").environ["AWS_ENDPOINT_URL_S3"])
     for key in [k for k in keys if "checkpoint-10/" in k]:
         s3.delete_object(Bucket=s3_env, Key=key)
     third = JobRunner(_settings(tmp_path, "third", uri), sessions, job_id, WORKER, main=True)
