@@ -449,11 +449,15 @@ def main() -> int:
     results: list[Result] = []
     eval_every = max(args.steps // 5, 1)
     main_names = {run.name for run in main_runs}
+    stem = "alignment" if part == "all" else f"alignment_{part}"
     for src, run in plan:
         for seed in range(args.seeds if run.name in main_names else args.fix_seeds):
             t0 = time.time()
             res = train_run(world, pair_sets[src], run, seed, args.steps, eval_every, cache, base_rewards)
             results.append(res)
+            # Written after every run, so a study cut short still leaves what it measured.
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{stem}.partial.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
             print(
                 f"[{time.time() - t_all:6.0f}s] pairs={src:4s} {run.name:42s} seed={seed} "
                 f"reward {res.reward[0]:+.3f} -> {res.reward[-1]:+.3f} win {res.win_rate[-1]:.2f} "
@@ -497,7 +501,6 @@ def main() -> int:
         "runs": [asdict(r) for r in results],
         "total_seconds": time.time() - t_all,
     }
-    stem = "alignment" if part == "all" else f"alignment_{part}"
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     plot(results, base_reward, args.out / f"{stem}.png")
     print(f"\nwrote {args.out / stem}.json and {stem}.png in {time.time() - t_all:.0f}s")

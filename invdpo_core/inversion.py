@@ -146,15 +146,33 @@ def ddim_invert(
         xs.append(x)
         query_eps.append(eps)
     timesteps = inv.timesteps.to(latents.device)
-    point_eps = None
-    if with_point_eps:
-        point_eps = torch.stack(
-            [
-                unet(xk, t.expand(xk.shape[0]), **cond.unet_kwargs()).sample
-                for xk, t in zip(xs[1:], timesteps, strict=True)
-            ]
-        )
-    return Trajectory(timesteps, torch.stack(xs), torch.stack(query_eps), point_eps)
+    trajectory = torch.stack(xs)
+    point_eps = eps_at_points(unet, trajectory[1:], timesteps, cond) if with_point_eps else None
+    return Trajectory(timesteps, trajectory, torch.stack(query_eps), point_eps)
+
+
+def eps_at_points(
+    unet: UNet2DConditionModel,
+    points: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Conditioning,
+    *,
+    max_rows: int = 64,
+) -> torch.Tensor:
+    """eps(x_k, t_k) at N points of B latents each, (N, B, C, h, w), in forwards of up to `max_rows` rows.
+
+    Unlike the inversion loop these points are all known in advance, so several go in one forward: fewer, larger
+    UNet calls (what a GPU wants) while memory stays bounded by max_rows, not N.
+    """
+    n, b = points.shape[:2]
+    per_forward = max(1, max_rows // b)
+    out = []
+    for s in range(0, n, per_forward):
+        m = min(per_forward, n - s)
+        x = points[s : s + m].flatten(0, 1)  # (m*B, C, h, w), point-major
+        t = timesteps[s : s + m].repeat_interleave(b)
+        out.append(unet(x, t, **Conditioning.cat([cond] * m).unet_kwargs()).sample.view(m, b, *points.shape[2:]))
+    return torch.cat(out)
 
 
 @torch.inference_mode()
@@ -267,9 +285,7 @@ def build_inverted_pairs(
         noise = implied_noise(traj.latents[1:], z_src, abar)  # (N, B, C, h, w)
         xt_src = traj.latents[1:]  # the source image's own inverted points
         xt_other = abar**0.5 * z_other + (1 - abar) ** 0.5 * noise  # the other image, forward-noised with it
-        eps_other = torch.stack(
-            [unet(x, t.expand(b), **cond.unet_kwargs()).sample for x, t in zip(xt_other, timesteps, strict=True)]
-        )
+        eps_other = eps_at_points(unet, xt_other, timesteps, cond)
         err_src, err_other = _mse(bn(noise), bn(traj.point_eps)), _mse(bn(noise), bn(eps_other))
         p5 = pick.view(b, 1, 1, 1, 1)
         p2 = pick.view(b, 1)
