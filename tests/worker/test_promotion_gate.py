@@ -232,6 +232,7 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
         assert good_job["status"] == bare_job["status"] == "succeeded", (good_job, bare_job)
 
         evaluation = good_job["evaluation"]
+        print(f"trained job's evaluation: {evaluation['metrics']}")
         assert evaluation["error"] is None and set(evaluation["not_run"]) == set(SCORERS)
         metrics = evaluation["metrics"]
         assert metrics["eval/win_rate/toy"] > 0.5, metrics
