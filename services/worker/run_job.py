@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.cache_dir:
         os.environ["INVDPO_CACHE_DIR"] = settings.cache_dir  # read by the trainer
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow writes run URLs to stdout and logs through handlers of its own: neither would be masked.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     sessions = make_session_factory(make_engine(settings.database_url))
     runner = JobRunner(settings, sessions, args.job_id, args.worker_id, main_rank)
@@ -396,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    import mlflow  # noqa: F401  (gives these loggers handlers of its own on import; undone below)
+
+    for name in ("mlflow", "sqlalchemy.engine", "alembic", "huey"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True  # through the JSON handler, which masks credentials
     return runner.run()
 
 

@@ -231,9 +231,11 @@ def test_redis_restart_while_a_job_is_queued_the_job_still_runs(
     assert redis_server.url and wait_until(lambda: _queued_in_redis(redis_server, job_id), 10, "the message")
     redis_server.restart()  # no persistence: the message is gone
     assert not _queued_in_redis(redis_server, job_id)
-    workers.start()
+    worker = workers.start()
     job = wait_for(api, auth, job_id, {"succeeded", "failed", "cancelled"}, workers)
     assert job["status"] == "succeeded", job
+    # The liveness file the container probes read: touched by the worker while it lives.
+    assert time.time() - (workers.root / "hb-0").stat().st_mtime < 5 and worker.proc.poll() is None
 
 
 def _queued_in_redis(server: RedisServer, job_id: str) -> bool:
