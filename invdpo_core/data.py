@@ -73,6 +73,13 @@ class PreferencePair:
     source: str  # "<file> row <n>" (parquet, 0-based) or "<manifest> line <n>" (JSONL, 1-based)
     tie: bool = False  # only with tie_policy="keep": the raters saw no difference; chosen is jpg_0
 
+    @property
+    def key(self) -> str:
+        """A location-free id, "<file name> row/line <n>": the same data read from another place (a local copy,
+        s3://) gets the same per-pair coins, caption drops and cache entries, so training does not depend on where
+        the files live. (Shards are told apart by file name.)"""
+        return self.source.rsplit("/", 1)[-1]
+
 
 class DatasetError(ValueError):
     """The dataset cannot be used. `code` is machine-readable; the message is one line naming the file and row."""

@@ -130,10 +130,10 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _pair_uniform(seed: int, source: str) -> float:
+def _pair_uniform(seed: int, key: str) -> float:
     """A number in [0, 1) fixed by the seed and the pair: inversion_dpo's empty-caption draw, fixed per pair so the
     cached inversion, the reference errors and the policy all see the same caption."""
-    digest = hashlib.sha256(f"{seed}:empty:{source}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:empty:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -325,26 +325,26 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
 
     def captions(batch: list[PreferencePair]) -> list[str]:
         if config.method == "inversion_dpo":
-            empty = [_pair_uniform(config.seed, p.source) < config.empty_prompt_share for p in batch]
+            empty = [_pair_uniform(config.seed, p.key) < config.empty_prompt_share for p in batch]
         else:  # drawn afresh every step, as in Diffusion-DPO's training script
             empty = (torch.rand(len(batch), generator=generator) < config.empty_prompt_share).tolist()
         return ["" if e else p.prompt for p, e in zip(batch, empty, strict=True)]
 
-    cache: dict[str, InvertedPairs] = {}  # inversion_cache == "memory": pair source -> entry (1, N, ...) on the CPU
+    cache: dict[str, InvertedPairs] = {}  # inversion_cache == "memory": pair key -> entry (1, N, ...) on the CPU
     cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEYS})
 
-    def cache_file(source: str) -> Path:
-        return cache_dir / f"{hashlib.sha256(source.encode()).hexdigest()[:32]}.pt"
+    def cache_file(key: str) -> Path:
+        return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
-    def has(source: str) -> bool:
-        return source in cache if config.inversion_cache == "memory" else cache_file(source).is_file()
+    def has(key: str) -> bool:
+        return key in cache if config.inversion_cache == "memory" else cache_file(key).is_file()
 
-    def cached(source: str) -> InvertedPairs | None:
+    def cached(key: str) -> InvertedPairs | None:
         if config.inversion_cache == "memory":
-            return cache.get(source)
-        if config.inversion_cache == "disk" and cache_file(source).is_file():
+            return cache.get(key)
+        if config.inversion_cache == "disk" and cache_file(key).is_file():
             try:
-                return InvertedPairs(**torch.load(cache_file(source), map_location="cpu", weights_only=True))
+                return InvertedPairs(**torch.load(cache_file(key), map_location="cpu", weights_only=True))
             except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # a torn file: recompute it
                 return None
         return None
@@ -361,7 +361,7 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
                 ref, pipe.scheduler.config, z_w, z_l, cond,
                 target=config.inversion_target, num_steps=config.inversion_steps,
                 guidance=config.inversion_guidance, uncond=uncond,
-                use_winner_noise=pair_coin(config.seed, [p.source for p in batch]),
+                use_winner_noise=pair_coin(config.seed, [p.key for p in batch]),
             )  # fmt: skip
         entries = []
         keep_on = torch.device("cpu") if config.inversion_cache != "none" else device
@@ -369,18 +369,18 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
             # A copy, not a view: a view would keep (and torch.save would write) the whole batch's storage.
             entry = _map_pairs(inv.select(slice(i, i + 1)), lambda t: t.to(keep_on, copy=True))
             if config.inversion_cache == "memory":
-                cache[pair.source] = entry
+                cache[pair.key] = entry
             elif config.inversion_cache == "disk":
                 cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file(pair.source).with_suffix(f".tmp{rank}")
+                tmp = cache_file(pair.key).with_suffix(f".tmp{rank}")
                 torch.save({f.name: getattr(entry, f.name) for f in fields(entry)}, tmp)
-                os.replace(tmp, cache_file(pair.source))  # atomic: a reader sees a whole entry or none
+                os.replace(tmp, cache_file(pair.key))  # atomic: a reader sees a whole entry or none
             entries.append(entry)
         return entries
 
     def inverted(batch: list[PreferencePair], caps: list[str]) -> InvertedPairs:
         """The batch's inverted pairs (B, N, ...) on the device, from the cache or inverted now."""
-        entries = [cached(p.source) for p in batch]
+        entries = [cached(p.key) for p in batch]
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
             for i, entry in zip(missing, invert([batch[i] for i in missing], [caps[i] for i in missing]), strict=True):
@@ -407,7 +407,7 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
                 if len(group) == config.batch_size * world:
                     break
             mine = group[rank * config.batch_size : (rank + 1) * config.batch_size]
-            todo = [p for p in mine if not has(p.source)]
+            todo = [p for p in mine if not has(p.key)]
             if todo:
                 for entry in invert(todo, captions(todo)):
                     held += sum(t.numel() * t.element_size() for t in (getattr(entry, f.name) for f in fields(entry)))

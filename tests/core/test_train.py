@@ -3,6 +3,7 @@ checkpoint, outputs that load offline, the CLI. Each run is a few steps on 8 pai
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,3 +317,16 @@ def test_cli_json_lines(capsys, config, tmp_path):
     assert [e["event"] for e in events] == ["step", "step", "checkpoint", "done"]
     assert events[1]["step"] == 2 and "loss" in events[1] and "implicit_acc" in events[1]
     assert events[-1]["model_path"].endswith("model")
+
+
+def test_the_same_data_in_another_place_trains_the_same_model(config, dataset, tmp_path):
+    """Per-pair coins (paired noise source, dropped captions) and cache keys use a location-free pair key, so a
+    copy of the dataset elsewhere (or on S3) gives the same run, not one that depends on the directory name."""
+    copy = tmp_path / "elsewhere" / "copied-data"
+    shutil.copytree(dataset.parent, copy)
+    settings = {"method": "inversion_dpo", "empty_prompt_share": 0.5, "max_steps": 2, "checkpoint_interval": 2}
+    a = train(config(**settings, output_dir=str(tmp_path / "a")))
+    b = train(config(**settings, dataset=str(copy / dataset.name), output_dir=str(tmp_path / "b")))
+    wa, _ = load_checkpoint(a.checkpoint)
+    wb, _ = load_checkpoint(b.checkpoint)
+    assert max((wa["model"][n] - wb["model"][n]).abs().max().item() for n in wa["model"]) == 0.0
