@@ -42,14 +42,11 @@ import time
 from pathlib import Path
 
 import torch
+from timing import load  # benchmarks/timing.py, beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("two_pass", "naive")
 TARGET_RATIO = 1.25
-
-
-def load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _vm(field: str) -> float:
