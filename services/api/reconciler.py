@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from celery import Celery
 from sqlalchemy import or_, select, update
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.api import jobstore
 from services.api.models import Job, utcnow
-from services.api.settings import Settings, get_settings
+from services.api.settings import get_settings
 from services.api.validation import validate_job_files
 from services.queue import enqueue_training, pending_job_ids
 
@@ -117,10 +118,21 @@ def reconcile_queued_jobs(
     return report
 
 
+class ReconcileSettings(Protocol):
+    """The settings a pass reads: the API's and the worker's Settings both have them."""
+
+    reconcile_after_seconds: float
+    broker_url: str
+    heartbeat_timeout_seconds: float
+    max_attempts: int
+    validation_sample: int
+
+
 def run_once(
-    session_factory: sessionmaker[Session], settings: Settings, celery: Celery | None = None
+    session_factory: sessionmaker[Session], settings: ReconcileSettings, celery: Celery | None = None
 ) -> ReconcileReport:
-    """A full pass including the re-validation of stale validating_files jobs (the API's periodic loop)."""
+    """A full pass including the re-validation of stale validating_files jobs (the API's periodic loop and the
+    worker's `invdpo.reconcile` task)."""
     with session_factory() as session:
         report = reconcile_queued_jobs(
             session,

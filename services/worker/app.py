@@ -249,18 +249,6 @@ def _after_exit(job_id: str, worker_id: str, returncode: int) -> None:
 @app.task(name=RECONCILE_TASK)
 def reconcile() -> None:
     """One reconciler pass (re-send lost messages, resume jobs of dead workers, re-validate stuck jobs)."""
-    from services.api.reconciler import reconcile_queued_jobs
-    from services.api.validation import validate_job_files
+    from services.api.reconciler import run_once
 
-    settings = get_settings()
-    with sessions()() as session:
-        report = reconcile_queued_jobs(
-            session,
-            settings.reconcile_after_seconds,
-            broker_url=settings.broker_url,
-            celery=app,
-            heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
-            max_attempts=settings.max_attempts,
-        )
-    for job_id in report.revalidate:
-        validate_job_files(sessions(), job_id, celery=app, sample=settings.validation_sample)
+    run_once(sessions(), get_settings(), celery=app)
