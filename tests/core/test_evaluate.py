@@ -15,7 +15,7 @@ from invdpo_core.cli import main as cli_main
 from invdpo_core.config import ConfigError, parse_config
 from invdpo_core.evaluate import SCORERS, EvaluationError, bootstrap, check_scorers, evaluate, load_scorer
 from invdpo_core.gate import GateRule, evaluate_gate, parse_gate_rule
-from invdpo_core.testing import build_tiny_pipeline, write_tiny_tokenizer
+from invdpo_core.testing import write_tiny_tokenizer
 from invdpo_core.toy import TOY_PROMPTS, TOY_STEPS, make_toy_dataset
 
 PROMPTS = list(TOY_PROMPTS) * 2  # 12 prompts, seeds 0..11
@@ -24,38 +24,25 @@ PROMPTS = list(TOY_PROMPTS) * 2  # 12 prompts, seeds 0..11
 GEN = {"inference_steps": TOY_STEPS, "guidance_scale": 1.0, "draws": 8, "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on a shared machine: more threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    build_tiny_pipeline("sd15", seed=0).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory, base_dir):
+def held_out(tmp_path_factory, model_dir):
     # Another seed than the training pairs: other images, other tints.
-    return make_toy_dataset(tmp_path_factory.mktemp("held_out"), 16, seed=1, model_dir=base_dir)
+    return make_toy_dataset(tmp_path_factory.mktemp("held_out"), 16, seed=1, model_dir=model_dir)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, base_dir):
+def trained(tmp_path_factory, model_dir):
     """Diffusion-DPO, full fine-tune, 40 steps of 8 pairs on 32 toy pairs: moves the tiny model towards red (in a
     sweep over training seeds 0-3 every run won all 12 prompts at guidance 1)."""
     from invdpo_core.train import train
 
     root = tmp_path_factory.mktemp("trained")
-    dataset = make_toy_dataset(root / "data", 32, seed=0, model_dir=base_dir)
+    dataset = make_toy_dataset(root / "data", 32, seed=0, model_dir=model_dir)
     config = {
-        "base_model": str(base_dir),
+        "base_model": str(model_dir),
         "dataset": str(dataset),
         "method": "diffusion_dpo",
         "resolution": 64,
@@ -71,8 +58,8 @@ def trained(tmp_path_factory, base_dir):
     return {"full": full, "lora": train(parse_config({**config, **lora})).model_path}
 
 
-def test_trained_model_beats_its_base_and_the_grid_shows_both(tmp_path, base_dir, held_out, trained):
-    result = evaluate(str(trained["full"]), str(base_dir), str(held_out), PROMPTS, out_dir=tmp_path, **GEN)
+def test_trained_model_beats_its_base_and_the_grid_shows_both(tmp_path, model_dir, held_out, trained):
+    result = evaluate(str(trained["full"]), str(model_dir), str(held_out), PROMPTS, out_dir=tmp_path, **GEN)
     toy = result.scorers["toy"]
     assert toy.win_rate.mean > 0.5, toy
     assert toy.model_mean > toy.base_mean and toy.wins + toy.ties + toy.losses == len(PROMPTS)
@@ -95,8 +82,8 @@ def test_trained_model_beats_its_base_and_the_grid_shows_both(tmp_path, base_dir
     assert metrics["eval/implicit_acc_lower"] == pm.implicit_acc.lower
 
 
-def test_base_against_itself_ties_exactly(tmp_path, base_dir, held_out):
-    result = evaluate(str(base_dir), str(base_dir), str(held_out), PROMPTS, out_dir=tmp_path, **GEN)
+def test_base_against_itself_ties_exactly(tmp_path, model_dir, held_out):
+    result = evaluate(str(model_dir), str(model_dir), str(held_out), PROMPTS, out_dir=tmp_path, **GEN)
     toy = result.scorers["toy"]
     # Same weights, same seeds: identical images, every prompt a tie, and ties count half.
     assert (toy.win_rate.mean, toy.win_rate.lower, toy.win_rate.upper) == (0.5, 0.5, 0.5)
@@ -110,22 +97,22 @@ def test_base_against_itself_ties_exactly(tmp_path, base_dir, held_out):
     assert np.array_equal(pixels[:64], pixels[64:])
 
 
-def test_lora_output_is_evaluated_on_its_base(tmp_path, base_dir, held_out, trained):
-    result = evaluate(str(trained["lora"]), str(base_dir), str(held_out), PROMPTS[:4], out_dir=tmp_path, **GEN)
+def test_lora_output_is_evaluated_on_its_base(tmp_path, model_dir, held_out, trained):
+    result = evaluate(str(trained["lora"]), str(model_dir), str(held_out), PROMPTS[:4], out_dir=tmp_path, **GEN)
     assert result.adapter == "lora"
     # The base side is the shared pipeline with its adapters off: the same images as the base on its own.
-    alone = evaluate(str(base_dir), str(base_dir), str(held_out), PROMPTS[:4], out_dir=tmp_path / "b", **GEN)
+    alone = evaluate(str(model_dir), str(model_dir), str(held_out), PROMPTS[:4], out_dir=tmp_path / "b", **GEN)
     assert result.scorers["toy"].base_mean == alone.scorers["toy"].base_mean
     assert result.scorers["toy"].model_mean != result.scorers["toy"].base_mean  # the adapter changed the images
     assert result.pair_metrics.reward_margin.mean != 0.0
 
 
 def test_cli_without_scorers_reports_reward_free_metrics_and_what_did_not_run(
-    tmp_path, base_dir, held_out, trained, capsys
+    tmp_path, model_dir, held_out, trained, capsys
 ):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
-    argv = ["evaluate", "--model", str(trained["full"]), "--base", str(base_dir), "--pairs", str(held_out)]
+    argv = ["evaluate", "--model", str(trained["full"]), "--base", str(model_dir), "--pairs", str(held_out)]
     argv += ["--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2", "--draws", "2"]
     assert cli_main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -222,9 +209,15 @@ def test_scorer_problems_are_one_line_errors(tiny_clip, tmp_path):
             check_scorers({name: path})
 
 
-def test_a_given_scorer_runs_and_leaves_the_not_run_list(tmp_path, base_dir, tiny_clip):
+def test_a_given_scorer_runs_and_leaves_the_not_run_list(tmp_path, model_dir, tiny_clip):
     result = evaluate(
-        str(base_dir), str(base_dir), None, PROMPTS[:3], out_dir=tmp_path, scorers={"pickscore": str(tiny_clip)}, **GEN
+        str(model_dir),
+        str(model_dir),
+        None,
+        PROMPTS[:3],
+        out_dir=tmp_path,
+        scorers={"pickscore": str(tiny_clip)},
+        **GEN,
     )
     assert set(result.scorers) == {"toy", "pickscore"} and "pickscore" not in result.not_run
     assert result.scorers["pickscore"].win_rate.mean == 0.5  # identical images score identically

@@ -21,21 +21,7 @@ from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import make_toy_dataset
 from invdpo_core.train import TrainCallbacks, TrainError, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on a shared machine: more threads only spin against each other (10x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    build_tiny_pipeline("sd15", seed=0).save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
