@@ -52,3 +52,17 @@ def configure_logging(level: str) -> None:
         logger.propagate = True
     # The access log middleware writes one line per request with the request id; uvicorn's would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+# Libraries that give their loggers handlers of their own when imported (MLflow does, for itself and a few others),
+# so that their lines would bypass the masking JSON handler.
+LIBRARY_LOGGERS = ("mlflow", "sqlalchemy.engine", "alembic", "huey")
+
+
+def adopt_library_loggers() -> None:
+    """Route the LIBRARY_LOGGERS back through the root's JSON handler, which masks credentials. Call it after
+    importing such a library (their handlers appear on import)."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True

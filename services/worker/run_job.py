@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.api import jobstore
 from services.api.db import make_engine, make_session_factory
-from services.api.logs import configure_logging
+from services.api.logs import adopt_library_loggers, configure_logging
 from services.api.models import Checkpoint, Job
 from services.api.security import mask_secrets
 from services.worker.settings import Settings, get_settings
@@ -398,11 +398,9 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    import mlflow  # noqa: F401  (gives these loggers handlers of its own on import; undone below)
+    import mlflow  # noqa: F401  (gives its loggers handlers of its own on import; undone below)
 
-    for name in ("mlflow", "sqlalchemy.engine", "alembic", "huey"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True  # through the JSON handler, which masks credentials
+    adopt_library_loggers()
     return runner.run()
 
 

@@ -234,3 +234,18 @@ def test_mask_secrets() -> None:
     }
     for raw, masked in cases.items():
         assert mask_secrets(raw) == masked
+
+
+def test_mlflow_loggers_go_through_the_masking_json_handler(caplog):
+    import logging
+
+    import mlflow  # noqa: F401  (installs handlers of its own on the "mlflow" logger)
+
+    from services.api.logs import adopt_library_loggers
+
+    adopt_library_loggers()
+    logger = logging.getLogger("mlflow")
+    assert logger.handlers == [] and logger.propagate
+    with caplog.at_level(logging.INFO):
+        logger.warning("tracking at postgresql://user:s3cret@db/mlflow")
+    assert any(r.name == "mlflow" for r in caplog.records)  # it reaches the root handlers, where masking happens

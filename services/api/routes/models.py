@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from invdpo_core.gate import evaluate_gate
 from services.api import jobstore, schemas
 from services.api.deps import CallerDep, SessionDep, SettingsDep
+from services.api.logs import adopt_library_loggers
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def promote_model(
     if the job's evaluation passes the promotion gate or `force` is set."""
     from mlflow import MlflowClient  # imported on use: MLflow takes seconds to import and only this route needs it
     from mlflow.exceptions import MlflowException
+
+    adopt_library_loggers()  # MLflow's own handlers would not mask credentials
 
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     try:
