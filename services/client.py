@@ -26,7 +26,7 @@ import httpx
 
 from invdpo_core.cli import CLIError
 from invdpo_core.config import ConfigError, apply_overrides
-from services.api.security import mask_secrets
+from services.jobs.logs import mask_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 JOBS = "/v1/fine_tuning/jobs"

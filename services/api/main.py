@@ -15,15 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from services.api import reconciler
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.logs import configure_logging
 from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from services.api.routes import health, jobs, models
-from services.api.security import mask_secrets
 from services.api.settings import Settings, get_settings
-from services.queue import make_celery
+from services.jobs import reconciler
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.logs import configure_logging, mask_secrets
+from services.jobs.queue import make_celery
 
 log = logging.getLogger(__name__)
 

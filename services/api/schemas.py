@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from services.api.security import has_credentials
+from services.jobs.logs import has_credentials
 
 JobStatus = Literal["validating_files", "queued", "running", "cancel_requested", "cancelled", "succeeded", "failed"]
 MethodType = Literal["inversion_dpo", "diffusion_dpo"]

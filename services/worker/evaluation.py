@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from invdpo_core.config import TrainingConfig
-from services.api.security import mask_secrets
+from services.jobs.logs import mask_secrets
 from services.worker.settings import Settings
 
 GRID_ARTIFACT = "evaluation/grid.png"

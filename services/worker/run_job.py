@@ -31,11 +31,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory
-from services.api.logs import adopt_library_loggers, configure_logging
-from services.api.models import Checkpoint, Job
-from services.api.security import mask_secrets
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory
+from services.jobs.logs import adopt_library_loggers, configure_logging, mask_secrets
+from services.jobs.models import Checkpoint, Job
 from services.worker.settings import Settings, get_settings
 
 log = logging.getLogger("services.worker.run_job")
@@ -300,7 +299,7 @@ class JobRunner:
 
     def enqueue(self) -> None:
         """Send the job's message again. If the broker is down, the API's reconciler re-sends the queued job."""
-        from services.queue import enqueue_training, make_celery
+        from services.jobs.queue import enqueue_training, make_celery
 
         try:
             enqueue_training(self.job_id, make_celery(self.settings.broker_url))

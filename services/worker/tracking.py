@@ -26,7 +26,7 @@ from PIL import Image
 from invdpo_core import __version__ as core_version
 from invdpo_core.config import TrainingConfig
 from invdpo_core.storage import is_s3, s3_client, split_s3
-from services.api.security import mask_secrets
+from services.jobs.logs import mask_secrets
 
 CANDIDATE_ALIAS = "candidate"
 SERVING_CODE = Path(__file__).with_name("serving.py")

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from services.queue import enqueue_training
+from services.jobs.queue import enqueue_training
 
 JOBS = "/v1/fine_tuning/jobs"
 STUB = Path(__file__).with_name("stub_worker")

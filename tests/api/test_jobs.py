@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from services.api import jobstore
-from services.api.models import Job, Project
-from services.api.validation import validate_job_files
+from services.jobs import jobstore
+from services.jobs.models import Job, Project
+from services.jobs.validation import validate_job_files
 
 JOBS = "/v1/fine_tuning/jobs"
 

@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from services.api.db import alembic_config, make_engine, migrate
-from services.api.models import Base
+from services.jobs.db import alembic_config, make_engine, migrate
+from services.jobs.models import Base
 
 TABLES = {"projects", "api_keys", "jobs", "job_events", "checkpoints"}
 

@@ -29,8 +29,8 @@ from invdpo_core.config import parse_config
 from invdpo_core.evaluate import SCORERS
 from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import TOY_PROMPTS, TOY_STEPS, make_toy_dataset
-from services.api import jobstore
-from services.api.models import Job, Project
+from services.jobs import jobstore
+from services.jobs.models import Job, Project
 
 PASSING = {"eval/implicit_acc": 0.7, "eval/implicit_acc_lower": 0.6, "eval/win_rate/toy": 0.8}
 FAILING = {"eval/implicit_acc": 0.55, "eval/implicit_acc_lower": 0.45, "eval/win_rate/toy": 0.8}

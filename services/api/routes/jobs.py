@@ -23,11 +23,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from invdpo_core.config import ConfigError, parse_config
-from services.api import jobstore, schemas
+from services.api import schemas
 from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
-from services.api.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
-from services.api.security import mask_secrets
-from services.api.validation import validate_job_files
+from services.jobs import jobstore
+from services.jobs.logs import mask_secrets
+from services.jobs.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
+from services.jobs.validation import validate_job_files
 
 log = logging.getLogger(__name__)
 

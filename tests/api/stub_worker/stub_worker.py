@@ -7,9 +7,9 @@ import os
 import socket
 import time
 
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory
-from services.queue import TRAIN_TASK, make_celery
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory
+from services.jobs.queue import TRAIN_TASK, make_celery
 
 app = make_celery(os.environ["INVDPO_BROKER_URL"])
 sessions = make_session_factory(make_engine(os.environ["INVDPO_DATABASE_URL"]))

@@ -33,8 +33,8 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.api.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, utcnow
-from services.api.security import mask_secrets
+from services.jobs.logs import mask_secrets
+from services.jobs.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, utcnow
 
 FinalStatus = Literal["succeeded", "failed", "cancelled"]
 

@@ -1,6 +1,6 @@
 """Database tables (SQLAlchemy 2). The database, not the broker, is the source of truth for a job's state.
 
-The worker imports these models and `services.api.db` for its sessions; state changes go through `jobstore`.
+The worker imports these models and `services.jobs.db` for its sessions; state changes go through `jobstore`.
 """
 
 from __future__ import annotations
