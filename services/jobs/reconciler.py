@@ -86,7 +86,7 @@ def reconcile_queued_jobs(
     waiting = pending_job_ids(broker_url) or set()
     for job in candidates:
         if job.status == "cancel_requested":
-            if jobstore.finish_job(session, job.id, "cancelled"):
+            if jobstore.settle_cancel(session, job.id):
                 report.cancelled.append(job.id)
         elif job.status == "validating_files":
             if _redispatch(session, job, now):

@@ -227,12 +227,10 @@ def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, interval: 
 def _after_exit(job_id: str, worker_id: str, returncode: int) -> None:
     """If the training process ended without ending the job (killed, out of memory), end it here."""
     with sessions()() as session:
-        job = jobstore.get_job(session, job_id)
-        if job is None or job.claimed_by != worker_id or job.status not in ("running", "cancel_requested"):
+        if not jobstore.owns(jobstore.get_job(session, job_id), worker_id):
             log.info("training process done", extra={"job_id": job_id, "returncode": returncode})
             return
-        if job.status == "cancel_requested":
-            jobstore.finish_job(session, job_id, "cancelled", worker_id=worker_id)
+        if jobstore.settle_cancel(session, job_id, worker_id):
             return
         error: jobstore.JobErrorInfo = {
             "code": "training_process_died",

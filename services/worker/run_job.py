@@ -230,7 +230,7 @@ class JobRunner:
         state = PartialState()
         with self.sessions() as session:
             job = jobstore.get_job(session, self.job_id)
-        if job is None or job.status not in ("running", "cancel_requested") or job.claimed_by != self.worker_id:
+        if not jobstore.owns(job, self.worker_id):
             log.warning("the job is not this worker's to run", extra={"job_id": self.job_id})
             return 0
         try:
@@ -275,25 +275,23 @@ class JobRunner:
             jobstore.set_run_info(session, self.job_id, mlflow_run_id=self.run_id)
 
     def stopped(self) -> int:
-        """The trainer stopped early: after SIGTERM requeue, after a cancel request finish as cancelled, and if
-        the job was taken over by another worker leave it alone."""
+        """The trainer stopped early: after SIGTERM requeue, after a cancel request settle it as cancelled, and if
+        the job is no longer this worker's (taken over by another) leave it alone."""
         import mlflow
 
         with self.sessions() as session:
             job = jobstore.get_job(session, self.job_id)
-            status, owner = (job.status, job.claimed_by) if job is not None else (None, None)
-            if owner != self.worker_id:
-                log.warning("the job was taken over; stopping", extra={"job_id": self.job_id})
+            if not jobstore.owns(job, self.worker_id):
+                log.warning("the job is no longer this worker's; stopping", extra={"job_id": self.job_id})
                 mlflow.end_run("RUNNING")  # the run is the new owner's now (not FINISHED by the atexit hook)
                 return 0
-            if status == "running" and self.stop_signal is not None:
-                if jobstore.requeue_job(session, self.job_id, self.worker_id):
-                    mlflow.end_run("SCHEDULED")
-                    self.enqueue()
-                    return 0
+            if self.stop_signal is not None and jobstore.requeue_job(session, self.job_id, self.worker_id):
+                mlflow.end_run("SCHEDULED")
+                self.enqueue()
+                return 0
             # The run first: once the job is final, whoever reads it may read the run too.
             mlflow.end_run("KILLED")
-            jobstore.finish_job(session, self.job_id, "cancelled", worker_id=self.worker_id)
+            jobstore.settle_cancel(session, self.job_id, self.worker_id)
         self.cleanup()
         return 0
 
