@@ -20,13 +20,14 @@ import os
 import sys
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 
 from invdpo_core.cli import CLIError
-from invdpo_core.config import ConfigError, apply_overrides
+from invdpo_core.config import ConfigError, Method, apply_overrides
 from services.jobs.logs import mask_secrets
+from services.jobs.models import STATUSES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 JOBS = "/v1/fine_tuning/jobs"
@@ -398,7 +399,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="base diffusers pipeline: a hub id, a directory or an s3:// prefix")
     p.add_argument("--training-file", required=True, help="preference pairs: parquet file/prefix or JSONL manifest")
     p.add_argument("--validation-file", default=None, help="held-out preference pairs")
-    p.add_argument("--method", choices=["inversion_dpo", "diffusion_dpo"], default="inversion_dpo")
+    p.add_argument("--method", choices=get_args(Method), default="inversion_dpo")
     p.add_argument(
         "--set",
         action="append",
@@ -418,7 +419,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--status",
         default=None,
-        choices=["validating_files", "queued", "running", "cancel_requested", "cancelled", "succeeded", "failed"],
+        choices=STATUSES,
     )
     p.set_defaults(func=cmd_list)
     p = jobs.add_parser("get", parents=[common], help="one job with its progress and result")

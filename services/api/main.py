@@ -46,8 +46,13 @@ def _json_safe(value: Any) -> Any:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with FastAPI's error list; each `msg` starts with the field's path (method.hyperparameters.beta: ...)."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+    errors = []
+    for error in exc.errors():
+        path = ".".join(str(p) for p in error.get("loc", ())[1:])  # loc starts with where: body, query, header...
+        errors.append({**error, "msg": f"{path}: {error['msg']}" if path else error["msg"]})
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
 
 async def _reconcile_forever(app: FastAPI) -> None:

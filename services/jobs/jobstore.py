@@ -36,9 +36,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.jobs.logs import mask_secrets
-from services.jobs.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, utcnow
+from services.jobs.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, TerminalStatus, utcnow
 
-FinalStatus = Literal["succeeded", "failed", "cancelled"]
+FinalStatus = TerminalStatus
 
 
 class JobErrorInfo(TypedDict, total=False):

@@ -1,12 +1,13 @@
 """Database tables (SQLAlchemy 2). The database, not the broker, is the source of truth for a job's state.
 
-The worker imports these models and `services.jobs.db` for its sessions; state changes go through `jobstore`.
+The API and the worker import these models and `services.jobs.db` for their sessions; state changes go through
+`jobstore`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
@@ -14,9 +15,12 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-# Statuses a job moves through. Active ones count against the project's cap.
-ACTIVE_STATUSES = ("validating_files", "queued", "running", "cancel_requested")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# Statuses a job moves through (services/jobs/jobstore.py). Active ones count against the project's cap.
+ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled"]
+JobStatus = Literal[ActiveStatus, TerminalStatus]
+ACTIVE_STATUSES: tuple[str, ...] = get_args(ActiveStatus)
+TERMINAL_STATUSES: tuple[str, ...] = get_args(TerminalStatus)
 STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -90,7 +94,6 @@ class Job(Base):
     training_file: Mapped[str] = mapped_column(Text)
     validation_file: Mapped[str | None] = mapped_column(Text)
     method_type: Mapped[str] = mapped_column(String(32))
-    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the full validated TrainingConfig
     seed: Mapped[int] = mapped_column(BigInteger)
     suffix: Mapped[str | None] = mapped_column(String(64))

@@ -41,6 +41,7 @@ from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from invdpo_core.config import TrainingConfig
 from services.jobs import jobstore
 from services.jobs.db import make_engine, make_session_factory
 from services.jobs.logs import configure_logging
@@ -162,7 +163,8 @@ def train_job(job_id: str) -> None:
         log.info("job not claimable: running elsewhere, finished or cancelled", extra={"job_id": job_id})
         return
     processes = settings.num_processes or max(1, visible_gpus())
-    cmd = launch_command(job_id, worker_id, processes, str(job.config.get("mixed_precision", "no")))
+    config = TrainingConfig.model_validate(job.config)  # validated when the job was created
+    cmd = launch_command(job_id, worker_id, processes, config.mixed_precision)
     log.info("training started", extra={"job_id": job_id, "worker_id": worker_id, "processes": processes})
     # SIGTERM is ignored while the launcher starts, so that it inherits the ignore: a SIGTERM to the whole process
     # group must reach the training process (run_job installs its own handler: checkpoint, then requeue) and not

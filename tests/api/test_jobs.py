@@ -262,7 +262,6 @@ def _job_row(project_id: int, body: dict[str, Any]) -> Job:
         model=body["model"],
         training_file=body["training_file"],
         method_type=body["method"]["type"],
-        hyperparameters={},
         config={},
         seed=0,
         attempt=0,

@@ -42,7 +42,7 @@ def _job(factory: sessionmaker[Session], project_id: int, metrics: dict[str, flo
         config = {"base_model": "org/model", "dataset": "s3://b/d/manifest.jsonl"}
         session.add(
             Job(id=job_id, project_id=project_id, status="succeeded", model="org/model", training_file="s3://b/d",
-                method_type="diffusion_dpo", hyperparameters={}, config=config, seed=0, attempt=0)
+                method_type="diffusion_dpo", config=config, seed=0, attempt=0)
         )  # fmt: skip
         session.commit()
         if metrics is not None:

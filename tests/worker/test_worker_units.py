@@ -52,7 +52,7 @@ def make_job(sessions: sessionmaker[Session], project: str = "alpha", status: st
         full = {"base_model": "org/model", "dataset": "s3://b/d/manifest.jsonl", "max_steps": 10, **config}
         session.add(
             Job(id=job_id, project_id=row.id, status=status, model="org/model", training_file=full["dataset"],
-                method_type="inversion_dpo", hyperparameters={}, config=full, seed=0, attempt=0)
+                method_type="inversion_dpo", config=full, seed=0, attempt=0)
         )  # fmt: skip
         session.commit()
     return job_id
