@@ -32,7 +32,7 @@ def evaluate_job(config: TrainingConfig, model_path: Path, out_dir: Path, settin
             config.validation_prompts or DEFAULT_PROMPTS, out_dir=out_dir, scorers=settings.eval_scorers,
             device="cuda" if torch.cuda.is_available() else "cpu", seed=config.seed, beta=config.beta,
             inference_steps=config.validation_inference_steps, guidance_scale=settings.eval_guidance_scale,
-            resolution=config.resolution,
+            resolution=config.resolution, model_cache_dir=settings.cache_dir,
         )  # fmt: skip
     except Exception as exc:  # out of memory, a scorer that will not load, an unreadable validation file...
         text = mask_secrets(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
