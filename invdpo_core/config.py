@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,14 @@ from pydantic.fields import FieldInfo
 Method = Literal["inversion_dpo", "diffusion_dpo"]
 InversionTarget = Literal["paired", "x0", "step", "reference"]
 LossType = Literal["sigmoid", "hinge", "ipo"]
+# Statuses a job moves through (services/jobs/jobstore.py), here so the CLI client needs no database library.
+# Active ones count against the project's cap.
+ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled"]
+JobStatus = Literal[ActiveStatus, TerminalStatus]
+ACTIVE_STATUSES: tuple[str, ...] = get_args(ActiveStatus)
+TERMINAL_STATUSES: tuple[str, ...] = get_args(TerminalStatus)
+STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
 
 # Roles of a TrainingConfig field outside the training itself:
 #   reserved   set by the service from the job's own fields (or by the worker), never in a job's hyperparameters;

@@ -7,7 +7,7 @@ The API and the worker import these models and `services.jobs.db` for their sess
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal, get_args
+from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
@@ -15,13 +15,14 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-# Statuses a job moves through (services/jobs/jobstore.py). Active ones count against the project's cap.
-ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested"]
-TerminalStatus = Literal["succeeded", "failed", "cancelled"]
-JobStatus = Literal[ActiveStatus, TerminalStatus]
-ACTIVE_STATUSES: tuple[str, ...] = get_args(ActiveStatus)
-TERMINAL_STATUSES: tuple[str, ...] = get_args(TerminalStatus)
-STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
+from invdpo_core.config import (  # noqa: F401  (re-exported: the job layer's names for the statuses)
+    ACTIVE_STATUSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+    ActiveStatus,
+    JobStatus,
+    TerminalStatus,
+)
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 

@@ -34,7 +34,10 @@ def evaluate_job(config: TrainingConfig, model_path: Path, out_dir: Path, settin
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        result = evaluate(str(model_path), **eval_config.model_dump(), out_dir=out_dir, device=device)
+        result = evaluate(
+            str(model_path), **eval_config.model_dump(), out_dir=out_dir, device=device,
+            model_cache_dir=settings.cache_dir,
+        )  # fmt: skip
     except Exception as exc:  # out of memory, a scorer that will not load, an unreadable validation file...
         text = mask_secrets(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         return {"metrics": {}, "not_run": {}, "grid": None, "error": text if len(text) <= 300 else text[:297] + "..."}

@@ -105,14 +105,11 @@ def job_error(exc: BaseException) -> jobstore.JobErrorInfo:
     return {"code": code, "message": text if len(text) <= 300 else text[:297] + "...", "param": param}
 
 
-def merge_lora(base_model: str, lora_dir: Path, dest: Path) -> Path:
+def merge_lora(base_model: str, lora_dir: Path, dest: Path, *, model_cache_dir: str | None = None) -> Path:
     """A full pipeline directory with the LoRA fused into the base UNet: what the served model loads."""
-    from diffusers import DiffusionPipeline
+    from invdpo_core.pipeline import load_pipeline
 
-    from invdpo_core.storage import resolve_model
-
-    cache = os.environ.get("INVDPO_CACHE_DIR") or Path.home() / ".cache/invdpo"
-    pipe = DiffusionPipeline.from_pretrained(resolve_model(base_model, cache))
+    pipe = load_pipeline(base_model, model_cache_dir=model_cache_dir)
     pipe.load_lora_weights(str(lora_dir))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -246,7 +243,7 @@ class JobRunner:
             if self.main:
                 callbacks.on_checkpoint = self.on_checkpoint
                 callbacks.on_validation = self.on_validation
-            result = train(config, callbacks)
+            result = train(config, callbacks, model_cache_dir=self.settings.cache_dir)
             if not self.main:
                 return 0
             if result.stopped_early:
@@ -320,7 +317,9 @@ class JobRunner:
         pipeline = (
             model_path
             if config.adapter.type == "full"
-            else merge_lora(config.base_model, model_path, self.out / "merged")
+            else merge_lora(
+                config.base_model, model_path, self.out / "merged", model_cache_dir=self.settings.cache_dir
+            )
         )
         upload_dir(pipeline, job_uri(self.settings, self.job_id, "model"))
         name = job.registered_model_name or default_model_name(self.job_id, job.suffix)
@@ -374,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     if not jobstore.is_job_id(args.job_id):
         log.error("not a job id", extra={"job_id": args.job_id[:64]})
         return 2
-    if settings.cache_dir:
-        os.environ["INVDPO_CACHE_DIR"] = settings.cache_dir  # read by the trainer
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow writes run URLs to stdout and logs through handlers of its own: neither would be masked.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
