@@ -21,7 +21,7 @@ For the worker, in order of use:
     settle_cancel(session, job_id, worker_id=None) -> bool   cancel_requested -> cancelled once the worker stopped
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
     requeue_job(session, job_id, worker_id) -> bool          running -> queued (graceful shutdown, checkpointed)
-The job's validated TrainingConfig is `invdpo_core.config.parse_config(get_job(session, job_id).config)`.
+The job's validated TrainingConfig is `TrainingConfig.model_validate(get_job(session, job_id).config)`.
 """
 
 from __future__ import annotations
