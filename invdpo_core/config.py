@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Method = Literal["inversion_dpo", "diffusion_dpo"]
+Method = Literal["inversion_dpo", "diffusion_dpo", "inpo"]
 InversionTarget = Literal["paired", "x0", "step", "reference"]
 LossType = Literal["sigmoid", "hinge", "ipo"]
 
@@ -57,7 +57,11 @@ class TrainingConfig(_Strict):
     validation_dataset: str | None = Field(None, description="Held-out preference pairs for evaluation.")
 
     # --- the method ---
-    method: Method = Field("inversion_dpo", description="inversion_dpo (DDIM-inverted points) or diffusion_dpo.")
+    method: Method = Field(
+        "inversion_dpo",
+        description="inversion_dpo (cached DDIM-inverted points), diffusion_dpo, or inpo (InPO: on-policy partial "
+        "stochastic inversion every step; docs/method.md section 'InPO').",
+    )
     inversion_target: InversionTarget = Field(
         "paired", description="Noise target for inversion_dpo (docs/method.md section 'Targets')."
     )
@@ -75,6 +79,25 @@ class TrainingConfig(_Strict):
     )
     inversion_cache: Literal["memory", "disk", "none"] = Field(
         "memory", description="Where the per-pair reference trajectory lives; none recomputes it every step."
+    )
+    # InPO (method: inpo). Defaults: the released scripts (examples/sd15.sh, sdxl.sh and train.py of JaydenLyh/InPO).
+    # A step costs about N + 4 UNet forwards per pair plus 2 backwards (docs/method.md, 'InPO').
+    inpo_inversion_steps: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="InPO: steps N of the inverse DDIM grid; each image is inverted through the grid steps below "
+        "its pair's sampled timestep (N/2 of them on average).",
+    )
+    inpo_eta: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="InPO: random term added after each inversion step, in units of the DDIM step's standard "
+        "deviation; 0 makes the inversion deterministic.",
+    )
+    inpo_inverter: Literal["policy", "reference"] = Field(
+        "policy", description="InPO: which UNet inverts the images every step, the current policy or the reference."
     )
     empty_prompt_share: float = Field(0.2, ge=0, le=1, description="Share of captions replaced by ''.")
     tie_policy: Literal["drop", "keep"] = Field("drop", description="Pick-a-Pic ties (label 0.5): drop or keep.")

@@ -1,4 +1,4 @@
-"""The training loop: Diffusion-DPO and Inversion-DPO fine-tuning of a Stable Diffusion 1.x/2.x or XL pipeline.
+"""The training loop: Diffusion-DPO, Inversion-DPO and InPO fine-tuning of a Stable Diffusion 1.x/2.x or XL pipeline.
 
 `train(config, callbacks)` is what the CLI and the worker call. One run:
 1. load the base pipeline (local dir, hub id or s3:// prefix, see storage.resolve_model); VAE and text encoders
@@ -33,7 +33,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,11 @@ from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_pr
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
+    inpo_points,
     inversion_dpo_points,
     points_loss,
     timestep_weights,
+    with_reference_errors,
 )
 from invdpo_core.storage import resolve_model
 
@@ -439,6 +441,18 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
             z_w, z_l = latents(batch)
             with reference() as ref, accelerator.autocast():
                 points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=generator)
+        elif config.method == "inpo":
+            # InPO: both images inverted every step by the current policy (or the reference), nothing cached; the
+            # reference errors after, since with LoRA the reference is the policy with its adapters off.
+            z_w, z_l = latents(batch)
+            inverter = reference() if config.inpo_inverter == "reference" else nullcontext(base)
+            with inverter as unet_inverting, accelerator.autocast():
+                points = inpo_points(
+                    unet_inverting, noise_scheduler, z_w, z_l, cond, inversion_steps=config.inpo_inversion_steps,
+                    eta=config.inpo_eta, generator=generator,
+                )  # fmt: skip
+            with reference() as ref, accelerator.autocast():
+                points = with_reference_errors(ref, points)
         else:
             pairs = inverted(batch, caps)
             if config.timesteps_per_step == 0:

@@ -1,6 +1,6 @@
 """`invdpo jobs ...` and `invdpo models promote`: the job API from the command line.
 
-    invdpo jobs create --model M --training-file F [--method inversion_dpo] [--set beta=2000 ...] [--follow]
+    invdpo jobs create --model M --training-file F [--method inpo] [--set beta=2000 ...] [--follow]
     invdpo jobs list [--status S] [--limit N] [--after ID]
     invdpo jobs get ID | cancel ID | checkpoints ID
     invdpo jobs events ID [--follow]
@@ -20,12 +20,12 @@ import os
 import sys
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 
 from invdpo_core.cli import CLIError
-from invdpo_core.config import ConfigError, apply_overrides
+from invdpo_core.config import ConfigError, Method, apply_overrides
 from services.api.security import mask_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -398,7 +398,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="base diffusers pipeline: a hub id, a directory or an s3:// prefix")
     p.add_argument("--training-file", required=True, help="preference pairs: parquet file/prefix or JSONL manifest")
     p.add_argument("--validation-file", default=None, help="held-out preference pairs")
-    p.add_argument("--method", choices=["inversion_dpo", "diffusion_dpo"], default="inversion_dpo")
+    p.add_argument("--method", choices=get_args(Method), default="inversion_dpo")
     p.add_argument(
         "--set",
         action="append",

@@ -6,10 +6,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from invdpo_core.config import Method as TrainingMethod
 from services.api.security import has_credentials
 
 JobStatus = Literal["validating_files", "queued", "running", "cancel_requested", "cancelled", "succeeded", "failed"]
-MethodType = Literal["inversion_dpo", "diffusion_dpo"]
+MethodType = TrainingMethod  # the trainer's own list (invdpo_core/config.py)
 
 # No NUL characters anywhere: PostgreSQL text and JSONB cannot store them.
 _NO_NUL = r"^[^\x00]*$"
@@ -46,7 +47,7 @@ class ErrorDetail(BaseModel):
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: MethodType = Field(description="inversion_dpo or diffusion_dpo.")
+    type: MethodType = Field(description="inversion_dpo, diffusion_dpo or inpo (docs/method.md).")
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
         description="Any TrainingConfig field except base_model, dataset, validation_dataset, method, seed and "
