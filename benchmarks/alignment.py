@@ -10,7 +10,7 @@ fixed seeds every few steps.
 
     python benchmarks/alignment.py            # full study (about 30-40 min on 2 cores)
     python benchmarks/alignment.py --quick    # the main table only (under 15 min on 2 cores)
-    python benchmarks/alignment.py --plan fixes --only inpo   # only the variations whose name contains "inpo"
+    python benchmarks/alignment.py --quick --runs inpo,"inpo swap"   # some runs only (parts can run in parallel)
 
 Writes benchmarks/results/alignment.json and alignment.png.
 """
@@ -410,7 +410,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--only", default=None, help="run only the runs whose name contains this (e.g. inpo)")
+    ap.add_argument("--runs", default=None, help="comma-separated run names: only these (e.g. 'inpo,inpo swap')")
     args = ap.parse_args()
     # Tiny tensors: one thread is as fast, and far faster when other processes share the two cores.
     torch.set_num_threads(1)
@@ -463,14 +463,20 @@ def main() -> int:
         plan += [("base", run) for run in main_runs]
     if part in ("all", "fixes"):
         plan += [("data", run) for run in investigations]
-    if args.only:
-        plan = [(src, run) for src, run in plan if args.only in run.name]
+    if args.runs:
+        wanted = args.runs.split(",")
+        unknown = set(wanted) - {run.name for run in main_runs + investigations}
+        if unknown:
+            ap.error(f"--runs: unknown run names {sorted(unknown)}")
+        plan = [(src, run) for src, run in plan if run.name in wanted]
     pair_sets = {src: make_pairs(world, src, args.pairs) for src in {src for src, _ in plan}}
     cache: dict = {}
     results: list[Result] = []
     eval_every = max(args.steps // 5, 1)
     main_names = {run.name for run in main_runs}
-    stem = ("alignment" if part == "all" else f"alignment_{part}") + (f"_{args.only}" if args.only else "")
+    stem = "alignment" if part == "all" else f"alignment_{part}"
+    if args.runs:
+        stem += "_" + "_".join(name.replace(" ", "-").replace("/", "") for name in args.runs.split(","))
     for src, run in plan:
         for seed in range(args.seeds if run.name in main_names else args.fix_seeds):
             t0 = time.time()
@@ -508,7 +514,7 @@ def main() -> int:
             steps_mean = "-" if v["steps_mean"] is None else f"{v['steps_mean']:.0f}"
             wall_mean = "-" if v["wall_mean"] is None else f"{v['wall_mean']:.1f}"
             print(f"  {name:48s} reached {v['reached']}  steps {steps_mean:>4s}  wall s {wall_mean:>6s}")
-    diagnostics = diagnose(world, pair_sets) if part != "fixes" else []
+    diagnostics = diagnose(world, pair_sets) if part != "fixes" and not args.runs else []
     print("\nreference errors at the cached points (Lr_w - Lr_l), 20 inversion steps:")
     for d in diagnostics:
         print(

@@ -20,7 +20,10 @@ Two units:
 - CPU seconds (time.process_time, this process), timed interleaved on shared cores (benchmarks/timing.py); the mean
   per call, since totals add means.
 
-    .venv/bin/python benchmarks/total_compute.py [--study benchmarks/results/alignment_main.json] [--reps 20]
+    .venv/bin/python benchmarks/total_compute.py [--study RESULTS.json ...] [--reps 20]
+
+--study takes one or more outputs of alignment.py (parts run separately, e.g. `--runs inpo`); the threshold is the
+first one's, and a run found in several files is taken from the last.
 
 Writes benchmarks/results/total_compute.json.
 """
@@ -93,13 +96,35 @@ def expected_inpo_inversion_steps(scheduler_config, n: int) -> float:  # type: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", type=Path, default=RESULTS / "alignment_main.json", help="alignment.py's output")
+    ap.add_argument(
+        "--study", type=Path, nargs="+", default=[RESULTS / "alignment_main.json"], help="alignment.py outputs"
+    )
     ap.add_argument("--reps", type=int, default=20, help="interleaved rounds")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "total_compute.json")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the study runs
-    study = json.loads(args.study.read_text())
+    studies = [json.loads(path.read_text()) for path in args.study]
+    threshold = studies[0].get("reach_threshold")
+    if threshold is None:
+        raise SystemExit(f"{args.study[0]} has no reach threshold: run benchmarks/alignment.py --quick first")
+    # Steps to the threshold per run on the data pairs, from each seed's reward curve; later files override.
+    curves: dict[str, list[dict]] = {}
+    for path, study in zip(args.study, studies, strict=True):
+        by_run: dict[str, list[dict]] = {}
+        for r in study["runs"]:
+            if r["pairs"] == "data":
+                by_run.setdefault(r["run"], []).append(r | {"file": path.name})
+        curves.update(by_run)
+    reach = {}
+    for run, seeds in curves.items():
+        hits = [next((s for s, v in zip(r["steps"], r["reward"], strict=True) if v >= threshold), None) for r in seeds]
+        reached = [h for h in hits if h is not None]
+        reach[run] = {
+            "reached": f"{len(reached)}/{len(seeds)}",
+            "steps_mean": statistics.mean(reached) if reached else None,
+            "file": seeds[0]["file"],
+        }
     load_start = load()
     print(load_start)
 
@@ -178,23 +203,20 @@ def main() -> None:
     print(f"  InPO: E[inversion steps per image] = {m:.2f} of {n_inpo}; expected {inpo_expected:.1f} UNet eq per step")
 
     # --- totals to the study's threshold -----------------------------------------------------------------------
-    threshold, reach = study.get("reach_threshold"), study.get("reach", {})
-    if threshold is None:
-        raise SystemExit(f"{args.study} has no reach threshold: run benchmarks/alignment.py --quick first")
     print(
-        f"\nto reach reward {threshold:+.3f} (half of diffusion_dpo's gain; {args.study.name}, evaluated every 40 "
-        f"steps), {b} pairs per step; totals at {', '.join(map(str, VISITS))} visits per pair"
+        f"\nto reach reward {threshold:+.3f} (half of diffusion_dpo's gain in {args.study[0].name}; rewards evaluated "
+        f"every 40 steps), {b} pairs per step; totals at {', '.join(map(str, VISITS))} visits per pair"
     )
     header = " ".join(f"{'V=' + str(v):>16s}" for v in VISITS)
     print(f"{'run':22s} {'reached':>7s} {'steps':>5s}   UNet eq (x diffusion_dpo)      {header}")
     rows = {}
     dpo = None
     for run, (step_name, cache_name) in STUDY_RUNS.items():
-        r = reach.get(f"data/{run}")
+        r = reach.get(run)
         if r is None:
             continue
         if r["steps_mean"] is None:
-            rows[run] = {"reached": r["reached"], "steps": None}
+            rows[run] = {"reached": r["reached"], "steps": None, "from": r["file"]}
             continue
         s = r["steps_mean"]
         totals = {}
@@ -208,10 +230,17 @@ def main() -> None:
             totals[v] = {"unet_equivalents": eq, "cpu_s": cpu_s}
         if run == "diffusion_dpo":
             dpo = totals
-        rows[run] = {"reached": r["reached"], "steps": s, "step": step_name, "cache": cache_name, "totals": totals}
+        rows[run] = {
+            "reached": r["reached"],
+            "steps": s,
+            "from": r["file"],
+            "step": step_name,
+            "cache": cache_name,
+            "totals": totals,
+        }
     for run, row in rows.items():
         if row["steps"] is None:
-            print(f"{run:22s} {row['reached']:>7s} {'-':>5s}   never reached in the study's 200 steps")
+            print(f"{run:22s} {row['reached']:>7s} {'-':>5s}   never reached in the study's 200 steps ({row['from']})")
             continue
         for unit, fmt in (("unet_equivalents", "{:9.0f}"), ("cpu_s", "{:9.2f}")):
             cells = []
@@ -222,13 +251,14 @@ def main() -> None:
                 cells.append(f"{fmt.format(value)} ({ratio:4.2f}x)")
             label = "UNet eq" if unit == "unet_equivalents" else "CPU s"
             first = f"{run:22s} {row['reached']:>7s} {row['steps']:5.0f}" if unit == "unet_equivalents" else " " * 36
-            print(f"{first}   {label:8s} {' '.join(f'{c:>16s}' for c in cells)}")
+            source = f"  ({row['from']})" if unit == "unet_equivalents" else ""
+            print(f"{first}   {label:8s} {' '.join(f'{c:>16s}' for c in cells)}{source}")
     print(f"{elapsed:.0f} s of timed rounds; {load_end}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "total_compute",
-        "study": str(args.study.name),
+        "study": [path.name for path in args.study],
         "threshold": threshold,
         "load_start": load_start,
         "load_end": load_end,
