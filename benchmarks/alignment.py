@@ -448,7 +448,7 @@ def main() -> int:
         Run("x0 1/(2abar) weight", "inversion_dpo", "x0", weighting="inverse_alpha"),
         Run("step 1/(2abar) weight", "inversion_dpo", "step", weighting="inverse_alpha"),
         # What in InPO matters: who inverts, the random term, the grid.
-        Run("inpo, the frozen base inverts", "inpo", inversion_steps=10, inverter="reference"),
+        Run("inpo with the frozen base inverting", "inpo", inversion_steps=10, inverter="reference"),
         Run("inpo eta 0", "inpo", inversion_steps=10, eta=0.0),
         Run("inpo N=20", "inpo", inversion_steps=20),
         # All-N (timesteps_per_step 0) is not in the study: 20x the K=1 cost per step on these CPUs; its gradient is
