@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
-Method = Literal["inversion_dpo", "diffusion_dpo"]
+Method = Literal["inversion_dpo", "diffusion_dpo", "inpo"]
 InversionTarget = Literal["paired", "x0", "step", "reference"]
 LossType = Literal["sigmoid", "hinge", "ipo"]
 # Statuses a job moves through (services/jobs/jobstore.py), here so the CLI client needs no database library.
@@ -96,7 +96,8 @@ class TrainingConfig(_Strict):
     # --- the method ---
     method: Method = Field(
         "inversion_dpo",
-        description="inversion_dpo (DDIM-inverted points) or diffusion_dpo.",
+        description="inversion_dpo (cached DDIM-inverted points), diffusion_dpo, or inpo (InPO: on-policy partial "
+        "stochastic inversion every step; docs/method.md section 'InPO').",
         json_schema_extra=role("reserved", set_by="set it with `method.type`"),
     )
     inversion_target: InversionTarget = Field(
@@ -128,6 +129,25 @@ class TrainingConfig(_Strict):
     )
     empty_prompt_share: float = Field(
         0.2, ge=0, le=1, description="Share of captions replaced by ''.", json_schema_extra=role("cache_key")
+    )
+    # InPO (method: inpo). Defaults: the released scripts (examples/sd15.sh, sdxl.sh and train.py of JaydenLyh/InPO).
+    # A step costs about N + 4 UNet forwards per pair plus 2 backwards (docs/method.md, 'InPO').
+    inpo_inversion_steps: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="InPO: steps N of the inverse DDIM grid; each image is inverted through the grid steps below "
+        "its pair's sampled timestep (N/2 of them on average).",
+    )
+    inpo_eta: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="InPO: random term added after each inversion step, in units of the DDIM step's standard "
+        "deviation; 0 makes the inversion deterministic.",
+    )
+    inpo_inverter: Literal["policy", "reference"] = Field(
+        "policy", description="InPO: which UNet inverts the images every step, the current policy or the reference."
     )
     tie_policy: Literal["drop", "keep"] = Field("drop", description="Pick-a-Pic ties (label 0.5): drop or keep.")
 

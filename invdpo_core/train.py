@@ -1,4 +1,4 @@
-"""The training loop: Diffusion-DPO and Inversion-DPO fine-tuning of a Stable Diffusion 1.x/2.x or XL pipeline.
+"""The training loop: Diffusion-DPO, Inversion-DPO and InPO fine-tuning of a Stable Diffusion 1.x/2.x or XL pipeline.
 
 `train(config, callbacks)` is what the CLI and the worker call. One run:
 1. load the base pipeline (pipeline.load_pipeline: local dir, hub id or s3:// prefix); VAE and text encoders
@@ -33,7 +33,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -60,45 +60,20 @@ from PIL import Image
 from transformers.optimization import Adafactor
 
 from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from invdpo_core.config import TrainingConfig
+from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, TrainingConfig
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
 from invdpo_core.inversion_cache import InversionCache, entry_bytes
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
+    inpo_points,
     inversion_dpo_points,
     points_loss,
     timestep_weights,
+    with_reference_errors,
 )
 from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, one_line
-
-# Settings a resumed run may change: how long, how often, where. Any other difference from the checkpoint's config
-# is an error, or the resumed run would not continue the run that wrote it.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "max_steps",
-        "checkpoint_interval",
-        "checkpoints_to_keep",
-        "validation_prompts",
-        "validation_interval",
-        "validation_inference_steps",
-        "output_dir",
-        "resume",
-        "inversion_cache",
-    }
-)
-# Settings an inversion cache entry depends on; the disk cache directory is named by their hash.
-CACHE_KEYS = (
-    "base_model",
-    "resolution",
-    "inversion_target",
-    "inversion_steps",
-    "inversion_guidance",
-    "empty_prompt_share",
-    "seed",
-    "mixed_precision",
-)
 
 
 class TrainError(RuntimeError):
@@ -144,8 +119,8 @@ def _hash(data: dict[str, Any]) -> str:
 
 
 def _fixed_settings(config: TrainingConfig) -> dict[str, Any]:
-    """The settings a checkpoint is bound to: all but RESUMABLE_CHANGES."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+    """The settings a checkpoint is bound to: all but the resumable ones (config.py's field roles)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
 
 
 def _pair_uniform(seed: int, key: str) -> float:
@@ -559,7 +534,7 @@ def train(
     point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)  # (N,)
 
     config_json = config.model_dump(mode="json")
-    cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEYS})
+    cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEY_FIELDS})
     invert = partial(invert_pairs, pipe, reference, config, accelerator)
     cache = InversionCache(config.inversion_cache, cache_dir, invert, device=device, rank=rank)
     cache_build_s = 0.0
@@ -612,6 +587,19 @@ def train(
                         z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
                         with reference.use() as ref, accelerator.autocast():
                             points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=generator)
+                    elif config.method == "inpo":
+                        # InPO: both images inverted every step by the current policy (or the reference), nothing
+                        # cached; the reference errors after, since with LoRA the reference is the policy with its
+                        # adapters off.
+                        z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
+                        inverter = reference.use() if config.inpo_inverter == "reference" else nullcontext(policy)
+                        with inverter as unet_inverting, accelerator.autocast():
+                            points = inpo_points(
+                                unet_inverting, noise_scheduler, z_w, z_l, cond,
+                                inversion_steps=config.inpo_inversion_steps, eta=config.inpo_eta, generator=generator,
+                            )  # fmt: skip
+                        with reference.use() as ref, accelerator.autocast():
+                            points = with_reference_errors(ref, points)
                     else:
                         points = inversion_dpo_points(
                             cache.batch(batch, caps), cond, k=config.timesteps_per_step, weights=point_weights,

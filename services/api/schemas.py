@@ -74,7 +74,7 @@ else:
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: MethodType = Field(description="inversion_dpo or diffusion_dpo.")
+    type: MethodType = Field(description="inversion_dpo, diffusion_dpo or inpo (docs/method.md).")
     hyperparameters: Hyperparameters = Field(
         default_factory=Hyperparameters, description="Training settings; unknown keys are rejected."
     )
