@@ -25,7 +25,7 @@ Two units:
 --costs takes the per-call costs from an earlier output of this script instead of timing again (the costs do not
 depend on the study; the study can then be re-read when more of it has run).
 --study takes one or more outputs of alignment.py (parts run separately, e.g. `--runs inpo`); the threshold is the
-first one's, and a run found in several files is taken from the last.
+first one's; the seeds of a run are gathered over the files (a seed found in several files is taken from the last).
 
 Writes benchmarks/results/total_compute.json.
 """
@@ -112,13 +112,14 @@ def main() -> None:
     if threshold is None:
         raise SystemExit(f"{args.study[0]} has no reach threshold: run benchmarks/alignment.py --quick first")
     # Steps to the threshold per run on the data pairs, from each seed's reward curve; later files override.
-    curves: dict[str, list[dict]] = {}
+    by_seed: dict[tuple[str, int], dict] = {}
     for path, study in zip(args.study, studies, strict=True):
-        by_run: dict[str, list[dict]] = {}
         for r in study["runs"]:
             if r["pairs"] == "data":
-                by_run.setdefault(r["run"], []).append(r | {"file": path.name})
-        curves.update(by_run)
+                by_seed[(r["run"], r["seed"])] = r | {"file": path.name}
+    curves: dict[str, list[dict]] = {}
+    for (run, _), r in sorted(by_seed.items()):
+        curves.setdefault(run, []).append(r)
     reach = {}
     for run, seeds in curves.items():
         hits = [next((s for s, v in zip(r["steps"], r["reward"], strict=True) if v >= threshold), None) for r in seeds]
