@@ -406,6 +406,7 @@ def main() -> int:
     )
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per run (the fixes part uses --fix-seeds)")
     ap.add_argument("--fix-seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ... (for parts)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--pretrain-steps", type=int, default=None)
@@ -477,8 +478,11 @@ def main() -> int:
     stem = "alignment" if part == "all" else f"alignment_{part}"
     if args.runs:
         stem += "_" + "_".join(name.replace(" ", "-").replace("/", "") for name in args.runs.split(","))
+    if args.first_seed:
+        stem += f"_from_seed{args.first_seed}"
     for src, run in plan:
-        for seed in range(args.seeds if run.name in main_names else args.fix_seeds):
+        n_seeds = args.seeds if run.name in main_names else args.fix_seeds
+        for seed in range(args.first_seed, args.first_seed + n_seeds):
             t0 = time.time()
             res = train_run(world, pair_sets[src], run, seed, args.steps, eval_every, cache, base_rewards)
             results.append(res)

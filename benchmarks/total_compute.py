@@ -22,8 +22,10 @@ Two units:
 
     .venv/bin/python benchmarks/total_compute.py [--study RESULTS.json ...] [--reps 20]
 
+--costs takes the per-call costs from an earlier output of this script instead of timing again (the costs do not
+depend on the study; the study can then be re-read when more of it has run).
 --study takes one or more outputs of alignment.py (parts run separately, e.g. `--runs inpo`); the threshold is the
-first one's, and a run found in several files is taken from the last.
+first one's; the seeds of a run are gathered over the files (a seed found in several files is taken from the last).
 
 Writes benchmarks/results/total_compute.json.
 """
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="interleaved rounds")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "total_compute.json")
+    ap.add_argument("--costs", type=Path, default=None, help="reuse per_call from an earlier output; no timing")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the study runs
     studies = [json.loads(path.read_text()) for path in args.study]
@@ -109,13 +112,14 @@ def main() -> None:
     if threshold is None:
         raise SystemExit(f"{args.study[0]} has no reach threshold: run benchmarks/alignment.py --quick first")
     # Steps to the threshold per run on the data pairs, from each seed's reward curve; later files override.
-    curves: dict[str, list[dict]] = {}
+    by_seed: dict[tuple[str, int], dict] = {}
     for path, study in zip(args.study, studies, strict=True):
-        by_run: dict[str, list[dict]] = {}
         for r in study["runs"]:
             if r["pairs"] == "data":
-                by_run.setdefault(r["run"], []).append(r | {"file": path.name})
-        curves.update(by_run)
+                by_seed[(r["run"], r["seed"])] = r | {"file": path.name}
+    curves: dict[str, list[dict]] = {}
+    for (run, _), r in sorted(by_seed.items()):
+        curves.setdefault(run, []).append(r)
     reach = {}
     for run, seeds in curves.items():
         hits = [next((s for s, v in zip(r["steps"], r["reward"], strict=True) if v >= threshold), None) for r in seeds]
@@ -182,21 +186,25 @@ def main() -> None:
         return run
 
     elapsed = time.perf_counter()
-    _, cpu = interleaved({name: counted(name, fn) for name, fn in fns.items()}, args.reps, args.warmup)
+    if args.costs is None:
+        _, cpu = interleaved({name: counted(name, fn) for name, fn in fns.items()}, args.reps, args.warmup)
+        per_call = {}
+        for name in fns:
+            per = b if name.startswith("cache") else 1  # caches reported per pair, steps per step of 8 pairs
+            per_call[name] = {
+                "unit": "pair" if per == b else f"step of {b} pairs",
+                "unet_equivalents": statistics.mean(counts[name][args.warmup :]) / per,
+                "cpu_s": statistics.mean(cpu[name]) / per,
+            }
+    else:
+        earlier = json.loads(args.costs.read_text())
+        per_call, load_start = earlier["per_call"], earlier["load_start"]
+        print(f"per-call costs from {args.costs} (measured under {load_start})")
     elapsed = time.perf_counter() - elapsed
     load_end = load()
-
-    per_call = {}
-    for name in fns:
-        per = b if name.startswith("cache") else 1  # caches reported per pair, steps per step of 8 pairs
-        per_call[name] = {
-            "unit": "pair" if per == b else f"step of {b} pairs",
-            "unet_equivalents": statistics.mean(counts[name][args.warmup :]) / per,
-            "cpu_s": statistics.mean(cpu[name]) / per,
-        }
     m = expected_inpo_inversion_steps(scheduler.config, n_inpo)
     inpo_expected = b * (2 * m + 2 + 2 * 3)  # inversion (no grad) + reference + policy with grad, per step
-    print(f"\nper call (mean of {args.reps} interleaved rounds; UNet-forward equivalents: no-grad row 1, grad row 3):")
+    print("\nper call (mean of the interleaved rounds; UNet-forward equivalents: no-grad row 1, grad row 3):")
     for name, c in per_call.items():
         print(f"  {name:28s} {c['unet_equivalents']:8.1f} UNet eq  {c['cpu_s']:.4f} CPU s  per {c['unit']}")
     inpo_measured = per_call["inpo step (N=10, eta 0.1)"]["unet_equivalents"]
