@@ -165,9 +165,14 @@ def test_create_sends_every_option(create: Callable[..., dict], api: dict[str, A
     assert job["metadata"] == {"team": "vision", "ticket": "A-1=2"}
 
 
-def test_idempotency_key_returns_the_same_job(create: Callable[..., dict]) -> None:
+def test_idempotency_key_returns_the_same_job(
+    create: Callable[..., dict], files: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     first = create("--idempotency-key", "retry-1")
     assert create("--idempotency-key", "retry-1")["id"] == first["id"]
+    argv = ["jobs", "create", "--model", files["model"], "--training-file", files["training_file"]]
+    code, out, _ = run(capsys, *argv, "--set", "max_steps=4", "--idempotency-key", "retry-1")
+    assert code == 0 and out.startswith(f"replayed {first['id']} (")  # not "created": no new job was made
 
 
 def test_list_and_get(create: Callable[..., dict], api: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,7 +188,11 @@ def test_list_and_get(create: Callable[..., dict], api: dict[str, Any], capsys: 
 
     code, out, err = run(capsys, "jobs", "list", "--limit", "1")
     assert code == 0 and len(out.splitlines()) == 2  # header and one job
-    assert "invdpo jobs list --after ftjob-" in err  # more jobs exist: how to get them
+    assert "invdpo jobs list --limit 1 --after ftjob-" in err  # more jobs exist: how to get them
+    create()
+    wait_for_status(api, job["id"], "queued")
+    code, out, err = run(capsys, "jobs", "list", "--status", "queued", "--limit", "1")
+    assert code == 0 and "invdpo jobs list --status queued --limit 1 --after ftjob-" in err  # the filter is kept
 
     code, out, _ = run(capsys, "jobs", "get", job["id"], "--json")
     assert code == 0 and json.loads(out)["status"] == "queued"
@@ -244,6 +253,11 @@ def test_events_follow_ends_with_the_job(
     assert "4/4" in err and "implicit_acc=1" in err  # the progress bar (tqdm writes to stderr)
     if outcome == "failed":
         assert out.splitlines()[-1] == f"{job['id']} failed: out_of_memory: CUDA out of memory"
+    # Following the finished job again replays its messages without a progress bar (no rate, no "running").
+    code, out, err = run(capsys, "jobs", "events", job["id"], "--follow")
+    assert code == exit_code and "Training started on worker test-worker" in out
+    assert out.splitlines()[-1].startswith(f"{job['id']} {outcome}")
+    assert "step/s" not in err and "running" not in err
 
 
 def test_create_follow_json_lines(
@@ -277,7 +291,9 @@ def test_missing_key_is_one_line(
 ) -> None:
     monkeypatch.delenv("INVDPO_API_KEY")
     code, out, err = run(capsys, "jobs", "list")
-    assert (code, out, err) == (2, "", "error: 401 missing or invalid API key\n")
+    assert (code, out) == (2, "")
+    hint = "(no API key: set INVDPO_API_KEY, e.g. from `invdpo-admin create-key`)"
+    assert err == f"error: 401 missing or invalid API key {hint}\n"
 
 
 def test_unknown_job_is_a_404(api: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
