@@ -198,7 +198,8 @@ def _print_job(job: dict[str, Any]) -> None:
 
 
 def evaluation_line(evaluation: dict[str, Any]) -> str:
-    """`implicit_acc 0.62 [0.25, 0.88], win_rate/toy 1 [1, 1], ...`: each metric with its interval when it has one."""
+    """`implicit_acc 0.62 [0.25, 0.88] n=16, win_rate/toy 1 [1, 1] n=2, ...`: each metric with its interval and sample
+    size when it has them."""
     if evaluation.get("error"):
         return f"failed: {evaluation['error']}"
     metrics: dict[str, float] = evaluation.get("metrics") or {}
@@ -210,10 +211,12 @@ def evaluation_line(evaluation: dict[str, Any]) -> str:
 
     parts = []
     for name, value in metrics.items():
-        if "_lower" in name or "_upper" in name:
+        if any(part in name for part in ("_lower", "_upper", "_n/")) or name.endswith("_n"):
             continue
-        lower, upper = metrics.get(bound(name, "lower")), metrics.get(bound(name, "upper"))
+        lower, upper, n = (metrics.get(bound(name, which)) for which in ("lower", "upper", "n"))
         interval = f" [{lower:.3g}, {upper:.3g}]" if lower is not None and upper is not None else ""
+        if interval and n is not None:
+            interval += f" n={n:g}"  # two prompts give [1, 1] too: the size says how much the interval means
         parts.append(f"{name.removeprefix('eval/')} {value:.3g}{interval}")
     return ", ".join(parts) or "no metrics"
 

@@ -138,6 +138,7 @@ def act_as_worker(api: dict[str, Any], job_id: str, outcome: str, *, pause: floa
         if outcome == "succeeded":
             metrics = {"eval/implicit_acc": 0.75, "eval/implicit_acc_lower": 0.5, "eval/implicit_acc_upper": 1.0}
             metrics |= {"eval/win_rate/toy": 1.0, "eval/win_rate_lower/toy": 1.0, "eval/win_rate_upper/toy": 1.0}
+            metrics |= {"eval/implicit_acc_n": 16, "eval/win_rate_n/toy": 2}
             jobstore.set_evaluation(session, job_id, {"metrics": metrics, "not_run": {}, "grid": None})
             jobstore.finish_job(session, job_id, "succeeded", fine_tuned_model="models:/toy/1")
         elif outcome == "failed":
@@ -226,7 +227,7 @@ def test_events_and_checkpoints(
 
     code, out, _ = run(capsys, "jobs", "get", job["id"])
     assert "fine_tuned_model: models:/toy/1\n" in out
-    assert "evaluation:       implicit_acc 0.75 [0.5, 1], win_rate/toy 1 [1, 1]\n" in out
+    assert "evaluation:       implicit_acc 0.75 [0.5, 1] n=16, win_rate/toy 1 [1, 1] n=2\n" in out
 
     code, out, _ = run(capsys, "jobs", "checkpoints", job["id"])
     assert (code, out) == (0, f"step       4  file:///tmp/{job['id']}/checkpoint-4  loss=0.29\n")
