@@ -7,6 +7,7 @@ once; the API's request schema, the worker, the tracking and the resume check de
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -279,11 +280,26 @@ CACHE_KEY_FIELDS = fields_with("cache_key")
 LOCAL_FIELDS = frozenset(fields_with("local"))
 
 
+def did_you_mean(loc: Sequence[str | int]) -> str | None:
+    """For an unknown TrainingConfig key at `loc` (e.g. ("adapter", "rnak")): the closest real field, if any."""
+    model: type[BaseModel] = TrainingConfig
+    for part in loc[:-1]:  # walk down the nested sections (adapter, ...)
+        info = model.model_fields.get(str(part))
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return None
+        model = info.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:
     out = []
     for e in exc.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
-        out.append({"field": field, "message": e["msg"], "value": e.get("input")})
+        message = e["msg"]
+        if e["type"] == "extra_forbidden" and (guess := did_you_mean(e["loc"])):
+            message += f" (did you mean {guess!r}?)"
+        out.append({"field": field, "message": message, "value": e.get("input")})
     return out
 
 

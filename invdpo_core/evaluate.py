@@ -49,7 +49,9 @@ from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipelin
 from invdpo_core.toy import toy_image_reward
 
 # External scorers, each run only when given a local path. `toy` is built in and always runs.
-SCORERS = ("pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic", "clip_score")
+# Scorers with a loader here (CLIP-format weights from a local path). ImageReward (a BLIP model) has none yet, so it is
+# not offered rather than listed as "not run".
+SCORERS = ("pickscore", "hpsv2", "hpsv2.1", "aesthetic", "clip_score")
 CLIP_SCORERS = ("pickscore", "hpsv2", "hpsv2.1", "clip_score", "aesthetic")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what train.py (diffusers' save_lora_weights) writes
 DEFAULT_PROMPTS = (
@@ -120,8 +122,10 @@ class Evaluation:
         pm = self.pair_metrics
         for name, iv in (("implicit_acc", pm.implicit_acc), ("reward_margin", pm.reward_margin)) if pm else ():
             out[f"eval/{name}"], out[f"eval/{name}_lower"], out[f"eval/{name}_upper"] = iv.mean, iv.lower, iv.upper
+            out[f"eval/{name}_n"] = self.pair_metrics.pairs if self.pair_metrics else 0  # the interval's sample size
         for scorer, m in self.scorers.items():
             out[f"eval/win_rate/{scorer}"] = m.win_rate.mean
+            out[f"eval/win_rate_n/{scorer}"] = m.wins + m.ties + m.losses
             out[f"eval/win_rate_lower/{scorer}"] = m.win_rate.lower
             out[f"eval/win_rate_upper/{scorer}"] = m.win_rate.upper
             out[f"eval/score_base/{scorer}"] = m.base_mean
@@ -149,8 +153,6 @@ def check_scorers(scorers: Mapping[str, str]) -> None:
     for name, path in scorers.items():
         if name == "toy":
             raise EvaluationError("scorer toy: built in and always run; it takes no path")
-        if name == "imagereward":
-            raise EvaluationError("scorer imagereward: no loader (a BLIP model; CLIP-format scorers only)")
         if name not in CLIP_SCORERS:
             raise EvaluationError(f"unknown scorer {name!r}; valid: {', '.join(CLIP_SCORERS)}")
         directory = Path(path)
@@ -397,15 +399,25 @@ def compare(
     )
 
 
+GRID_LABEL_WIDTH = 72  # pixels of the left margin that names each row
+
+
 def image_grid(top: Sequence[Image.Image], bottom: Sequence[Image.Image]) -> Image.Image:
-    """Two rows of same-size images: (len * W, 2 * H)."""
+    """Two rows of same-size images behind a labelled margin: (72 + len * W, 2 * H); top "base", bottom
+    "fine-tuned", so the picture says which row is which without the docs."""
+    from PIL import ImageDraw
+
     assert len(top) == len(bottom) > 0, f"rows of {len(top)} and {len(bottom)} images"
     w, h = top[0].size
-    grid = Image.new("RGB", (len(top) * w, 2 * h))
+    m = GRID_LABEL_WIDTH
+    grid = Image.new("RGB", (m + len(top) * w, 2 * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, label in enumerate(("base", "fine-tuned")):
+        draw.text((4, row * h + h // 2 - 5), label, fill="black")  # PIL's built-in bitmap font: no font file
     for col, (a, b) in enumerate(zip(top, bottom, strict=True)):
         assert a.size == b.size == (w, h), f"image {col}: sizes {a.size} and {b.size}, expected {(w, h)}"
-        grid.paste(a.convert("RGB"), (col * w, 0))
-        grid.paste(b.convert("RGB"), (col * w, h))
+        grid.paste(a.convert("RGB"), (m + col * w, 0))
+        grid.paste(b.convert("RGB"), (m + col * w, h))
     return grid
 
 
@@ -489,8 +501,6 @@ def evaluate(
         del score
         gc.collect()
     not_run = {name: "no local path given" for name in SCORERS if name not in scorers}
-    if "imagereward" in not_run:
-        not_run["imagereward"] = "no local path given (and no loader: a BLIP model)"
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, get_args
 
 from invdpo_core.cli import CLIError
-from invdpo_core.config import STATUSES, ConfigError, Method, apply_overrides
+from invdpo_core.config import STATUSES, TERMINAL_STATUSES, ConfigError, Method, apply_overrides
 from services.jobs.logs import mask_secrets
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class Api:
         url = (url or os.environ.get("INVDPO_API_URL") or DEFAULT_URL).rstrip("/")
         key = key if key is not None else os.environ.get("INVDPO_API_KEY")
         self.url = mask_secrets(url)
+        self.has_key = bool(key)
         try:
             import httpx  # imported here, not for `invdpo --help`: it is most of the CLI's start-up time
         except ModuleNotFoundError:
@@ -90,6 +91,12 @@ class Api:
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
+    def _error(self, response: httpx.Response) -> str:
+        line = _error_line(response)
+        if response.status_code == 401 and not self.has_key:
+            line += " (no API key: set INVDPO_API_KEY, e.g. from `invdpo-admin create-key`)"
+        return line
+
     def _unreachable(self, exc: Exception) -> CLIError:
         return CLIError(
             mask_secrets(f"cannot reach the API at {self.url}: {_one_line(str(exc)) or type(exc).__name__}")
@@ -97,6 +104,10 @@ class Api:
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """The decoded JSON answer of one request."""
+        return self.call_with_headers(method, path, None, **kwargs)[0]
+
+    def call_with_headers(self, method: str, path: str, header: str | None, **kwargs: Any) -> tuple[Any, str | None]:
+        """The decoded JSON answer of one request and the value of one response header (None if absent)."""
         import httpx  # loaded by __init__
 
         try:
@@ -104,9 +115,9 @@ class Api:
         except (httpx.TransportError, httpx.InvalidURL) as exc:
             raise self._unreachable(exc) from None
         if response.is_error:
-            raise CLIError(_error_line(response))
+            raise CLIError(self._error(response))
         try:
-            return response.json()
+            return response.json(), (response.headers.get(header) if header else None)
         except ValueError:
             raise CLIError(
                 f"{self.url} answered {path} with something other than JSON: is it the invdpo API?"
@@ -123,7 +134,7 @@ class Api:
             with self.http.stream("GET", f"{JOBS}/{job_id}/events/stream", headers=headers, timeout=timeout) as r:
                 if r.is_error:
                     r.read()
-                    raise CLIError(_error_line(r))
+                    raise CLIError(self._error(r))
                 event, event_id = "message", None
                 data: list[str] = []
                 for line in r.iter_lines():  # the SSE wire format: field lines, a blank line ends an event
@@ -187,7 +198,8 @@ def _print_job(job: dict[str, Any]) -> None:
 
 
 def evaluation_line(evaluation: dict[str, Any]) -> str:
-    """`implicit_acc 0.62 [0.25, 0.88], win_rate/toy 1 [1, 1], ...`: each metric with its interval when it has one."""
+    """`implicit_acc 0.62 [0.25, 0.88] n=16, win_rate/toy 1 [1, 1] n=2, ...`: each metric with its interval and sample
+    size when it has them."""
     if evaluation.get("error"):
         return f"failed: {evaluation['error']}"
     metrics: dict[str, float] = evaluation.get("metrics") or {}
@@ -199,10 +211,12 @@ def evaluation_line(evaluation: dict[str, Any]) -> str:
 
     parts = []
     for name, value in metrics.items():
-        if "_lower" in name or "_upper" in name:
+        if any(part in name for part in ("_lower", "_upper", "_n/")) or name.endswith("_n"):
             continue
-        lower, upper = metrics.get(bound(name, "lower")), metrics.get(bound(name, "upper"))
+        lower, upper, n = (metrics.get(bound(name, which)) for which in ("lower", "upper", "n"))
         interval = f" [{lower:.3g}, {upper:.3g}]" if lower is not None and upper is not None else ""
+        if interval and n is not None:
+            interval += f" n={n:g}"  # two prompts give [1, 1] too: the size says how much the interval means
         parts.append(f"{name.removeprefix('eval/')} {value:.3g}{interval}")
     return ", ".join(parts) or "no metrics"
 
@@ -227,7 +241,11 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
 
     bar: tqdm | None = None
     shown: dict[str, str] = {}  # loss and implicit_acc, then status: the bar's postfix
-    status, last_id, done = "running", None, False
+    status = api.call("GET", f"{JOBS}/{job_id}")["status"]
+    # A finished job's events are history: its messages are shown, but a bar over replayed steps would show a
+    # rate of thousands of steps per second for a job that is not running.
+    history = status in TERMINAL_STATUSES
+    last_id, done = None, False
     try:
         while not done:
             # The server closes the stream after a while; reconnect with the last id seen to continue from there.
@@ -239,6 +257,9 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
                 last_id = event_id or last_id
                 if as_json:
                     _print_json(payload, lines=True)
+                elif history:
+                    if payload["type"] != "metrics":
+                        print(_event_line(payload), flush=True)
                 elif payload["type"] == "metrics" and payload.get("data"):
                     metrics = payload["data"]
                     step = int(metrics.get("step", 0))
@@ -305,11 +326,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         body["metadata"] = _pairs(args.metadata, "--metadata")
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     with Api() as api:
-        job = api.call("POST", JOBS, json=body, headers=headers)
+        job, replayed = api.call_with_headers("POST", JOBS, "Idempotent-Replayed", json=body, headers=headers)
         if args.json:
             _print_json(job, lines=args.follow)
         else:
-            print(f"created {job['id']} ({job['status']})")
+            # A retry with the same Idempotency-Key gets the job the first request made, not a new one.
+            print(f"{'replayed' if replayed == 'true' else 'created'} {job['id']} ({job['status']})")
         if not args.follow:
             return 0
         return _finish(follow(api, job["id"], as_json=args.json), args.json)
@@ -327,7 +349,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(
             f"{job['id']:30}  {job['status']:16}  {_progress(job):>11}  {_when(job['created_at']):19}  {job['model']}"
         )
-    _more(page["has_more"], page["data"], "invdpo jobs list")
+    command = "invdpo jobs list" + (f" --status {args.status}" if args.status else "")
+    command += f" --limit {args.limit}" if args.limit else ""
+    _more(page["has_more"], page["data"], command)
     return 0
 
 

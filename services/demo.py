@@ -297,6 +297,10 @@ def run_demo(out: Path, steps: int) -> None:
         print(f"alias:             candidate (not promoted: the gate refused) -> models:/{MODEL_NAME}@candidate")
     print(f"sample image:      {sample}")
     print(
+        "                   (a tiny model with random weights trained for a few steps: its pictures are coloured\n"
+        "                   noise. The demo shows the service end to end, not image quality.)"
+    )
+    print(
         f"MLflow UI:         {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///{out}/mlflow.db"
     )
     print(f"done in {time.monotonic() - started:.0f} s")

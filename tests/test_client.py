@@ -138,6 +138,7 @@ def act_as_worker(api: dict[str, Any], job_id: str, outcome: str, *, pause: floa
         if outcome == "succeeded":
             metrics = {"eval/implicit_acc": 0.75, "eval/implicit_acc_lower": 0.5, "eval/implicit_acc_upper": 1.0}
             metrics |= {"eval/win_rate/toy": 1.0, "eval/win_rate_lower/toy": 1.0, "eval/win_rate_upper/toy": 1.0}
+            metrics |= {"eval/implicit_acc_n": 16, "eval/win_rate_n/toy": 2}
             jobstore.set_evaluation(session, job_id, {"metrics": metrics, "not_run": {}, "grid": None})
             jobstore.finish_job(session, job_id, "succeeded", fine_tuned_model="models:/toy/1")
         elif outcome == "failed":
@@ -165,9 +166,14 @@ def test_create_sends_every_option(create: Callable[..., dict], api: dict[str, A
     assert job["metadata"] == {"team": "vision", "ticket": "A-1=2"}
 
 
-def test_idempotency_key_returns_the_same_job(create: Callable[..., dict]) -> None:
+def test_idempotency_key_returns_the_same_job(
+    create: Callable[..., dict], files: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     first = create("--idempotency-key", "retry-1")
     assert create("--idempotency-key", "retry-1")["id"] == first["id"]
+    argv = ["jobs", "create", "--model", files["model"], "--training-file", files["training_file"]]
+    code, out, _ = run(capsys, *argv, "--set", "max_steps=4", "--idempotency-key", "retry-1")
+    assert code == 0 and out.startswith(f"replayed {first['id']} (")  # not "created": no new job was made
 
 
 def test_list_and_get(create: Callable[..., dict], api: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,7 +189,11 @@ def test_list_and_get(create: Callable[..., dict], api: dict[str, Any], capsys: 
 
     code, out, err = run(capsys, "jobs", "list", "--limit", "1")
     assert code == 0 and len(out.splitlines()) == 2  # header and one job
-    assert "invdpo jobs list --after ftjob-" in err  # more jobs exist: how to get them
+    assert "invdpo jobs list --limit 1 --after ftjob-" in err  # more jobs exist: how to get them
+    create()
+    wait_for_status(api, job["id"], "queued")
+    code, out, err = run(capsys, "jobs", "list", "--status", "queued", "--limit", "1")
+    assert code == 0 and "invdpo jobs list --status queued --limit 1 --after ftjob-" in err  # the filter is kept
 
     code, out, _ = run(capsys, "jobs", "get", job["id"], "--json")
     assert code == 0 and json.loads(out)["status"] == "queued"
@@ -217,7 +227,7 @@ def test_events_and_checkpoints(
 
     code, out, _ = run(capsys, "jobs", "get", job["id"])
     assert "fine_tuned_model: models:/toy/1\n" in out
-    assert "evaluation:       implicit_acc 0.75 [0.5, 1], win_rate/toy 1 [1, 1]\n" in out
+    assert "evaluation:       implicit_acc 0.75 [0.5, 1] n=16, win_rate/toy 1 [1, 1] n=2\n" in out
 
     code, out, _ = run(capsys, "jobs", "checkpoints", job["id"])
     assert (code, out) == (0, f"step       4  file:///tmp/{job['id']}/checkpoint-4  loss=0.29\n")
@@ -244,6 +254,11 @@ def test_events_follow_ends_with_the_job(
     assert "4/4" in err and "implicit_acc=1" in err  # the progress bar (tqdm writes to stderr)
     if outcome == "failed":
         assert out.splitlines()[-1] == f"{job['id']} failed: out_of_memory: CUDA out of memory"
+    # Following the finished job again replays its messages without a progress bar (no rate, no "running").
+    code, out, err = run(capsys, "jobs", "events", job["id"], "--follow")
+    assert code == exit_code and "Training started on worker test-worker" in out
+    assert out.splitlines()[-1].startswith(f"{job['id']} {outcome}")
+    assert "step/s" not in err and "running" not in err
 
 
 def test_create_follow_json_lines(
@@ -277,7 +292,9 @@ def test_missing_key_is_one_line(
 ) -> None:
     monkeypatch.delenv("INVDPO_API_KEY")
     code, out, err = run(capsys, "jobs", "list")
-    assert (code, out, err) == (2, "", "error: 401 missing or invalid API key\n")
+    assert (code, out) == (2, "")
+    hint = "(no API key: set INVDPO_API_KEY, e.g. from `invdpo-admin create-key`)"
+    assert err == f"error: 401 missing or invalid API key {hint}\n"
 
 
 def test_unknown_job_is_a_404(api: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from invdpo_core.config import did_you_mean
 from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from services.api.routes import health, jobs, models
@@ -50,8 +51,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = []
     for error in exc.errors():
-        path = ".".join(str(p) for p in error.get("loc", ())[1:])  # loc starts with where: body, query, header...
-        errors.append({**error, "msg": f"{path}: {error['msg']}" if path else error["msg"]})
+        loc = tuple(error.get("loc", ()))
+        path = ".".join(str(p) for p in loc[1:])  # loc starts with where: body, query, header...
+        message = f"{path}: {error['msg']}" if path else error["msg"]
+        if error.get("type") == "extra_forbidden" and "hyperparameters" in loc:
+            field = loc[loc.index("hyperparameters") + 1 :]
+            if guess := did_you_mean(field):
+                message += f" (did you mean {guess!r}?)"
+        errors.append({**error, "msg": message})
     return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
 

@@ -100,7 +100,8 @@ def test_missing_model_and_bad_validation_file_fail_with_their_param(
         ({"beta": 0}, "method.hyperparameters.beta", "greater than 0"),
         ({"loss_type": "square"}, "method.hyperparameters.loss_type", "sigmoid"),
         ({"adapter": {"type": "lora", "rank": 0}}, "method.hyperparameters.adapter.rank", "greater than or equal"),
-        ({"learning_rte": 1e-5}, "method.hyperparameters.learning_rte", "Extra inputs"),
+        ({"learning_rte": 1e-5}, "method.hyperparameters.learning_rte", "(did you mean 'learning_rate'?)"),
+        ({"adapter": {"rnak": 4}}, "method.hyperparameters.adapter.rnak", "(did you mean 'rank'?)"),
         ({"resolution": 100}, "method.hyperparameters", "multiple of 8"),
         ({"base_model": "other"}, "method.hyperparameters.base_model", "top-level `model`"),
         ({"seed": 3}, "method.hyperparameters.seed", "top-level `seed`"),
@@ -123,6 +124,18 @@ def test_invalid_hyperparameter_is_a_422_naming_the_field_path(
     assert error["loc"] == ["body", *path.split(".")]
     assert error["msg"].startswith(f"{path}: ") and words in error["msg"]
     assert client.get(JOBS, headers=auth).json()["data"] == []  # nothing was created
+
+
+def test_every_bad_hyperparameter_is_reported(
+    client: TestClient, auth: dict[str, str], job_body: Callable[..., dict[str, Any]]
+) -> None:
+    body = job_body(
+        method={"type": "diffusion_dpo", "hyperparameters": {"beta": 0, "max_stpes": 3, "loss_type": "l2"}}
+    )
+    r = client.post(JOBS, json=body, headers=auth)
+    assert r.status_code == 422
+    paths = sorted(".".join(map(str, e["loc"][1:])) for e in r.json()["detail"])
+    assert paths == [f"method.hyperparameters.{f}" for f in ("beta", "loss_type", "max_stpes")]
 
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "1e400", "1e30000000"])

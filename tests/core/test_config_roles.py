@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from invdpo_core import config, train
 
 
@@ -29,3 +31,15 @@ def test_every_role_is_a_known_one() -> None:
     known = set(config.Role.__args__)  # type: ignore[attr-defined]
     for name, info in config.TrainingConfig.model_fields.items():
         assert set(config._roles(info)) <= known, name
+
+
+def test_config_error_lists_every_bad_field_with_a_suggestion_for_a_misspelled_key() -> None:
+    data = {"base_model": "m", "dataset": "d", "beta": 0, "learning_rte": 1e-5, "adapter": {"rnak": 4}}
+    with pytest.raises(config.ConfigError) as info:
+        config.parse_config(data)
+    fields = {e["field"]: e["message"] for e in info.value.errors}
+    assert set(fields) == {"beta", "learning_rte", "adapter.rnak"}
+    assert fields["learning_rte"].endswith("(did you mean 'learning_rate'?)")
+    assert fields["adapter.rnak"].endswith("(did you mean 'rank'?)")
+    assert "did you mean" not in fields["beta"]
+    assert config.did_you_mean(["zzzzzz"]) is None  # nothing close: no guess

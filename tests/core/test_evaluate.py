@@ -13,7 +13,15 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from invdpo_core.cli import main as cli_main
 from invdpo_core.config import ConfigError, parse_config
-from invdpo_core.evaluate import SCORERS, EvaluationError, bootstrap, check_scorers, evaluate, load_scorer
+from invdpo_core.evaluate import (
+    GRID_LABEL_WIDTH,
+    SCORERS,
+    EvaluationError,
+    bootstrap,
+    check_scorers,
+    evaluate,
+    load_scorer,
+)
 from invdpo_core.gate import GateRule, evaluate_gate, parse_gate_rule
 from invdpo_core.testing import write_tiny_tokenizer
 from invdpo_core.toy import TOY_PROMPTS, TOY_STEPS, make_toy_dataset
@@ -69,11 +77,14 @@ def test_trained_model_beats_its_base_and_the_grid_shows_both(tmp_path, model_di
     assert 0 <= pm.implicit_acc.lower <= pm.implicit_acc.mean <= pm.implicit_acc.upper <= 1
     assert pm.reward_margin.lower <= pm.reward_margin.mean <= pm.reward_margin.upper
 
-    # 8 columns (the first 8 prompts), base row above the fine-tuned row, 64 px each.
+    # A labelled margin, then 8 columns (the first 8 prompts), base row above the fine-tuned row, 64 px each.
     with Image.open(result.grid) as grid:
-        assert grid.size == (8 * 64, 2 * 64) and grid.mode == "RGB"
+        assert grid.size == (GRID_LABEL_WIDTH + 8 * 64, 2 * 64) and grid.mode == "RGB"
         pixels = np.asarray(grid)
     assert not np.array_equal(pixels[:64], pixels[64:])  # the two rows differ
+    margin = pixels[:, :GRID_LABEL_WIDTH]
+    assert (margin < 128).any(axis=2).any() and not np.array_equal(margin[:64], margin[64:])  # two different labels
+    assert result.metrics()["eval/implicit_acc_n"] == 16 and result.metrics()["eval/win_rate_n/toy"] == len(PROMPTS)
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert saved["scorers"]["toy"]["win_rate"]["mean"] == toy.win_rate.mean
     assert saved["grid_prompts"] == PROMPTS[:8]
@@ -121,7 +132,7 @@ def test_cli_without_scorers_reports_reward_free_metrics_and_what_did_not_run(
     assert set(report["not_run"]) == set(SCORERS) and list(report["scorers"]) == ["toy"]
     assert all(not k.startswith(f"eval/win_rate/{s}") for k in report["metrics"] for s in SCORERS)
     with Image.open(report["grid"]) as grid:
-        assert grid.size == (2 * 64, 2 * 64)
+        assert grid.size == (GRID_LABEL_WIDTH + 2 * 64, 2 * 64)
 
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
@@ -131,7 +142,7 @@ def test_cli_without_scorers_reports_reward_free_metrics_and_what_did_not_run(
     assert cli_main([*argv, "--scorer", "pickscore"]) == 2
     assert "expected NAME=PATH" in capsys.readouterr().err
     assert cli_main([*argv, "--scorer", "imagereward=/nowhere"]) == 2
-    assert "no loader" in capsys.readouterr().err
+    assert "unknown scorer 'imagereward'" in capsys.readouterr().err  # no loader: not offered
 
 
 # --- scorers: a tiny CLIP built from a config, saved to disk, loaded back -----------------------------------------
@@ -199,7 +210,7 @@ def test_scorer_problems_are_one_line_errors(tiny_clip, tmp_path):
     cases = {
         "nope": "unknown scorer 'nope'; valid: pickscore",
         "toy": "built in",
-        "imagereward": "no loader",
+        "imagereward": "unknown scorer 'imagereward'",
         "pickscore": "no config.json",
         "aesthetic": "exactly one \\*.pth",
     }
