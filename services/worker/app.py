@@ -16,8 +16,10 @@ Processes:
 - the Celery main process touches INVDPO_HEARTBEAT_FILE (container probes) from a thread, and on warm shutdown
   (SIGTERM) passes SIGTERM on to the training processes, which checkpoint and put the job back in the queue;
 - the pool process runs the task: it claims the job, starts a fresh `accelerate launch ... -m
-  services.worker.run_job` (one process per visible GPU), renews the job's database heartbeat while it waits, and
-  fails the job if the training process died without reporting. It never imports torch, so CUDA is never
+  services.worker.run_job` (one process per visible GPU), renews the job's database heartbeat while it waits,
+  kills the training process if a cancel request is not honoured within INVDPO_STOP_GRACE_SECONDS, and queues the
+  job again (resume from the last checkpoint) if the training process died without reporting, until
+  INVDPO_MAX_ATTEMPTS. It never imports torch, so CUDA is never
   initialised in a process that forks, and every job gives all GPU memory back when its process exits.
 """
 
