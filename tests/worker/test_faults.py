@@ -9,6 +9,7 @@ seconds to resumed progress) as a JSON line: `python benchmarks/faults.py` runs 
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -170,3 +171,19 @@ def test_cancel_during_a_huge_step_within_10_s(
     wait_for_phase(api, auth, job_id, "training")
     time.sleep(2)  # inside the first step's micro-batches
     cancel_within_10_s(api, auth, workers, job_id, "a huge step (5000 micro-batches)")
+
+
+def test_sigterm_during_the_inversion_cache_build_requeues_within_10_s(
+    api: TestClient, auth: dict[str, str], workers: Workers, tiny_model_uri: str, toy_dataset_uri: str
+) -> None:
+    worker = workers.start()
+    job_id = create_job(api, auth, tiny_model_uri, toy_dataset_uri, max_steps=8, inversion_steps=600)
+    wait_for_phase(api, auth, job_id, "building_cache")
+    t0 = time.monotonic()
+    os.kill(worker.proc.pid, signal.SIGTERM)  # the main process only, as `docker stop` and a node drain do
+    job = wait_for(api, auth, job_id, {"queued", *FINAL}, workers, timeout=60)
+    elapsed = time.monotonic() - t0
+    report("SIGTERM during the inversion cache build", outcome=job["status"], seconds_to_requeued=round(elapsed, 1))
+    assert job["status"] == "queued", job
+    assert elapsed < 10, f"queued again after {elapsed:.1f} s"
+    assert worker.proc.wait(60) == 0
