@@ -161,7 +161,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except OSError:
             return False
 
-    wait_until(healthy, 300, "mlflow server", interval=0.5)  # generous: a loaded CI machine
+    wait_until(healthy, 600, "mlflow server", interval=0.5)  # generous: a loaded shared machine
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
