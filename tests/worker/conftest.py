@@ -161,11 +161,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except OSError:
             return False
 
-    wait_until(healthy, 600, "mlflow server", interval=0.5)  # generous: a loaded shared machine
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
-    log.close()
+    try:
+        wait_until(healthy, 600, "mlflow server", interval=0.5)  # generous: a loaded shared machine
+        yield url
+    finally:  # also when it never became healthy: no server left behind
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
 
 
 @pytest.fixture(scope="session")
