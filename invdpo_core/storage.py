@@ -93,7 +93,12 @@ def _client(env: tuple[str | None, ...]) -> Any:
         # boto3 >= 1.36 adds CRC checksums by default, which several S3-compatible stores reject.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-    )  # retries: boto3's defaults, tunable with AWS_MAX_ATTEMPTS / AWS_RETRY_MODE
+        # Ride out store outages of about a minute (connection refused or reset, 5xx, throttling): standard mode
+        # retries them with jittered exponential backoff up to 20 s apart; max_attempts counts the first try.
+        retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "12"))},
+        connect_timeout=10,
+        read_timeout=60,
+    )
     return boto3.session.Session().client("s3", config=config)
 
 

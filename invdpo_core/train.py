@@ -85,10 +85,13 @@ class TrainCallbacks:
     """Optional hooks, called on the main process (should_stop on every process; True on any stops them all)."""
 
     on_step: Callable[[int, int, dict[str, float]], None] | None = None  # (step, max_steps, metrics)
-    should_stop: Callable[[], bool] | None = None  # polled before every step: True checkpoints and returns
+    # Polled before every step and between micro-batches: True checkpoints and returns (a step cut short is undone).
+    should_stop: Callable[[], bool] | None = None
     on_checkpoint: Callable[[Path, int], None] | None = None  # (checkpoint dir, step)
     on_validation: Callable[[int, list[Image.Image]], None] | None = None  # (step, one image per prompt)
     on_cache_progress: Callable[[int, int], None] | None = None  # (pairs walked, pairs planned), inversion cache
+    # (phase) as each starts: loading_model, building_cache, training, sampling (validation images), saving_model
+    on_phase: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -152,6 +155,14 @@ def captions(batch: list[PreferencePair], config: TrainingConfig, generator: tor
 
 
 # --- models ------------------------------------------------------------------------------------------------------
+def stop_requested(callbacks: TrainCallbacks, accelerator: Accelerator) -> bool:
+    """should_stop's answer, the same on every process (True on any stops them all at the same point)."""
+    stop = bool(callbacks.should_stop and callbacks.should_stop())
+    if accelerator.num_processes > 1:
+        stop = accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum").item() > 0
+    return stop
+
+
 def make_accelerator(config: TrainingConfig) -> Accelerator:
     if not PartialState().use_distributed:
         # accelerate keeps its precision in a process-wide singleton that refuses a second value, and a worker
@@ -508,7 +519,12 @@ def train(
     generator = torch.Generator().manual_seed(config.seed + rank)
     pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
 
+    def phase(name: str) -> None:
+        if main and cb.on_phase:
+            cb.on_phase(name)
+
     # --- 1. Models: frozen VAE and text encoders, the policy UNet, the reference ---------------------------------
+    phase("loading_model")
     try:
         pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir)
     except PipelineLoadError as exc:
@@ -540,6 +556,7 @@ def train(
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()
+        phase("building_cache")
         covers = fill_inversion_cache(
             cache, config, position, generator, accelerator, cb.on_cache_progress if main else None
         )
@@ -558,17 +575,23 @@ def train(
     stream = _pairs_from(config, position.epoch, position.index)
     metrics: dict[str, float] = {}
     stopped, last_checkpoint, saved_step, train_s = False, None, position.step, 0.0
+    phase("training")
     while position.step < config.max_steps:
-        stop = bool(cb.should_stop and cb.should_stop())
-        if world > 1:
-            stop = accelerator.reduce(torch.tensor(float(stop), device=device), "sum").item() > 0
-        if stop:
+        if stop_requested(cb, accelerator):
             stopped = True
             break
         t0 = time.perf_counter()
         micro: list[dict[str, torch.Tensor]] = []
         grad_norm = None
-        for _ in range(config.gradient_accumulation_steps):
+        step_start = (position.epoch, position.index, generator.get_state())
+        for micro_step in range(config.gradient_accumulation_steps):
+            # A huge step (many micro-batches) honours a stop too: it is undone, the checkpoint is of the step before.
+            if micro_step > 0 and stop_requested(cb, accelerator):
+                position.epoch, position.index = step_start[0], step_start[1]
+                generator.set_state(step_start[2])
+                optimizer.zero_grad(set_to_none=True)
+                stopped = True
+                break
             chunk = [next(stream) for _ in range(config.batch_size * world)]
             position.epoch, position.index = chunk[-1][0], chunk[-1][1] + 1  # the position of the next pair to read
             batch = [pair for _, _, pair in chunk[rank * config.batch_size : (rank + 1) * config.batch_size]]
@@ -613,6 +636,8 @@ def train(
                 optimizer.step()  # accelerate steps only after the last micro-batch
                 optimizer.zero_grad(set_to_none=True)
             micro.append({"loss": loss, **batch_metrics})
+        if stopped:
+            break
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips a step
             lr_scheduler.step()
         position.step += 1
@@ -626,9 +651,11 @@ def train(
             if sampler is None:  # the same components; no safety checker (its output is for the operator)
                 has_checker = isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is not None
                 sampler = DiffusionPipeline.from_pipe(pipe, safety_checker=None) if has_checker else pipe
+            phase("sampling")
             images = validation_images(sampler, config, accelerator)
             if cb.on_validation:
                 cb.on_validation(position.step, images)
+            phase("training")
         if position.step % config.checkpoint_interval == 0 or position.step == config.max_steps:
             last_checkpoint, saved_step = checkpoint(), position.step
     stream.close()
@@ -638,6 +665,7 @@ def train(
     # --- 5. Output -----------------------------------------------------------------------------------------------
     model_out = None if stopped else out / "model"
     if main and not stopped:
+        phase("saving_model")
         save_model(pipe, config, out, weight_dtype)
     wall = time.perf_counter() - started
     result = TrainResult(

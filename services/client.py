@@ -235,11 +235,12 @@ def _more(has_more: bool, items: list[dict[str, Any]], command: str) -> None:
 
 
 def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
-    """Show the job's events live until it finishes (messages as lines, steps as a progress bar with loss,
-    implicit_acc and status; or JSON lines) and return the final job."""
+    """Show the job's events live until it finishes (messages as lines, the inversion cache's pairs and then the
+    steps as progress bars, the steps' with loss, implicit_acc and status; or JSON lines) and return the final job."""
     from tqdm import tqdm
 
     bar: tqdm | None = None
+    cache_bar: tqdm | None = None
     shown: dict[str, str] = {}  # loss and implicit_acc, then status: the bar's postfix
     status = api.call("GET", f"{JOBS}/{job_id}")["status"]
     # A finished job's events are history: its messages are shown, but a bar over replayed steps would show a
@@ -260,7 +261,16 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
                 elif history:
                     if payload["type"] != "metrics":
                         print(_event_line(payload), flush=True)
+                elif (payload.get("data") or {}).get("pairs_total"):  # inversion cache progress
+                    pairs = payload["data"]
+                    if cache_bar is None:
+                        cache_bar = tqdm(total=pairs["pairs_total"], unit="pair", desc="inversion cache")
+                    cache_bar.total = pairs["pairs_total"]
+                    cache_bar.update(pairs["pairs_done"] - cache_bar.n)
                 elif payload["type"] == "metrics" and payload.get("data"):
+                    if cache_bar is not None:
+                        cache_bar.close()
+                        cache_bar = None
                     metrics = payload["data"]
                     step = int(metrics.get("step", 0))
                     if bar is None:  # made at the first step: its rate and ETA count training, not queue or loading
@@ -279,8 +289,9 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
                     status = api.call("GET", f"{JOBS}/{job_id}")["status"]
                     bar.set_postfix({**shown, "status": status})
     finally:
-        if bar is not None:
-            bar.close()
+        for shown_bar in (cache_bar, bar):
+            if shown_bar is not None:
+                shown_bar.close()
     return api.call("GET", f"{JOBS}/{job_id}")
 
 

@@ -20,25 +20,37 @@ For the worker, in order of use:
     owns(job, worker_id) -> bool                             is the job still this worker's to run and report?
     settle_cancel(session, job_id, worker_id=None) -> bool   cancel_requested -> cancelled once the worker stopped
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
-    requeue_job(session, job_id, worker_id) -> bool          running -> queued (graceful shutdown, checkpointed)
+    requeue_job(session, job_id, worker_id, lost=None) -> bool   running -> queued (graceful shutdown, checkpointed;
+                                                             or the training process died: `lost` says how)
+The worker's writes (claim, events, checkpoints, run info, requeue, finish) ride out a database outage of up to
+OUTAGE_BUDGET_SECONDS (`retry_outages`); heartbeat, progress and the cancel poll are periodic and are not retried.
 The job's validated TrainingConfig is `TrainingConfig.model_validate(get_job(session, job_id).config)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypedDict, TypeGuard
+from typing import Any, Concatenate, Literal, ParamSpec, TypedDict, TypeGuard, TypeVar
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
+from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from services.jobs.logs import mask_secrets
 from services.jobs.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, TerminalStatus, utcnow
 
 FinalStatus = TerminalStatus
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+# How long a worker keeps retrying a write while the database is unreachable (failover, restart) before it gives up.
+OUTAGE_BUDGET_SECONDS = 120.0
 
 
 class JobErrorInfo(TypedDict, total=False):
@@ -191,6 +203,32 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
 # ---------------------------------------------------------------- worker side
 
 
+def retry_outages(fn: Callable[Concatenate[Session, P], R]) -> Callable[Concatenate[Session, P], R]:
+    """Retry `fn(session, ...)` with backoff while the database is unreachable (OperationalError: connection
+    refused or dropped), for up to OUTAGE_BUDGET_SECONDS. The session is rolled back before each retry, so the
+    retry runs on a fresh connection; transitions are conditional UPDATEs, so a retry never applies one twice."""
+
+    @functools.wraps(fn)
+    def retried(session: Session, *args: P.args, **kwargs: P.kwargs) -> R:
+        for attempt in Retrying(
+            retry=retry_if_exception_type(OperationalError),
+            wait=wait_exponential(multiplier=0.5, max=8),
+            stop=stop_after_delay(OUTAGE_BUDGET_SECONDS),
+            before_sleep=before_sleep_log(log, logging.WARNING, exc_info=False),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    return fn(session, *args, **kwargs)
+                except OperationalError:
+                    with contextlib.suppress(SQLAlchemyError):
+                        session.rollback()
+                    raise
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    return retried
+
+
 def _transition(session: Session, job_id: str, from_statuses: Sequence[str], *conditions: Any, **values: Any) -> bool:
     result = session.execute(
         update(Job)
@@ -201,6 +239,7 @@ def _transition(session: Session, job_id: str, from_statuses: Sequence[str], *co
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+@retry_outages
 def claim_job(session: Session, job_id: str, worker_id: str, *, heartbeat_timeout_seconds: float = 300.0) -> bool:
     """Atomically take the job: queued -> running, or take over a running job whose worker went silent
     (heartbeat older than heartbeat_timeout_seconds). Returns False if someone else has it or it is finished or
@@ -284,6 +323,7 @@ def record_progress(
     return done
 
 
+@retry_outages
 def add_event(
     session: Session,
     job_id: str,
@@ -300,6 +340,7 @@ def add_event(
     return event.id
 
 
+@retry_outages
 def add_checkpoint(
     session: Session, job_id: str, step_number: int, uri: str, metrics: dict[str, Any] | None = None
 ) -> int:
@@ -311,6 +352,7 @@ def add_checkpoint(
     return checkpoint.id
 
 
+@retry_outages
 def set_run_info(
     session: Session,
     job_id: str,
@@ -334,6 +376,7 @@ def set_run_info(
     session.commit()
 
 
+@retry_outages
 def set_evaluation(session: Session, job_id: str, evaluation: dict[str, Any]) -> None:
     """Record the evaluation after training ({metrics, not_run, grid, error}, see services/worker/evaluation.py)."""
     session.execute(update(Job).where(Job.id == job_id).values(evaluation=evaluation))
@@ -351,9 +394,11 @@ def is_cancel_requested(session: Session, job_id: str, worker_id: str | None = N
     return status != "running" or (worker_id is not None and claimed_by != worker_id)
 
 
-def requeue_job(session: Session, job_id: str, worker_id: str | None = None) -> bool:
-    """running -> queued, for a worker stopping gracefully (SIGTERM) after saving a checkpoint: the next claim
-    continues from it. The attempt is given back, since a graceful stop is not a worker loss. False if the job is
+@retry_outages
+def requeue_job(session: Session, job_id: str, worker_id: str | None = None, *, lost: str | None = None) -> bool:
+    """running -> queued, so that the next claim continues from the last checkpoint. Without `lost`: a worker
+    stopping gracefully (SIGTERM) after saving a checkpoint; the attempt is given back, since that is not a worker
+    loss. With `lost` (how the training process died): the attempt counts towards max_attempts. False if the job is
     no longer this worker's or is no longer running (e.g. cancel_requested: then finish it as cancelled)."""
     done = _transition(
         session,
@@ -365,10 +410,15 @@ def requeue_job(session: Session, job_id: str, worker_id: str | None = None) -> 
         heartbeat_at=None,
         estimated_finish=None,
         dispatched_at=utcnow(),
-        attempt=Job.attempt - 1,
+        attempt=Job.attempt if lost else Job.attempt - 1,
     )
     if done:
-        session.add(_event(job_id, "The worker is shutting down: checkpoint saved, job queued again"))
+        message = (
+            f"{lost}; job queued again to resume from its last checkpoint"
+            if lost
+            else "The worker is shutting down: checkpoint saved, job queued again"
+        )
+        session.add(_event(job_id, message, level="warn" if lost else "info"))
     session.commit()
     return done
 
@@ -380,6 +430,7 @@ _FINAL_EVENTS = {
 }
 
 
+@retry_outages
 def finish_job(
     session: Session,
     job_id: str,
@@ -423,6 +474,7 @@ def finish_job(
     return done
 
 
+@retry_outages
 def settle_cancel(session: Session, job_id: str, worker_id: str | None = None) -> bool:
     """cancel_requested -> cancelled: the job's worker stopped after the request (worker_id given: only if it is
     still that worker's), or is gone (the reconciler, no worker_id). False if the job was not waiting for its cancel:

@@ -35,5 +35,11 @@ class JobSettings(BaseSettings):
     reconcile_after_seconds: float = Field(
         120.0, gt=0, description="A queued or validating job untouched this long is a candidate for re-dispatch."
     )
-    max_attempts: int = Field(3, ge=1, description="Worker deaths tolerated per job before it fails as worker_lost.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Attempts per job: a job whose worker or training process died (OOM kill, segfault) resumes "
+        "from its last checkpoint until it has run this many times, then fails as worker_lost / "
+        "training_process_died.",
+    )
     validation_sample: int = Field(8, ge=1, description="Dataset records read to check a training file.")

@@ -16,13 +16,16 @@ Processes:
 - the Celery main process touches INVDPO_HEARTBEAT_FILE (container probes) from a thread, and on warm shutdown
   (SIGTERM) passes SIGTERM on to the training processes, which checkpoint and put the job back in the queue;
 - the pool process runs the task: it claims the job, starts a fresh `accelerate launch ... -m
-  services.worker.run_job` (one process per visible GPU), renews the job's database heartbeat while it waits, and
-  fails the job if the training process died without reporting. It never imports torch, so CUDA is never
+  services.worker.run_job` (one process per visible GPU), renews the job's database heartbeat while it waits,
+  kills the training process if a cancel request is not honoured within INVDPO_STOP_GRACE_SECONDS, and queues the
+  job again (resume from the last checkpoint) if the training process died without reporting, until
+  INVDPO_MAX_ATTEMPTS. It never imports torch, so CUDA is never
   initialised in a process that forks, and every job gives all GPU memory back when its process exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -45,8 +48,8 @@ from invdpo_core.config import TrainingConfig
 from services.jobs import jobstore
 from services.jobs.db import make_engine, make_session_factory
 from services.jobs.logs import configure_logging
-from services.jobs.queue import RECONCILE_TASK, TRAIN_TASK, make_celery
-from services.worker.settings import get_settings
+from services.jobs.queue import RECONCILE_TASK, TRAIN_TASK, enqueue_training, make_celery
+from services.worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,8 @@ app = make_celery(get_settings().broker_url)
 
 @lru_cache
 def sessions() -> sessionmaker[Session]:
-    return make_session_factory(make_engine(get_settings().database_url))
+    # Pre-ping: after a database restart or failover the pooled connections are dead; test each before use.
+    return make_session_factory(make_engine(get_settings().database_url, pool_pre_ping=True))
 
 
 # ---------------------------------------------------------------- process lifecycle
@@ -176,10 +180,10 @@ def train_job(job_id: str) -> None:
         proc = subprocess.Popen(cmd)
         if not in_pool:
             _restore_sigterm(previous)
-        returncode = _wait(proc, job_id, worker_id, settings.heartbeat_interval_seconds)
+        returncode = _wait(proc, job_id, worker_id, settings)
     finally:
         _restore_sigterm(previous)
-    _after_exit(job_id, worker_id, returncode)
+    _after_exit(job_id, worker_id, returncode, settings.max_attempts)
 
 
 def _ignore_sigterm() -> Any:
@@ -204,39 +208,68 @@ def _training_processes(worker_id: str) -> list[psutil.Process]:
     return found
 
 
-def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, interval: float) -> int:
+def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, settings: Settings) -> int:
     """Wait for the launcher, then for any training process that outlived it, renewing the job's heartbeat
-    meanwhile (also through model loading, caching and uploads, when no step reports progress)."""
+    meanwhile (also through model loading, caching and uploads, when no step reports progress). A cancel request
+    is honoured here too, whatever the training process is doing (importing, loading, evaluating, uploading): it
+    gets stop_grace_seconds to stop by itself, then it is killed and the caller settles the cancel."""
     returncode = None
+    tick = min(settings.heartbeat_interval_seconds, max(settings.cancel_poll_seconds, 0.2))
+    last_beat, stop_seen = float("-inf"), None
     while True:
         if returncode is None:
             try:
-                returncode = proc.wait(timeout=interval)
+                returncode = proc.wait(timeout=tick)
             except subprocess.TimeoutExpired:
                 pass
         if returncode is not None:
             alive = _training_processes(worker_id)
             if not alive:
                 return returncode
-            psutil.wait_procs(alive, timeout=interval)
+            psutil.wait_procs(alive, timeout=tick)
+        now = time.monotonic()
         try:
             with sessions()() as session:
-                jobstore.heartbeat(session, job_id, worker_id)
+                if now - last_beat >= settings.heartbeat_interval_seconds:
+                    jobstore.heartbeat(session, job_id, worker_id)
+                    last_beat = now
+                # True also when the job was taken over by another worker: then it must stop as well.
+                if stop_seen is None and jobstore.is_cancel_requested(session, job_id, worker_id):
+                    stop_seen = now
         except SQLAlchemyError as exc:
             log.warning("job heartbeat failed", extra={"job_id": job_id, "error": type(exc).__name__})
+        if stop_seen is not None and now - stop_seen >= settings.stop_grace_seconds:
+            for training in [psutil.Process(proc.pid), *_training_processes(worker_id)]:
+                with contextlib.suppress(psutil.Error):
+                    training.kill()
+            log.warning("training process killed: the job was cancelled", extra={"job_id": job_id})
+            stop_seen = float("inf")  # once
 
 
-def _after_exit(job_id: str, worker_id: str, returncode: int) -> None:
-    """If the training process ended without ending the job (killed, out of memory), end it here."""
+def _after_exit(job_id: str, worker_id: str, returncode: int, max_attempts: int) -> None:
+    """If the training process ended without ending the job (killed by the OOM killer, a segfault, a lost GPU),
+    queue the job again to resume from its last checkpoint, as if its worker had died; after max_attempts, fail it
+    with the reason. (User errors never get here: the training process reports them itself.)"""
     with sessions()() as session:
-        if not jobstore.owns(jobstore.get_job(session, job_id), worker_id):
+        job = jobstore.get_job(session, job_id)
+        if not jobstore.owns(job, worker_id):
             log.info("training process done", extra={"job_id": job_id, "returncode": returncode})
             return
         if jobstore.settle_cancel(session, job_id, worker_id):
             return
+        how = f"the training process {_describe(returncode)} before reporting"
+        if job.attempt < max_attempts and jobstore.requeue_job(
+            session, job_id, worker_id, lost=f"{how[0].upper()}{how[1:]} (attempt {job.attempt} of {max_attempts})"
+        ):
+            log.error("training process died; job queued again", extra={"job_id": job_id, "returncode": returncode})
+            try:
+                enqueue_training(job_id, app)
+            except Exception as exc:  # the broker is down: the reconciler re-sends the queued job
+                log.warning("re-enqueue failed; the reconciler will", extra={"job_id": job_id, "error": str(exc)})
+            return
         error: jobstore.JobErrorInfo = {
             "code": "training_process_died",
-            "message": f"the training process {_describe(returncode)} before reporting; checkpoints are kept",
+            "message": f"{how}, {job.attempt} times; checkpoints are kept",
             "param": None,
         }
         jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)

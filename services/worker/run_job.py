@@ -21,6 +21,7 @@ import posixpath
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -38,6 +39,27 @@ from services.jobs.models import Checkpoint, Job
 from services.worker.settings import Settings, get_settings
 
 log = logging.getLogger("services.worker.run_job")
+
+# What each phase says on the job's event stream (TrainCallbacks.on_phase, then this runner's own phases).
+PHASES = {
+    "loading_model": "Loading the base model",
+    "building_cache": "Building the inversion cache",
+    "training": "Training",
+    "sampling": "Sampling validation images",
+    "saving_model": "Saving the model",
+    "evaluating": "Evaluating the model against its base",
+    "uploading": "Uploading the model",
+    "registering": "Registering the model in MLflow",
+}
+
+
+def transient_mlflow_error(exc: BaseException) -> bool:
+    """MLflow unreachable or overloaded (after its own HTTP retries): worth retrying, unlike a rejected request."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in (
+        "INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+    )  # fmt: skip
 
 
 def job_uri(settings: Settings, job_id: str, *parts: str) -> str:
@@ -131,6 +153,9 @@ class JobRunner:
         )
         self.out = Path(settings.work_dir) / job_id
         self.stop_signal: str | None = None  # set by the SIGTERM/SIGINT handler
+        self.phase = "starting"  # the current PHASES key; a stop signal outside "training" requeues at once
+        self._phases_shown: set[str] = set()
+        self._cache_started: float | None = None
         self.run_id: str | None = None
         self.pairs_per_step = 1
         self.last_metrics: dict[str, float] = {}
@@ -150,11 +175,11 @@ class JobRunner:
         # Asynchronous: MLflow batches the per-step metrics in a thread; end_run flushes them.
         mlflow.log_metrics(metrics, step=step, synchronous=False)
         if step == total or now - self._last_progress >= self.settings.progress_interval_seconds:
-            self._last_progress = now
             try:
                 with self.sessions() as session:
                     jobstore.record_progress(session, self.job_id, step, total, metrics, worker_id=self.worker_id)
-            except SQLAlchemyError as exc:  # a database hiccup must not kill an hour of training
+                self._last_progress = now
+            except SQLAlchemyError as exc:  # a database outage must not stop training: the next step tries again
                 log.warning("progress not recorded", extra={"job_id": self.job_id, "error": type(exc).__name__})
 
     def should_stop(self) -> bool:
@@ -173,10 +198,51 @@ class JobRunner:
         return self._stop
 
     def on_checkpoint(self, path: Path, step: int) -> None:
+        from invdpo_core.storage import StorageError
+
         uri = job_uri(self.settings, self.job_id, "checkpoints", path.name)
-        upload_checkpoint(path, uri)
+        try:
+            upload_checkpoint(path, uri)  # botocore retries a store outage for about a minute first
+        except StorageError as exc:
+            # Training goes on: the next checkpoint is uploaded in full. Only the final model must be stored.
+            log.warning("checkpoint not stored", extra={"job_id": self.job_id, "step": step, "error": str(exc)})
+            self.event(f"Checkpoint of step {step} not stored (the object store is unreachable); training goes on")
+            return
         with self.sessions() as session:  # the row is written last: a checkpoint with a row is complete
             jobstore.add_checkpoint(session, self.job_id, step, uri, metrics=self.last_metrics)
+
+    def on_phase(self, phase: str) -> None:
+        """Each phase is announced once on the job's event stream (data.phase); `sampling` alternates with
+        `training`."""
+        self.phase = phase
+        if phase not in self._phases_shown:
+            self._phases_shown.add(phase)
+            self.event(PHASES[phase], data={"phase": phase})
+
+    def on_cache_progress(self, done: int, total: int) -> None:
+        """Pairs inverted so far, as an event (data: phase, pairs_done, pairs_total, eta_seconds)."""
+        now = time.monotonic()
+        if self._cache_started is None:
+            self._cache_started = now
+        if done < total and now - self._last_progress < self.settings.progress_interval_seconds:
+            return
+        self._last_progress = now
+        eta = (now - self._cache_started) * (total - done) / done if done else None
+        data = {"phase": "building_cache", "pairs_done": done, "pairs_total": total, "eta_seconds": eta}
+        left = f", about {eta:.0f} s left" if eta is not None else ""
+        self.event(f"Inversion cache: {done}/{total} pairs{left}", data=data)
+
+    def requeue_now(self) -> None:
+        """SIGTERM outside the training steps (loading, caching, evaluating, uploading): there is nothing new to
+        checkpoint, so give the job back at once (or settle its cancel) and exit, rather than after the phase."""
+        with self.sessions() as session:
+            if jobstore.requeue_job(session, self.job_id, self.worker_id):
+                self.enqueue()
+            else:
+                jobstore.settle_cancel(session, self.job_id, self.worker_id)
+        log.warning("stopped before the end of the phase", extra={"job_id": self.job_id, "phase": self.phase})
+        logging.shutdown()
+        os._exit(0)  # the main thread may be deep in a model load; nothing of it is worth keeping
 
     def on_validation(self, step: int, images: list[Any]) -> None:
         from services.worker.tracking import log_validation_grid
@@ -195,10 +261,11 @@ class JobRunner:
         local = latest_checkpoint(root)
         local_step = checkpoint_step(local) if local is not None else None
         with self.sessions() as session:
-            rows = session.execute(
+            rows = jobstore.retry_outages(Session.execute)(
+                session,
                 select(Checkpoint.step_number, Checkpoint.uri)
                 .where(Checkpoint.job_id == self.job_id)
-                .order_by(Checkpoint.step_number.desc(), Checkpoint.id.desc())
+                .order_by(Checkpoint.step_number.desc(), Checkpoint.id.desc()),
             ).all()
         for step, uri in rows:
             if local_step is not None and step <= local_step:
@@ -226,7 +293,7 @@ class JobRunner:
 
         state = PartialState()
         with self.sessions() as session:
-            job = jobstore.get_job(session, self.job_id)
+            job = jobstore.retry_outages(jobstore.get_job)(session, self.job_id)
         if not jobstore.owns(job, self.worker_id):
             log.warning("the job is not this worker's to run", extra={"job_id": self.job_id})
             return 0
@@ -243,6 +310,8 @@ class JobRunner:
             if self.main:
                 callbacks.on_checkpoint = self.on_checkpoint
                 callbacks.on_validation = self.on_validation
+                callbacks.on_phase = self.on_phase
+                callbacks.on_cache_progress = self.on_cache_progress
             result = train(config, callbacks, model_cache_dir=self.settings.cache_dir)
             if not self.main:
                 return 0
@@ -303,12 +372,14 @@ class JobRunner:
 
     def succeeded(self, job: Job, config: Any, model_path: Path | None) -> int:
         import mlflow
+        from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
         from invdpo_core.storage import upload_dir
         from services.worker.evaluation import evaluate_job, summary
         from services.worker.tracking import default_model_name, register_model_once
 
         assert model_path is not None, "a finished run has a model"
+        self.on_phase("evaluating")
         # Evaluated before registering: the version appears with its evidence already on the job and the run.
         evaluation = evaluate_job(config, model_path, self.out / "evaluation", self.settings)
         with self.sessions() as session:
@@ -321,15 +392,26 @@ class JobRunner:
                 config.base_model, model_path, self.out / "merged", model_cache_dir=self.settings.cache_dir
             )
         )
-        upload_dir(pipeline, job_uri(self.settings, self.job_id, "model"))
+        self.on_phase("uploading")
+        upload_dir(pipeline, job_uri(self.settings, self.job_id, "model"))  # after botocore's retries, a failure
+        self.on_phase("registering")
         name = job.registered_model_name or default_model_name(self.job_id, job.suffix)
-        version, created = register_model_once(
-            job_id=self.job_id,
-            name=name,
-            pipeline_dir=pipeline,
-            resolution=config.resolution,
-            inference_steps=config.validation_inference_steps,
-        )
+        # MLflow retries each HTTP request itself (main() sets MLFLOW_HTTP_REQUEST_*); this rides out a longer
+        # outage. Registering twice is harmless: register_model_once finds the version tagged with this job.
+        for attempt in Retrying(
+            retry=retry_if_exception(transient_mlflow_error),
+            wait=wait_exponential(multiplier=1, max=15),
+            stop=stop_after_delay(jobstore.OUTAGE_BUDGET_SECONDS),
+            reraise=True,
+        ):
+            with attempt:
+                version, created = register_model_once(
+                    job_id=self.job_id,
+                    name=name,
+                    pipeline_dir=pipeline,
+                    resolution=config.resolution,
+                    inference_steps=config.validation_inference_steps,
+                )
         model = f"models:/{name}/{version}"
         self.event(f"Model {'registered' if created else 'already registered'} as {model} (alias candidate)")
         mlflow.end_run("FINISHED")  # before the job is final: whoever reads the job may read the run at once
@@ -355,9 +437,9 @@ class JobRunner:
             jobstore.finish_job(session, self.job_id, "failed", error, worker_id=self.worker_id)
         self.cleanup()
 
-    def event(self, message: str) -> None:
+    def event(self, message: str, data: dict[str, Any] | None = None) -> None:
         with self.sessions() as session:
-            jobstore.add_event(session, self.job_id, message)
+            jobstore.add_event(session, self.job_id, message, data=data)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.out, ignore_errors=True)
@@ -376,14 +458,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow writes run URLs to stdout and logs through handlers of its own: neither would be masked.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's own HTTP retries (urllib3): 7 retries 1, 2, 4 ... 64 s apart ride out an outage of about 2 minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    sessions = make_session_factory(make_engine(settings.database_url))
+    # Pre-ping: after a database restart or failover the pooled connections are dead; test each before use.
+    sessions = make_session_factory(make_engine(settings.database_url, pool_pre_ping=True))
     runner = JobRunner(settings, sessions, args.job_id, args.worker_id, main_rank)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        # Only a flag: the trainer sees it before its next step, checkpoints and returns; then we requeue.
+        # In training, a flag: the trainer sees it before its next micro-batch, checkpoints and returns; then we
+        # requeue. In any other phase at once, from a thread (this handler may have interrupted a database call).
         runner.stop_signal = signal.Signals(signum).name
         log.warning("stop signal received", extra={"job_id": args.job_id, "signal": runner.stop_signal})
+        if main_rank and runner.phase != "training":
+            threading.Thread(target=runner.requeue_now, name="requeue", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -16,7 +16,8 @@ class Settings(JobSettings):
     the worker's own:
     INVDPO_MLFLOW_EXPERIMENT, INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE,
     INVDPO_HEARTBEAT_INTERVAL_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
-    INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE.
+    INVDPO_STOP_GRACE_SECONDS, INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_EVAL_SCORERS,
+    INVDPO_EVAL_GUIDANCE_SCALE.
     """
 
     mlflow_experiment: str = Field("invdpo", min_length=1, description="MLflow experiment the job runs go to.")
@@ -43,6 +44,12 @@ class Settings(JobSettings):
     )
     cancel_poll_seconds: float = Field(
         1.0, ge=0, description="The trainer asks the database whether to stop at most this often."
+    )
+    stop_grace_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="After a cancel request, how long the training process may take to stop by itself before the "
+        "worker kills it (model loading, evaluation and uploads do not poll for cancels).",
     )
     num_processes: int | None = Field(
         None, ge=1, description="Training processes per job; default: one per visible GPU (one on a CPU)."

@@ -12,6 +12,7 @@ own process group, with the environment pointing at those servers; `api` is the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -52,6 +53,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def report(fault: str, **figures: Any) -> None:
+    """Append what a fault test measured to $INVDPO_FAULTS_REPORT (JSON lines; benchmarks/faults.py prints them)."""
+    path = os.environ.get("INVDPO_FAULTS_REPORT")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"fault": fault, **figures}) + "\n")
 
 
 @dataclass
@@ -152,11 +161,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except OSError:
             return False
 
-    wait_until(healthy, 120, "mlflow server", interval=0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
-    log.close()
+    try:
+        wait_until(healthy, 600, "mlflow server", interval=0.5)  # generous: a loaded shared machine
+        yield url
+    finally:  # also when it never became healthy: no server left behind
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
 
 
 @pytest.fixture(scope="session")

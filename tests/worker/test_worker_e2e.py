@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import JOBS, ROOT, RedisServer, Workers, free_port, wait_until
+from conftest import JOBS, ROOT, RedisServer, Workers, free_port, report, wait_until
 from fastapi.testclient import TestClient
 from fixtures_s3 import s3_test_client
 from mlflow import MlflowClient
@@ -197,18 +197,23 @@ def test_sigkill_of_the_worker_then_a_new_worker_resumes_from_the_last_checkpoin
     job_id = create_job(api, auth, tiny_model_uri, toy_dataset_uri, max_steps=max_steps, checkpoint_interval=10)
     wait_for_step(api, auth, job_id, 10)
     first.kill(signal.SIGKILL)  # the Celery main process, its pool process and the training process
+    killed_t = time.monotonic()
     first.proc.wait(30)
     killed_at = get_job(api, auth, job_id)
     assert killed_at["status"] == "running" and killed_at["step"] < max_steps, killed_at
     stored = [c["step_number"] for c in api.get(f"{JOBS}/{job_id}/checkpoints", headers=auth).json()["data"]]
 
     workers.start()  # a new machine: empty work dir, restores from the object store
+    wait_until(lambda: get_job(api, auth, job_id)["step"] != killed_at["step"], 240, "progress after the kill")
+    resumed_s = time.monotonic() - killed_t
     job = wait_for(api, auth, job_id, {"succeeded", "failed", "cancelled"}, workers, timeout=240)
     assert job["status"] == "succeeded", job
     assert (job["step"], job["total_steps"]) == (max_steps, max_steps)
     messages = [e["message"] for e in events(api, auth, job_id)]
     resumed = [m for m in messages if m.startswith("Resuming from the checkpoint of step")]
     assert resumed == [f"Resuming from the checkpoint of step {max(stored)}"], messages
+    report("whole worker SIGKILLed", outcome=job["status"], steps_lost=killed_at["step"] - max(stored),
+           seconds_to_progress=round(resumed_s, 1))  # fmt: skip
     assert any("(attempt 2)" in m for m in messages)
 
     client = MlflowClient(tracking_uri=mlflow_server)

@@ -103,16 +103,30 @@ def test_a_message_for_a_job_that_cannot_be_claimed_does_nothing(
         assert job is not None and job.status == "succeeded" and job.attempt == 0
 
 
-def test_a_training_process_that_dies_without_reporting_fails_the_job(sessions: sessionmaker[Session], monkeypatch):
+def test_a_training_process_that_dies_is_queued_again_then_fails_after_max_attempts(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(worker_app, "sessions", lambda: sessions)
+    sent: list[str] = []
+    monkeypatch.setattr(worker_app, "enqueue_training", lambda job_id, _app: sent.append(job_id))
     job_id = make_job(sessions)
     with sessions() as session:
         assert jobstore.claim_job(session, job_id, WORKER)
-    worker_app._after_exit(job_id, WORKER, -9)
+    worker_app._after_exit(job_id, WORKER, -9, max_attempts=2)  # the OOM killer, attempt 1 of 2: resume
+    with sessions() as session:
+        job = jobstore.get_job(session, job_id)
+        assert job is not None and (job.status, job.attempt, job.claimed_by) == ("queued", 1, None)
+        last = jobstore.list_events(session, job_id, after=None, limit=100)[0][-1]
+        assert "killed by SIGKILL" in last.message and "attempt 1 of 2" in last.message
+    assert sent == [job_id]
+    with sessions() as session:
+        assert jobstore.claim_job(session, job_id, WORKER)
+    worker_app._after_exit(job_id, WORKER, -11, max_attempts=2)  # attempt 2 of 2: the job fails with the reason
     with sessions() as session:
         job = jobstore.get_job(session, job_id)
         assert job is not None and (job.status, job.error_code) == ("failed", "training_process_died")
-        assert "SIGKILL" in (job.error_message or "")
+        assert "SIGSEGV" in (job.error_message or "") and "2 times" in (job.error_message or "")
+    assert sent == [job_id]
 
 
 def test_reconcile_task_resends_a_queued_job_whose_message_was_lost(
