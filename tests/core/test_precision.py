@@ -57,3 +57,96 @@ def _on_step(into):
     from invdpo_core.train import TrainCallbacks
 
     return TrainCallbacks(on_step=lambda s, total, m: into.append(m))
+
+
+def _with_scheduler(model_dir, tmp_path, **changes):
+    """A copy of the tiny pipeline whose scheduler config says `changes` (as a checkpoint a user brings would)."""
+    import json
+    import shutil
+
+    path = tmp_path / "changed"
+    shutil.copytree(model_dir, path)
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), **changes}))
+    return path
+
+
+SCHEDULES = {
+    "linspace": {"timestep_spacing": "linspace"},
+    "trailing": {"timestep_spacing": "trailing"},
+    "v_prediction": {"prediction_type": "v_prediction"},
+}
+# What each method trains; the rest is refused naming the field.
+TRAINS = {
+    ("diffusion_dpo", "linspace"), ("diffusion_dpo", "trailing"), ("diffusion_dpo", "v_prediction"),
+    ("inversion_dpo", "trailing"), ("inpo", "trailing"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("method", ["diffusion_dpo", "inversion_dpo", "inpo"])
+def test_sd_family_schedules_train_or_are_refused_before_training(config, model_dir, tmp_path, method, schedule):
+    from invdpo_core.train import TrainError
+    from services.jobs.validation import check_files
+
+    model = _with_scheduler(model_dir, tmp_path, **SCHEDULES[schedule])
+    cfg = config(method=method, base_model=str(model))
+    error = check_files(str(model), cfg.dataset, None, 2, method)
+    if (method, schedule) in TRAINS:
+        assert error is None
+        steps = []
+        train(cfg, _on_step(steps))
+        assert steps[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)
+    else:
+        field = next(iter(SCHEDULES[schedule]))
+        assert error is not None and error["param"] == "model" and f"scheduler.{field}" in error["message"]
+        with pytest.raises(TrainError, match=f"scheduler.{field}"):
+            train(cfg)
+
+
+def test_diffusion_dpo_asks_a_v_prediction_model_for_v():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from invdpo_core.inversion import Conditioning
+    from invdpo_core.methods import diffusion_dpo_points
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear")
+    z_w, z_l = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+
+    def zero_unet(x, t, **_):
+        return type("Out", (), {"sample": torch.zeros_like(x)})
+
+    points = diffusion_dpo_points(
+        zero_unet, scheduler, z_w, z_l, Conditioning(torch.zeros(2, 1, 1)), generator=torch.Generator().manual_seed(0)
+    )
+    abar = scheduler.alphas_cumprod[points.timesteps].view(-1, 1, 1, 1)
+    noise = (points.xt_w - abar**0.5 * z_w) / (1 - abar) ** 0.5  # the shared noise, recovered from x_t
+    torch.testing.assert_close(points.target_w, abar**0.5 * noise - (1 - abar) ** 0.5 * z_w, atol=1e-4, rtol=0)
+    torch.testing.assert_close(points.target_l, abar**0.5 * noise - (1 - abar) ** 0.5 * z_l, atol=1e-4, rtol=0)
+
+
+def test_fp16_checkpoint_holds_the_grad_scaler_state_and_resume_restores_it(config):
+    import torch
+
+    from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint
+
+    cfg = config(method="diffusion_dpo", mixed_precision="fp16", max_steps=2, checkpoint_interval=1)
+    result = train(cfg)
+    objects, _ = load_checkpoint(latest_checkpoint(result.output_dir / "checkpoints"))
+    assert objects["scaler"] is not None and objects["scaler"]["scale"] > 0, objects.get("scaler")
+    assert "_growth_tracker" in objects["scaler"]
+    # Resume to 3 steps == 3 steps straight, fp16 included.
+    resumed = train(config(method="diffusion_dpo", mixed_precision="fp16", max_steps=3, checkpoint_interval=1))
+    straight = train(
+        config(
+            method="diffusion_dpo", mixed_precision="fp16", max_steps=3, checkpoint_interval=1,
+            output_dir=str(result.output_dir) + "-straight",
+        )
+    )  # fmt: skip
+    assert resumed.resumed_from == 2
+    a, _ = load_checkpoint(latest_checkpoint(resumed.output_dir / "checkpoints"))
+    b, _ = load_checkpoint(latest_checkpoint(straight.output_dir / "checkpoints"))
+    assert a["scaler"] == b["scaler"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
