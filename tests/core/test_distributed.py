@@ -39,6 +39,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow  # about 3 minutes each on a shared 2-core machine
 @pytest.mark.parametrize("run", list(RUNS))
 def test_two_cpu_processes_train_what_one_process_trains(tmp_path, model_dir, run):
     dataset = make_toy_dataset(tmp_path / "data", 8, model_dir=model_dir)
@@ -61,7 +62,7 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, model_dir, ru
     script.write_text(RANK_SCRIPT)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*launch, str(script), str(spec)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "Error" in l or "error" in l)[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["pairs_seen"] == 8  # 2 processes x 2 pairs x 2 steps
     if settings.get("adapter"):
