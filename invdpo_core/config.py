@@ -258,6 +258,23 @@ class EvalConfig(_Strict):
         )
 
 
+def schedule_problem(scheduler: dict[str, Any], method: str) -> str | None:
+    """Why `method` cannot train a model with this scheduler config (scheduler/scheduler_config.json), naming the
+    field, or None. Diffusion-DPO only forward-noises, so any spacing and epsilon or v targets work; the inversion
+    methods follow diffusers' DDIMInverseScheduler, which knows leading and trailing spacing and epsilon models."""
+    prediction = scheduler.get("prediction_type", "epsilon")
+    spacing = scheduler.get("timestep_spacing", "leading")
+    if method == "diffusion_dpo":
+        if prediction not in ("epsilon", "v_prediction"):
+            return f"scheduler.prediction_type: {prediction!r} is not supported (epsilon or v_prediction)"
+        return None
+    if prediction != "epsilon":
+        return f"scheduler.prediction_type: {prediction!r} is not supported by method {method} (epsilon only)"
+    if spacing not in ("leading", "trailing"):
+        return f"scheduler.timestep_spacing: {spacing!r} is not supported by method {method} (leading or trailing)"
+    return None
+
+
 def fields_with(name: Role) -> tuple[str, ...]:
     """The TrainingConfig fields that play role `name`, in declaration order."""
     return tuple(field for field, info in TrainingConfig.model_fields.items() if name in _roles(info))

@@ -81,12 +81,15 @@ def diffusion_dpo_points(
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
     t = t.to(z_w.device)
     noise = torch.randn(z_w.shape, generator=generator, device=generator.device, dtype=z_w.dtype).to(z_w.device)
+    # A v-prediction model (SD2.x 768, v-pred SDXL finetunes) is asked for v = sqrt(abar) eps - sqrt(1 - abar) z,
+    # as in Diffusion-DPO's training script; the shared noise then gives each image its own target.
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
     points = TrainPoints(
         xt_w=scheduler.add_noise(z_w, noise, t),
         xt_l=scheduler.add_noise(z_l, noise, t),
         timesteps=t,
-        target_w=noise,
-        target_l=noise,
+        target_w=scheduler.get_velocity(z_w, noise, t) if v_prediction else noise,
+        target_l=scheduler.get_velocity(z_l, noise, t) if v_prediction else noise,
         ref_err_w=torch.empty(0),
         ref_err_l=torch.empty(0),
         weights=torch.ones(b, device=z_w.device),

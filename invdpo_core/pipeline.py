@@ -58,4 +58,6 @@ def encode_latents(
     with torch.no_grad():
         # The posterior mean, not a sample: deterministic, so a cached inversion stays valid.
         z = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
-    return z[0::2], z[1::2]
+    # Contiguous: on the CPU the VAE returns channels-last, and bf16 UNet kernels give other numbers on it than on
+    # the contiguous copies other code paths make, which puts offsets between the policy and the reference.
+    return z[0::2].contiguous(), z[1::2].contiguous()

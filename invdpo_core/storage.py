@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import posixpath
 import re
@@ -348,6 +349,19 @@ def check_model_reference(uri: str) -> None:
         ) from None
     if not found:
         raise ModelReferenceError("model_not_found", f"base model {uri}: no diffusers pipeline on the hub")
+
+
+def read_scheduler_config(uri: str) -> dict[str, Any] | None:
+    """The pipeline's scheduler/scheduler_config.json (local directory or s3 prefix); None for a hub id or when
+    the pipeline has none (the trainer checks it again once loaded)."""
+    name = "scheduler/scheduler_config.json"
+    try:
+        if is_s3(uri):
+            return json.loads(read_bytes(_join(uri, name))) if exists(_join(uri, name)) else None
+        path = Path(uri).expanduser() / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise ModelReferenceError("bad_model_reference", f"base model {uri}: {name}: {exc}") from None
 
 
 def resolve_model(uri: str, cache_dir: str | Path) -> str:

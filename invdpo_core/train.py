@@ -60,7 +60,7 @@ from PIL import Image
 from transformers.optimization import Adafactor
 
 from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, TrainingConfig
+from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, TrainingConfig, schedule_problem
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
 from invdpo_core.inversion_cache import InversionCache, entry_bytes
@@ -164,12 +164,14 @@ def stop_requested(callbacks: TrainCallbacks, accelerator: Accelerator) -> bool:
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
-    if not PartialState().use_distributed:
+    # cpu=True on a host without CUDA: otherwise several processes there each run as their own main process.
+    cpu = not torch.cuda.is_available()
+    if not PartialState(cpu=cpu).use_distributed:
         # accelerate keeps its precision in a process-wide singleton that refuses a second value, and a worker
         # process runs jobs of different precisions one after another. (A distributed launch runs one job.)
         AcceleratorState._reset_state()
     return Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision, cpu=cpu
     )
 
 
@@ -316,6 +318,8 @@ def resume(
         set_peft_model_state_dict(policy, objects["model"])
     optimizer.load_state_dict(objects["optimizer"])
     lr_scheduler.load_state_dict(objects["lr_scheduler"])
+    if accelerator.scaler is not None and objects.get("scaler"):  # fp16: the loss scale and its growth tracker
+        accelerator.scaler.load_state_dict(objects["scaler"])
     if len(objects["rng"]) == accelerator.num_processes:  # another process count cannot continue the same stream
         _set_rng_state(objects["rng"][accelerator.process_index], generator)
     return Position(**objects["trainer"])
@@ -341,6 +345,7 @@ def save(
             "model": model,
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "rng": rng,
             "trainer": asdict(position),
         }
@@ -529,6 +534,9 @@ def train(
         pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir)
     except PipelineLoadError as exc:
         raise TrainError(str(exc)) from None
+    problem = schedule_problem(dict(pipe.scheduler.config), config.method)
+    if problem is not None:
+        raise TrainError(f"base model {config.base_model}: {problem}")
     policy, reference = prepare_models(pipe, config, device, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(policy, config)
     # The scheduler is stepped here once per optimizer step, so it is not handed to accelerate (which would step
@@ -546,8 +554,10 @@ def train(
 
     # --- 3. The inversion cache ----------------------------------------------------------------------------------
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    inv_timesteps = inverse_scheduler(pipe.scheduler.config, config.inversion_steps).timesteps
-    point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)  # (N,)
+    point_weights = torch.ones(0)
+    if config.method == "inversion_dpo":  # the other methods have no inversion grid (and any spacing works for them)
+        inv_timesteps = inverse_scheduler(pipe.scheduler.config, config.inversion_steps).timesteps
+        point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)
 
     config_json = config.model_dump(mode="json")
     cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEY_FIELDS})

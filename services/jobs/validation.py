@@ -22,14 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def check_files(
-    model: str, training_file: str, validation_file: str | None, sample: int
+    model: str, training_file: str, validation_file: str | None, sample: int, method: str = "inversion_dpo"
 ) -> jobstore.JobErrorInfo | None:
-    """The first problem found as a job error, or None if the model and the datasets look right."""
+    """The first problem found as a job error, or None if the model and the datasets look right (its scheduler
+    too: a schedule `method` cannot train is refused here, before any GPU)."""
     # Imported here: the API starts even if a check's optional dependencies are missing, and fails the job instead.
+    from invdpo_core.config import schedule_problem
     from invdpo_core.data import DatasetError, inspect_dataset
-    from invdpo_core.storage import ModelReferenceError, check_model_reference
+    from invdpo_core.storage import ModelReferenceError, check_model_reference, read_scheduler_config
 
-    checks: list[tuple[str, Callable[[], object]]] = [("model", lambda: check_model_reference(model))]
+    def check_model() -> None:
+        check_model_reference(model)
+        scheduler = read_scheduler_config(model)
+        problem = schedule_problem(scheduler, method) if scheduler is not None else None
+        if problem is not None:
+            raise ModelReferenceError("unsupported_model", f"base model {model}: {problem}")
+
+    checks: list[tuple[str, Callable[[], object]]] = [("model", check_model)]
     checks.append(("training_file", lambda: inspect_dataset(training_file, sample=sample)))
     if validation_file is not None:
         checks.append(("validation_file", lambda: inspect_dataset(validation_file, sample=sample)))
@@ -52,9 +61,10 @@ def validate_job_files(
             if job is None or job.status != "validating_files":
                 return
             model, training_file, validation_file = job.model, job.training_file, job.validation_file
+            method = job.config["method"]
         # No database connection is held while the (possibly remote) files are read.
         try:
-            error = check_files(model, training_file, validation_file, sample)
+            error = check_files(model, training_file, validation_file, sample, method)
         except Exception:
             log.exception("file validation crashed", extra={"job_id": job_id})
             error = {

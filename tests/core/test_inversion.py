@@ -17,12 +17,14 @@ def _latents(seed=0, b=2):
     return torch.randn((b, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def test_inversion_equals_diffusers_inverse_scheduler_loop(pipe):
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_inversion_equals_diffusers_inverse_scheduler_loop(pipe, spacing):
     cond = encode_prompts(pipe, ["a red circle", "a blue square"], device=torch.device("cpu"), resolution=64)
     z0 = _latents()
-    traj = ddim_invert(pipe.unet, pipe.scheduler.config, z0, cond, num_steps=10, with_point_eps=False)
+    config = {**pipe.scheduler.config, "timestep_spacing": spacing}
+    traj = ddim_invert(pipe.unet, config, z0, cond, num_steps=10, with_point_eps=False)
 
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse = DDIMInverseScheduler.from_config(config)
     inverse.set_timesteps(10)
     x = z0.clone()
     with torch.no_grad():
