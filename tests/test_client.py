@@ -244,7 +244,9 @@ def test_events_follow_ends_with_the_job(
     exit_code: int,
 ) -> None:
     job = create()
-    worker = threading.Thread(target=act_as_worker, args=(api, job["id"], outcome), kwargs={"pause": 0.1})
+    # Steps 1 s apart: the job is still running when --follow connects, so the live bar is what is shown (a job
+    # already finished is replayed as history, without a bar: checked below).
+    worker = threading.Thread(target=act_as_worker, args=(api, job["id"], outcome), kwargs={"pause": 1.0})
     worker.start()
     code, out, err = run(capsys, "jobs", "events", job["id"], "--follow")
     worker.join()
