@@ -1,6 +1,9 @@
 """`invdpo-admin`: operator commands for the API's database (keys, migrations, one reconcile pass).
 
-    invdpo-admin create-key --project P [--name N]   prints a new API key once; only its sha256 is stored
+    invdpo-admin create-key --project P [--name N] [--scope S ...]
+                                                     prints a new API key once; only its sha256 is stored.
+                                                     Scopes: jobs:read jobs:write models:read models:promote
+                                                     (the default: all four) and models:force
     invdpo-admin list-keys [--project P]             prefixes, projects, created/revoked (never the keys)
     invdpo-admin revoke-key PREFIX
     invdpo-admin migrate                             alembic upgrade head
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,18 +25,21 @@ from services.api.security import generate_key
 from services.api.settings import get_settings
 from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.logs import mask_secrets
-from services.jobs.models import ApiKey, Project, utcnow
+from services.jobs.models import DEFAULT_SCOPES, SCOPES, ApiKey, Project, utcnow
 
 
-def create_api_key(session: Session, project: str, name: str | None = None) -> tuple[str, str]:
-    """Make a key for `project` (created if new). Returns (key, prefix); the key cannot be recovered later."""
+def create_api_key(
+    session: Session, project: str, name: str | None = None, scopes: Sequence[str] = DEFAULT_SCOPES
+) -> tuple[str, str]:
+    """Make a key for `project` (created if new) with `scopes` (models.SCOPES). Returns (key, prefix); the key
+    cannot be recovered later."""
     row = session.scalars(select(Project).where(Project.name == project)).first()
     if row is None:
         row = Project(name=project)
         session.add(row)
         session.flush()
     key, prefix, key_hash = generate_key()
-    session.add(ApiKey(project_id=row.id, prefix=prefix, key_hash=key_hash, name=name))
+    session.add(ApiKey(project_id=row.id, prefix=prefix, key_hash=key_hash, name=name, scopes=sorted(set(scopes))))
     session.commit()
     return key, prefix
 
@@ -59,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("create-key", help="create an API key for a project (the project is created if new)")
     p.add_argument("--project", required=True, type=_project_name)
     p.add_argument("--name", help="a label for the key, e.g. who uses it")
+    p.add_argument(
+        "--scope", action="append", choices=SCOPES, dest="scopes",
+        help=f"what the key may do; repeat for several (default: {' '.join(DEFAULT_SCOPES)}). models:force promotes "
+        "versions the promotion gate refused",
+    )  # fmt: skip
     p = sub.add_parser("list-keys", help="list keys by prefix")
     p.add_argument("--project", type=_project_name)
     p = sub.add_parser("revoke-key", help="revoke a key by its prefix (invdpo-xxxxxxxx)")
@@ -77,18 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         factory = make_session_factory(engine)
         with factory() as session:
             if args.command == "create-key":
-                key, prefix = create_api_key(session, args.project, args.name)
-                print(f"Created key {prefix} for project {args.project}. Store it now; it is not shown again:")
+                key, prefix = create_api_key(session, args.project, args.name, args.scopes or DEFAULT_SCOPES)
+                scopes = " ".join(sorted(set(args.scopes or DEFAULT_SCOPES)))
+                print(f"Created key {prefix} for project {args.project} ({scopes}). Store it now; it is not shown again:")
                 print(key)
             elif args.command == "list-keys":
-                query = select(ApiKey.prefix, Project.name, ApiKey.name, ApiKey.created_at, ApiKey.revoked_at).join(
-                    Project
-                )
+                query = select(
+                    ApiKey.prefix, Project.name, ApiKey.name, ApiKey.scopes, ApiKey.created_at, ApiKey.revoked_at
+                ).join(Project)
                 if args.project:
                     query = query.where(Project.name == args.project)
-                for prefix, project, name, created, revoked in session.execute(query.order_by(ApiKey.id)):
+                for prefix, project, name, scopes, created, revoked in session.execute(query.order_by(ApiKey.id)):
                     state = f"revoked {revoked:%Y-%m-%d}" if revoked else "active"
-                    print(f"{prefix}  {project}  {name or '-'}  created {created:%Y-%m-%d}  {state}")
+                    print(f"{prefix}  {project}  {name or '-'}  {','.join(scopes)}  created {created:%Y-%m-%d}  {state}")
             elif args.command == "revoke-key":
                 if not revoke_api_key(session, args.prefix):
                     print(f"error: no active key {args.prefix}", file=sys.stderr)
