@@ -8,13 +8,20 @@
     invdpo-admin revoke-key PREFIX
     invdpo-admin migrate                             alembic upgrade head
     invdpo-admin reconcile                           re-send jobs whose broker message was lost, once
+    invdpo-admin mlflow-service-user                 create MLflow's user MLFLOW_TRACKING_USERNAME (password
+                                                     MLFLOW_TRACKING_PASSWORD) if missing, as MLflow's admin
+    invdpo-admin mlflow-project-user --project P     create MLflow user project-P (its password printed once) and
+                                                     grant it MANAGE on every model the project owns
 
-The database is INVDPO_DATABASE_URL, as for the API.
+The database is INVDPO_DATABASE_URL and MLflow INVDPO_MLFLOW_TRACKING_URI, as for the API; MLflow's admin is
+MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD, the variables the MLflow server reads too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -53,6 +60,39 @@ def revoke_api_key(session: Session, prefix: str) -> bool:
     return True
 
 
+class MlflowAdmin:
+    """MLflow's basic-auth REST API (users and permissions), called as MLflow's admin."""
+
+    def __init__(self, tracking_uri: str):
+        import httpx
+
+        user, password = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME"), os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
+        if not user or not password:
+            raise ValueError("set MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD (MLflow's admin)")
+        self.http = httpx.Client(base_url=tracking_uri.rstrip("/") + "/api/2.0/mlflow", auth=(user, password))
+
+    def create_user(self, username: str, password: str) -> bool:
+        """True if created, False if the user exists."""
+        answer = self.http.post("/users/create", json={"username": username, "password": password})
+        if answer.status_code in (400, 409) and "RESOURCE_ALREADY_EXISTS" in answer.text:
+            return False
+        answer.raise_for_status()
+        return True
+
+    def grant_model(self, name: str, username: str, permission: str = "MANAGE") -> None:
+        """Give `username` `permission` on registered model `name` (or change what it had)."""
+        body = {"name": name, "username": username, "permission": permission}
+        answer = self.http.post("/registered-models/permissions/create", json=body)
+        if answer.status_code in (400, 409) and "RESOURCE_ALREADY_EXISTS" in answer.text:
+            answer = self.http.patch("/registered-models/permissions/update", json=body)
+        answer.raise_for_status()
+
+
+def mlflow_project_user(project: str) -> str:
+    """MLflow user name of a project's team: it manages the project's registered models in the MLflow UI."""
+    return f"project-{project}"
+
+
 def _project_name(value: str) -> str:
     value = value.strip()
     if not 1 <= len(value) <= 128 or not value.isprintable():
@@ -77,12 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix")
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("reconcile", help="run one reconciler pass now")
+    sub.add_parser("mlflow-service-user", help="create the MLflow user the API and the worker log in as")
+    p = sub.add_parser("mlflow-project-user", help="create a project's MLflow user, MANAGE on its models")
+    p.add_argument("--project", required=True, type=_project_name)
     return parser
+
+
+def _error_line(exc: Exception) -> str:
+    """One line, credentials masked (the database URL may carry a password)."""
+    return f"error: {mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = get_settings()
+    if args.command == "mlflow-service-user":  # MLflow only, no database
+        try:
+            user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+            if not user or not password:
+                raise ValueError("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the service user)")
+            made = MlflowAdmin(settings.mlflow_tracking_uri).create_user(user, password)
+            print(f"MLflow user {user} {'created' if made else 'exists'}")
+        except Exception as exc:
+            print(
+                f"error: {mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}", file=sys.stderr
+            )
+            return 1
+        return 0
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
@@ -90,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         with factory() as session:
             if args.command == "create-key":
                 key, prefix = create_api_key(session, args.project, args.name, args.scopes or DEFAULT_SCOPES)
-                scopes = " ".join(sorted(set(args.scopes or DEFAULT_SCOPES)))
-                print(f"Created key {prefix} for project {args.project} ({scopes}). Store it now; it is not shown again:")
+                granted = " ".join(sorted(set(args.scopes or DEFAULT_SCOPES)))
+                print(f"Created key {prefix} for project {args.project} ({granted}). Store it now, it is shown once:")
                 print(key)
             elif args.command == "list-keys":
                 query = select(
@@ -101,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                     query = query.where(Project.name == args.project)
                 for prefix, project, name, scopes, created, revoked in session.execute(query.order_by(ApiKey.id)):
                     state = f"revoked {revoked:%Y-%m-%d}" if revoked else "active"
-                    print(f"{prefix}  {project}  {name or '-'}  {','.join(scopes)}  created {created:%Y-%m-%d}  {state}")
+                    label = f"{name or '-'}  {','.join(scopes)}"
+                    print(f"{prefix}  {project}  {label}  created {created:%Y-%m-%d}  {state}")
             elif args.command == "revoke-key":
                 if not revoke_api_key(session, args.prefix):
                     print(f"error: no active key {args.prefix}", file=sys.stderr)
@@ -116,10 +178,25 @@ def main(argv: list[str] | None = None) -> int:
                     f"requeued {len(report.requeued)}, resumed {len(report.resumed)}, failed {len(report.failed)}, "
                     f"cancelled {len(report.cancelled)}, revalidated {len(report.revalidate)}"
                 )
+            elif args.command == "mlflow-project-user":
+                from services.jobs import jobstore
+
+                owner = session.scalars(select(Project).where(Project.name == args.project)).first()
+                if owner is None:
+                    print(f"error: no project {args.project}", file=sys.stderr)
+                    return 1
+                mlflow_admin = MlflowAdmin(settings.mlflow_tracking_uri)
+                user, password = mlflow_project_user(args.project), secrets.token_urlsafe(24)
+                if mlflow_admin.create_user(user, password):
+                    print(f"Created MLflow user {user}. Store its password now, it is shown once:")
+                    print(password)
+                models = [m.name for m in jobstore.project_models(session, owner.id)]
+                for name in models:
+                    mlflow_admin.grant_model(name, user)
+                print(f"{user}: MANAGE on {len(models)} registered models: {' '.join(models) or '-'}")
             # migrate: already done above
     except Exception as exc:
-        # One line, credentials masked (the database URL may carry a password).
-        print(f"error: {mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 1
     finally:
         engine.dispose()

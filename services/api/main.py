@@ -19,7 +19,7 @@ from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from services.api.routes import health, jobs, models
 from services.api.settings import Settings, get_settings
-from services.jobs import reconciler
+from services.jobs import champions, reconciler
 from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.logs import configure_logging, mask_secrets
 from services.jobs.queue import make_celery
@@ -66,6 +66,14 @@ async def _reconcile_forever(app: FastAPI) -> None:
             continue
         for reason in ("requeued", "resumed", "failed", "cancelled", "revalidate"):
             state.metrics.jobs_enqueued.labels(reason).inc(len(getattr(report, reason)))
+        try:
+            found = await run_in_threadpool(
+                champions.check_champions, state.session_factory, state.settings.mlflow_tracking_uri
+            )
+        except Exception:
+            log.warning("champion check failed", exc_info=True)
+            continue
+        state.metrics.ungated_champions.set(len(found))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

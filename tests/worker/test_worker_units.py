@@ -30,7 +30,8 @@ from services.jobs.models import Job, Project
 from services.worker import app as worker_app
 from services.worker.run_job import JobRunner, job_error, merge_lora
 from services.worker.settings import Settings
-from services.worker.tracking import SERVING_CODE, SIGNATURE, dataset_fingerprint, default_model_name, flat_params
+from services.jobs.jobstore import default_model_name
+from services.worker.tracking import SERVING_CODE, SIGNATURE, dataset_fingerprint, flat_params
 
 WORKER = "host:1:abcd"
 
