@@ -66,12 +66,19 @@ async def _reconcile_forever(app: FastAPI) -> None:
             continue
         for reason in ("requeued", "resumed", "failed", "cancelled", "revalidate"):
             state.metrics.jobs_enqueued.labels(reason).inc(len(getattr(report, reason)))
+
+
+async def _check_champions_forever(app: FastAPI) -> None:
+    """A loop of its own: MLflow being slow or down must not hold up the reconciler."""
+    state = app.state
+    while True:
+        await asyncio.sleep(state.settings.reconcile_interval_seconds)
         try:
             found = await run_in_threadpool(
                 champions.check_champions, state.session_factory, state.settings.mlflow_tracking_uri
             )
-        except Exception:
-            log.warning("champion check failed", exc_info=True)
+        except Exception as exc:
+            log.warning("champion check failed", extra={"error": type(exc).__name__})
             continue
         state.metrics.ungated_champions.set(len(found))
 
@@ -85,11 +92,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_startup:
             await run_in_threadpool(migrate, engine)
-        loop = None
+        loops = []
         if settings.reconcile_interval_seconds > 0:
-            loop = asyncio.create_task(_reconcile_forever(app))
+            loops = [asyncio.create_task(_reconcile_forever(app)), asyncio.create_task(_check_champions_forever(app))]
         yield
-        if loop is not None:
+        for loop in loops:
             loop.cancel()
         engine.dispose()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.jobs import jobstore
@@ -54,10 +54,22 @@ def check_champions(session_factory: sessionmaker[Session], tracking_uri: str) -
                 session.commit()
                 continue
             found.append(UngatedChampion(model.name, version, row.job_id if row else None))
-            if model.champion_alert_version == version:
-                continue  # already reported
-            model.champion_alert_version = version
+            # A conditional UPDATE: of several API replicas checking at once, one reports this move.
+            claim = session.execute(
+                update(RegisteredModel)
+                .where(
+                    RegisteredModel.name == model.name,
+                    or_(
+                        RegisteredModel.champion_alert_version.is_(None),
+                        RegisteredModel.champion_alert_version != version,
+                    ),
+                )
+                .values(champion_alert_version=version)
+                .execution_options(synchronize_session=False)
+            )
             session.commit()
+            if claim.rowcount != 1:  # type: ignore[attr-defined]
+                continue  # already reported
             why = "the promotion gate refused it" if row is not None else "no invdpo job registered it"
             message = (
                 f"champion of {model.name} was moved outside invdpo to version {version}, which {why}; "

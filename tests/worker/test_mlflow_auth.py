@@ -61,6 +61,9 @@ def mlflow_compose(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> 
     assert command[:2] == ["/bin/sh", "-c"] and "--app-name basic-auth" in command[2]
     # Loopback and a free port instead of the container's 0.0.0.0:5000; the stores of this test.
     command[2] = command[2].replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")
+    # One worker process: uvicorn's supervisor kills workers that miss its 5 s ping, which they do on a loaded
+    # 2-core test machine, so the server never comes up with two.
+    command[2] = command[2].replace("--workers 2", "--workers 1")
     env.update(
         MLFLOW_BACKEND_STORE_URI=f"sqlite:///{root / 'mlflow.db'}",
         MLFLOW_AUTH_DATABASE_URI=f"sqlite:///{root / 'auth.db'}",

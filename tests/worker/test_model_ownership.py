@@ -60,7 +60,7 @@ def _registered(api: TestClient, mlflow_server: str, project_id: int, gate: list
 
 
 def test_another_projects_model_cannot_be_registered_into_read_or_promoted(
-    api: TestClient, mlflow_server: str, toy_dataset_uri: str, tiny_model_uri: str
+    api: TestClient, mlflow_server: str
 ) -> None:
     client = MlflowClient(tracking_uri=mlflow_server)
     auth_b, project_b, _ = _project(api)
@@ -70,7 +70,9 @@ def test_another_projects_model_cannot_be_registered_into_read_or_promoted(
     assert before.aliases == {"candidate": "1", "champion": "1"}
 
     auth_a, project_a, _ = _project(api, SCOPES)  # every scope, models:force included
-    body = {"model": tiny_model_uri, "training_file": toy_dataset_uri, "registered_model_name": name}
+    # Refused when created, before any file is looked at.
+    body = {"model": "s3://a/model", "training_file": "s3://a/data/manifest.jsonl", "registered_model_name": name,
+            "method": {"type": "inversion_dpo"}}  # fmt: skip
     answer = api.post(JOBS, json=body, headers=auth_a)
     assert answer.status_code == 422, answer.text
     [error] = answer.json()["detail"]
