@@ -152,7 +152,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except OSError:
             return False
 
-    wait_until(healthy, 300, "mlflow server", interval=0.5)  # minutes on a loaded 2-core machine
+    wait_until(healthy, 900, "mlflow server", interval=0.5)  # minutes on a loaded 2-core machine
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)

@@ -84,7 +84,7 @@ def mlflow_compose(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> 
         except httpx.HTTPError:
             return False
 
-    wait_until(healthy, 300, "mlflow server with basic-auth", interval=0.5)
+    wait_until(healthy, 900, "mlflow server with basic-auth", interval=0.5)
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
