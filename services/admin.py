@@ -69,7 +69,9 @@ class MlflowAdmin:
         user, password = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME"), os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
         if not user or not password:
             raise ValueError("set MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD (MLflow's admin)")
-        self.http = httpx.Client(base_url=tracking_uri.rstrip("/") + "/api/2.0/mlflow", auth=(user, password))
+        self.http = httpx.Client(
+            base_url=tracking_uri.rstrip("/") + "/api/2.0/mlflow", auth=(user, password), timeout=60
+        )
 
     def create_user(self, username: str, password: str) -> bool:
         """True if created, False if the user exists."""
