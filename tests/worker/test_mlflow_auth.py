@@ -106,15 +106,15 @@ def _run_compose_job(name: str, url: str, values: dict[str, str], extra_env: dic
 def test_mlflow_refuses_calls_without_credentials_and_serves_the_service_user(mlflow_compose: str) -> None:
     url = mlflow_compose
     for path in (SEARCH, "/api/2.0/mlflow/registered-models/search", "/api/2.0/mlflow/users/get?username=admin"):
-        answer = httpx.get(url + path, timeout=10)
+        answer = httpx.get(url + path, timeout=120)
         print(f"GET {path} without credentials: {answer.status_code}")
         assert answer.status_code == 401, answer.text
-    assert httpx.get(url + SEARCH, auth=("invdpo", "guess"), timeout=10).status_code == 401
+    assert httpx.get(url + SEARCH, auth=("invdpo", "guess"), timeout=120).status_code == 401
 
     values = {"MLFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_SERVICE_PASSWORD": SERVICE_PASSWORD}
     assert "created" in _run_compose_job("mlflow-users", url, values, {})
     assert "exists" in _run_compose_job("mlflow-users", url, values, {})  # idempotent: every `compose up` runs it
-    answer = httpx.get(url + SEARCH, auth=("invdpo", SERVICE_PASSWORD), timeout=10)
+    answer = httpx.get(url + SEARCH, auth=("invdpo", SERVICE_PASSWORD), timeout=120)
     print(f"GET {SEARCH} as the service user: {answer.status_code}")
     assert answer.status_code == 200, answer.text
 
@@ -131,7 +131,9 @@ def test_a_project_user_manages_its_own_models_and_sees_no_other(mlflow_compose:
     _run_compose_job("mlflow-users", url, values, {})
     ours, theirs = f"ours-{uuid.uuid4().hex[:6]}", f"theirs-{uuid.uuid4().hex[:6]}"
     for name in (ours, theirs):  # what the worker does, as the service user (the creator gets MANAGE)
-        answer = httpx.post(f"{url}/api/2.0/mlflow/registered-models/create", json={"name": name}, auth=service)
+        answer = httpx.post(
+            f"{url}/api/2.0/mlflow/registered-models/create", json={"name": name}, auth=service, timeout=120
+        )
         assert answer.status_code == 200, answer.text
 
     database = f"sqlite:///{tmp_path / 'invdpo.db'}"
@@ -158,10 +160,15 @@ def test_a_project_user_manages_its_own_models_and_sees_no_other(mlflow_compose:
     team = ("project-alpha", lines[1])
 
     get = f"{url}/api/2.0/mlflow/registered-models/get"
-    assert httpx.get(get, params={"name": ours}, auth=team).status_code == 200
-    assert httpx.get(get, params={"name": theirs}, auth=team).status_code == 403
+    assert httpx.get(get, params={"name": ours}, auth=team, timeout=120).status_code == 200
+    assert httpx.get(get, params={"name": theirs}, auth=team, timeout=120).status_code == 403
     tag = f"{url}/api/2.0/mlflow/registered-models/set-tag"
-    assert httpx.post(tag, json={"name": ours, "key": "team", "value": "alpha"}, auth=team).status_code == 200
+    assert (
+        httpx.post(tag, json={"name": ours, "key": "team", "value": "alpha"}, auth=team, timeout=120).status_code
+        == 200
+    )
     alias = {"name": ours, "alias": "champion", "version": "1"}
-    answer = httpx.post(f"{url}/api/2.0/mlflow/registered-models/alias", json={**alias, "name": theirs}, auth=team)
+    answer = httpx.post(
+        f"{url}/api/2.0/mlflow/registered-models/alias", json={**alias, "name": theirs}, auth=team, timeout=120
+    )
     assert answer.status_code == 403, answer.text
