@@ -1,18 +1,26 @@
 """`invdpo-admin`: operator commands for the API's database (keys, migrations, one reconcile pass).
 
-    invdpo-admin create-key --project P [--name N]   prints a new API key once; only its sha256 is stored
+    invdpo-admin create-key --project P [--name N] [--scope S ...]
+                                                     prints a new API key once; only its sha256 is stored.
+                                                     Scopes: jobs:read jobs:write models:read models:promote
+                                                     (the default: all four) and models:force
     invdpo-admin list-keys [--project P]             prefixes, projects, created/revoked (never the keys)
     invdpo-admin revoke-key PREFIX
     invdpo-admin migrate                             alembic upgrade head
     invdpo-admin reconcile                           re-send jobs whose broker message was lost, once
+    invdpo-admin mlflow-service-user                 create MLflow's user MLFLOW_TRACKING_USERNAME (password
+                                                     MLFLOW_TRACKING_PASSWORD) if missing, as MLflow's admin
 
-The database is INVDPO_DATABASE_URL, as for the API.
+The database is INVDPO_DATABASE_URL and MLflow INVDPO_MLFLOW_TRACKING_URI, as for the API; MLflow's admin is
+MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD, the variables the MLflow server reads too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,18 +29,21 @@ from services.api.security import generate_key
 from services.api.settings import get_settings
 from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.logs import mask_secrets
-from services.jobs.models import ApiKey, Project, utcnow
+from services.jobs.models import DEFAULT_SCOPES, SCOPES, ApiKey, Project, utcnow
 
 
-def create_api_key(session: Session, project: str, name: str | None = None) -> tuple[str, str]:
-    """Make a key for `project` (created if new). Returns (key, prefix); the key cannot be recovered later."""
+def create_api_key(
+    session: Session, project: str, name: str | None = None, scopes: Sequence[str] = DEFAULT_SCOPES
+) -> tuple[str, str]:
+    """Make a key for `project` (created if new) with `scopes` (models.SCOPES). Returns (key, prefix); the key
+    cannot be recovered later."""
     row = session.scalars(select(Project).where(Project.name == project)).first()
     if row is None:
         row = Project(name=project)
         session.add(row)
         session.flush()
     key, prefix, key_hash = generate_key()
-    session.add(ApiKey(project_id=row.id, prefix=prefix, key_hash=key_hash, name=name))
+    session.add(ApiKey(project_id=row.id, prefix=prefix, key_hash=key_hash, name=name, scopes=sorted(set(scopes))))
     session.commit()
     return key, prefix
 
@@ -44,6 +55,28 @@ def revoke_api_key(session: Session, prefix: str) -> bool:
     key.revoked_at = utcnow()
     session.commit()
     return True
+
+
+class MlflowAdmin:
+    """MLflow's basic-auth REST API (users and permissions), called as MLflow's admin."""
+
+    def __init__(self, tracking_uri: str):
+        import httpx
+
+        user, password = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME"), os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
+        if not user or not password:
+            raise ValueError("set MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD (MLflow's admin)")
+        self.http = httpx.Client(
+            base_url=tracking_uri.rstrip("/") + "/api/2.0/mlflow", auth=(user, password), timeout=60
+        )
+
+    def create_user(self, username: str, password: str) -> bool:
+        """True if created, False if the user exists."""
+        answer = self.http.post("/users/create", json={"username": username, "password": password})
+        if answer.status_code in (400, 409) and "RESOURCE_ALREADY_EXISTS" in answer.text:
+            return False
+        answer.raise_for_status()
+        return True
 
 
 def _project_name(value: str) -> str:
@@ -59,36 +92,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("create-key", help="create an API key for a project (the project is created if new)")
     p.add_argument("--project", required=True, type=_project_name)
     p.add_argument("--name", help="a label for the key, e.g. who uses it")
+    p.add_argument(
+        "--scope", action="append", choices=SCOPES, dest="scopes",
+        help=f"what the key may do; repeat for several (default: {' '.join(DEFAULT_SCOPES)}). models:force promotes "
+        "versions the promotion gate refused",
+    )  # fmt: skip
     p = sub.add_parser("list-keys", help="list keys by prefix")
     p.add_argument("--project", type=_project_name)
     p = sub.add_parser("revoke-key", help="revoke a key by its prefix (invdpo-xxxxxxxx)")
     p.add_argument("prefix")
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("reconcile", help="run one reconciler pass now")
+    sub.add_parser("mlflow-service-user", help="create the MLflow user the API and the worker log in as")
     return parser
+
+
+def _error_line(exc: Exception) -> str:
+    """One line, credentials masked (the database URL may carry a password)."""
+    return f"error: {mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = get_settings()
+    if args.command == "mlflow-service-user":  # MLflow only, no database
+        try:
+            user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+            if not user or not password:
+                raise ValueError("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the service user)")
+            made = MlflowAdmin(settings.mlflow_tracking_uri).create_user(user, password)
+            print(f"MLflow user {user} {'created' if made else 'exists'}")
+        except Exception as exc:
+            print(
+                f"error: {mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}", file=sys.stderr
+            )
+            return 1
+        return 0
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
         factory = make_session_factory(engine)
         with factory() as session:
             if args.command == "create-key":
-                key, prefix = create_api_key(session, args.project, args.name)
-                print(f"Created key {prefix} for project {args.project}. Store it now; it is not shown again:")
+                key, prefix = create_api_key(session, args.project, args.name, args.scopes or DEFAULT_SCOPES)
+                granted = " ".join(sorted(set(args.scopes or DEFAULT_SCOPES)))
+                print(f"Created key {prefix} for project {args.project} ({granted}). Store it now, it is shown once:")
                 print(key)
             elif args.command == "list-keys":
-                query = select(ApiKey.prefix, Project.name, ApiKey.name, ApiKey.created_at, ApiKey.revoked_at).join(
-                    Project
-                )
+                query = select(
+                    ApiKey.prefix, Project.name, ApiKey.name, ApiKey.scopes, ApiKey.created_at, ApiKey.revoked_at
+                ).join(Project)
                 if args.project:
                     query = query.where(Project.name == args.project)
-                for prefix, project, name, created, revoked in session.execute(query.order_by(ApiKey.id)):
+                for prefix, project, name, scopes, created, revoked in session.execute(query.order_by(ApiKey.id)):
                     state = f"revoked {revoked:%Y-%m-%d}" if revoked else "active"
-                    print(f"{prefix}  {project}  {name or '-'}  created {created:%Y-%m-%d}  {state}")
+                    label = f"{name or '-'}  {','.join(scopes)}"
+                    print(f"{prefix}  {project}  {label}  created {created:%Y-%m-%d}  {state}")
             elif args.command == "revoke-key":
                 if not revoke_api_key(session, args.prefix):
                     print(f"error: no active key {args.prefix}", file=sys.stderr)
@@ -105,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             # migrate: already done above
     except Exception as exc:
-        # One line, credentials masked (the database URL may carry a password).
-        print(f"error: {mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 1
     finally:
         engine.dispose()

@@ -4,7 +4,7 @@
     invdpo jobs list [--status S] [--limit N] [--after ID]
     invdpo jobs get ID | cancel ID | checkpoints ID
     invdpo jobs events ID [--follow]
-    invdpo models promote NAME VERSION [--force]
+    invdpo models promote NAME VERSION [--force --reason TEXT]
 
 The API is INVDPO_API_URL (default http://127.0.0.1:8000) and the key INVDPO_API_KEY. Every command takes
 `--json` to print the API's JSON instead of text (`--follow` then prints JSON lines: events, then the final job).
@@ -418,7 +418,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    body = {"version": args.version, **({"force": True} if args.force else {})}
+    body = {"version": args.version, **({"force": True, "reason": args.reason} if args.force else {})}
     with Api() as api:
         answer = api.call("POST", f"/v1/models/{args.name}/promote", json=body)
     if args.json:
@@ -491,5 +491,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p = models.add_parser("promote", parents=[common], help="move the `champion` alias to a registered version")
     p.add_argument("name")
     p.add_argument("version", type=int)
-    p.add_argument("--force", action="store_true", help="promote even if the promotion gate says no")
+    p.add_argument(
+        "--force", action="store_true", help="promote even if the promotion gate says no (key scope models:force)"
+    )
+    p.add_argument("--reason", help="why the gate is overridden; required with --force, recorded with the key")
     p.set_defaults(func=cmd_promote)

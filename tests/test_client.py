@@ -22,7 +22,7 @@ from services.api.main import create_app
 from services.api.settings import Settings
 from services.cli import main
 from services.jobs import jobstore
-from services.jobs.models import Job
+from services.jobs.models import SCOPES, Job
 
 REDIS_URL = "redis://127.0.0.1:6379/13"  # the shared server; DB 13 is this module's
 
@@ -69,7 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     with app.state.session_factory() as session:
-        key, _ = create_api_key(session, "alpha")
+        key, _ = create_api_key(session, "alpha", scopes=SCOPES)
     yield {
         "url": f"http://127.0.0.1:{port}",
         "key": key,
@@ -349,15 +349,21 @@ def test_promote(
     registry.create_registered_model("toy-model")
     # What the worker registers: a version tagged with the job that made it.
     registry.create_model_version("toy-model", source=str(tmp_path), tags={"job_id": job["id"]})
+    with api["sessions"]() as session:  # and records (no verdict: the API judges the job's evaluation)
+        project = jobstore.get_job(session, job["id"]).project_id
+        assert jobstore.claim_model_name(session, "toy-model", project)
+        jobstore.record_model_version(
+            session, "toy-model", 1, job_id=job["id"], project_id=project, gate_passed=None, gate_reasons=[]
+        )
     capsys.readouterr()  # MLflow's own log lines while it made its tables
     # The job has no evaluation, so the promotion gate has no evidence and refuses; --force overrides it.
     code, out, err = run(capsys, "models", "promote", "toy-model", "1")
     assert (code, out) == (2, "")
     assert err.startswith("error: 409 promotion gate failed: eval/implicit_acc_lower missing") and err.count("\n") == 1
-    code, out, _ = run(capsys, "models", "promote", "toy-model", "1", "--force")
+    code, out, _ = run(capsys, "models", "promote", "toy-model", "1", "--force", "--reason", "demo")
     assert (code, out) == (0, f"models:/toy-model@champion -> version 1 (job {job['id']})\n")
     assert str(registry.get_model_version_by_alias("toy-model", "champion").version) == "1"
-    assert registry.get_model_version("toy-model", "1").tags["promotion_forced_by"].startswith("project ")
+    assert registry.get_model_version("toy-model", "1").tags["promotion_forced_by"].startswith("key invdpo-")
 
-    code, _, err = run(capsys, "models", "promote", "toy-model", "2", "--force")
+    code, _, err = run(capsys, "models", "promote", "toy-model", "2", "--force", "--reason", "demo")
     assert (code, err) == (2, "error: 404 model version not found\n")

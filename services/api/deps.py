@@ -37,6 +37,18 @@ _bearer = HTTPBearer(auto_error=False, description="An API key made with `invdpo
 class Caller:
     project_id: int
     key_prefix: str
+    key_name: str | None
+    scopes: frozenset[str]
+
+    def require(self, scope: str) -> None:
+        """403 naming the scope unless the key has it (models.SCOPES; `invdpo-admin create-key --scope`)."""
+        if scope not in self.scopes:
+            raise HTTPException(403, f"this API key lacks the scope {scope}")
+
+    @property
+    def who(self) -> str:
+        """The key, as recorded with what it did (a forced promotion)."""
+        return f"key {self.key_prefix}" + (f" ({self.key_name})" if self.key_name else "")
 
 
 def get_caller(
@@ -45,13 +57,13 @@ def get_caller(
     if credentials is None or not credentials.credentials:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
     row = session.execute(
-        select(ApiKey.project_id, ApiKey.prefix).where(
+        select(ApiKey.project_id, ApiKey.prefix, ApiKey.name, ApiKey.scopes).where(
             ApiKey.key_hash == hash_key(credentials.credentials), ApiKey.revoked_at.is_(None)
         )
     ).first()
     if row is None:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    return Caller(project_id=row.project_id, key_prefix=row.prefix)
+    return Caller(project_id=row.project_id, key_prefix=row.prefix, key_name=row.name, scopes=frozenset(row.scopes))
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -62,6 +74,7 @@ def get_job(
     caller: CallerDep,
     job_id: Annotated[str, Path(description="A job id, ftjob-...")],
 ) -> Job:
+    caller.require("jobs:read")
     # Malformed ids and other projects' jobs are indistinguishable from missing ones: 404 either way.
     job = jobstore.get_job(session, job_id, caller.project_id) if jobstore.is_job_id(job_id) else None
     if job is None:

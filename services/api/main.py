@@ -20,7 +20,7 @@ from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from services.api.routes import health, jobs, models
 from services.api.settings import Settings, get_settings
-from services.jobs import reconciler
+from services.jobs import champions, reconciler
 from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.logs import configure_logging, mask_secrets
 from services.jobs.queue import make_celery
@@ -75,6 +75,21 @@ async def _reconcile_forever(app: FastAPI) -> None:
             state.metrics.jobs_enqueued.labels(reason).inc(len(getattr(report, reason)))
 
 
+async def _check_champions_forever(app: FastAPI) -> None:
+    """A loop of its own: MLflow being slow or down must not hold up the reconciler."""
+    state = app.state
+    while True:
+        await asyncio.sleep(state.settings.reconcile_interval_seconds)
+        try:
+            found = await run_in_threadpool(
+                champions.check_champions, state.session_factory, state.settings.mlflow_tracking_uri
+            )
+        except Exception as exc:
+            log.warning("champion check failed", extra={"error": type(exc).__name__})
+            continue
+        state.metrics.ungated_champions.set(len(found))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
@@ -84,11 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_startup:
             await run_in_threadpool(migrate, engine)
-        loop = None
+        loops = []
         if settings.reconcile_interval_seconds > 0:
-            loop = asyncio.create_task(_reconcile_forever(app))
+            loops = [asyncio.create_task(_reconcile_forever(app)), asyncio.create_task(_check_champions_forever(app))]
         yield
-        if loop is not None:
+        for loop in loops:
             loop.cancel()
         engine.dispose()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,5 +51,10 @@ class Metrics:
         )
         self.jobs_enqueued = Counter(
             "invdpo_reconciler_redispatched", "Jobs the reconciler sent again.", ["reason"], registry=self.registry
+        )
+        self.ungated_champions = Gauge(
+            "invdpo_ungated_champions",
+            "Models whose champion alias points at a version that may not serve (services/jobs/champions.py).",
+            registry=self.registry,
         )
         self.registry.register(JobsByStatus(session_factory))

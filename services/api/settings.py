@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from invdpo_core.gate import GateRule, parse_gate_rule
 from services.jobs.settings import JobSettings
 
 
 class Settings(JobSettings):
     """The API's settings. Environment variables (all prefixed INVDPO_): shared with the worker (JobSettings):
     INVDPO_DATABASE_URL, INVDPO_BROKER_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL,
-    INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE;
+    INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE,
+    INVDPO_PROMOTION_GATE;
     the API's own:
     INVDPO_MAX_ACTIVE_JOBS_PER_PROJECT, INVDPO_RETRY_AFTER_SECONDS, INVDPO_MAX_BODY_BYTES,
     INVDPO_RECONCILE_INTERVAL_SECONDS, INVDPO_MIGRATE_ON_STARTUP, INVDPO_ALLOW_LOCAL_FILES,
-    INVDPO_EVENTS_POLL_SECONDS, INVDPO_EVENTS_STREAM_MAX_SECONDS, INVDPO_PROMOTION_GATE.
+    INVDPO_EVENTS_POLL_SECONDS, INVDPO_EVENTS_STREAM_MAX_SECONDS.
     """
 
     max_active_jobs_per_project: int = Field(
@@ -39,31 +38,6 @@ class Settings(JobSettings):
     events_stream_max_seconds: float = Field(
         600.0, gt=0, description="An events stream closes after this long; clients reconnect with Last-Event-ID."
     )
-    promotion_gate: str = Field(
-        '{"min_implicit_acc_lower": 0.5}',
-        description="The rule POST /v1/models/{name}/promote checks on the job's evaluation, as JSON with the fields "
-        "of invdpo_core/gate.py GateRule (min_implicit_acc_lower, win_rate_scorer, min_win_rate); none turns the "
-        "gate off. A request with force: true promotes anyway, recorded as a tag on the model version.",
-    )
-
-    @field_validator("promotion_gate")
-    @classmethod
-    def _check_gate(cls, value: str) -> str:
-        _gate_rule(value)
-        return value
-
-    def gate_rule(self) -> GateRule | None:
-        """The promotion gate's rule, or None when it is off."""
-        return _gate_rule(self.promotion_gate)
-
-
-def _gate_rule(value: str) -> GateRule | None:
-    if value.strip().lower() == "none":
-        return None
-    data = json.loads(value)  # a JSONDecodeError is a ValueError: pydantic reports it against the field
-    if not isinstance(data, dict):
-        raise ValueError("must be a JSON object or none")
-    return parse_gate_rule(data)
 
 
 @lru_cache

@@ -25,6 +25,13 @@ For the worker, in order of use:
 The worker's writes (claim, events, checkpoints, run info, requeue, finish) ride out a database outage of up to
 OUTAGE_BUDGET_SECONDS (`retry_outages`); heartbeat, progress and the cancel poll are periodic and are not retried.
 The job's validated TrainingConfig is `TrainingConfig.model_validate(get_job(session, job_id).config)`.
+
+Registered models (the database, not MLflow, says who owns a name and whether a version may serve):
+    model_owner(session, name) -> project id | None
+    claim_model_name(session, name, project_id) -> bool       first registration wins; False: another project's
+    record_model_version(session, name, version, job_id, project_id, gate_passed, gate_reasons)   the worker
+    version_verdict(session, name, version) -> ModelVersion | None   `.allowed`: gate passed or forced
+    record_promotion(session, row, forced_by=None, reason=None)      the promote route
 """
 
 from __future__ import annotations
@@ -43,7 +50,17 @@ from sqlalchemy.orm import Session
 from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from services.jobs.logs import mask_secrets
-from services.jobs.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, TerminalStatus, utcnow
+from services.jobs.models import (
+    ACTIVE_STATUSES,
+    Checkpoint,
+    Job,
+    JobEvent,
+    ModelVersion,
+    Project,
+    RegisteredModel,
+    TerminalStatus,
+    utcnow,
+)
 
 FinalStatus = TerminalStatus
 log = logging.getLogger(__name__)
@@ -61,6 +78,11 @@ class JobErrorInfo(TypedDict, total=False):
 
 def new_job_id() -> str:
     return f"ftjob-{secrets.token_hex(12)}"
+
+
+def default_model_name(job_id: str, suffix: str | None) -> str:
+    """Registered model name when the job names none: one model line per suffix, else one per job."""
+    return f"invdpo-{suffix}" if suffix else f"invdpo-{job_id}"
 
 
 def is_job_id(value: str) -> bool:
@@ -493,3 +515,78 @@ def settle_cancel(session: Session, job_id: str, worker_id: str | None = None) -
         session.add(_event(job_id, message, level=level))
     session.commit()
     return done
+
+
+# ---------------------------------------------------------------- registered models
+
+
+def model_owner(session: Session, name: str) -> int | None:
+    """The project that owns registered model `name`, or None if no job registered it yet."""
+    return session.scalar(select(RegisteredModel.project_id).where(RegisteredModel.name == name))
+
+
+def claim_model_name(session: Session, name: str, project_id: int) -> bool:
+    """Make `project_id` the owner of `name` unless a project already is (first registration wins; two racing
+    claims insert the same primary key, so one of them fails and reads the winner). True if the project owns it."""
+    owner = model_owner(session, name)
+    if owner is None:
+        session.add(RegisteredModel(name=name, project_id=project_id))
+        try:
+            session.commit()
+            return True
+        except IntegrityError:
+            session.rollback()
+            owner = model_owner(session, name)
+    return owner == project_id
+
+
+def record_model_version(
+    session: Session,
+    name: str,
+    version: int,
+    *,
+    job_id: str,
+    project_id: int,
+    gate_passed: bool | None,
+    gate_reasons: list[str],
+) -> None:
+    """The worker's record of a version it registered, with the gate's verdict. A resumed job that finds its
+    version already registered records it again: the first record stands."""
+    if session.get(ModelVersion, (name, version)) is None:
+        session.add(
+            ModelVersion(
+                name=name, version=version, job_id=job_id, project_id=project_id, gate_passed=gate_passed,
+                gate_reasons=gate_reasons,
+            )
+        )  # fmt: skip
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+
+
+def version_verdict(session: Session, name: str, version: int) -> ModelVersion | None:
+    """The recorded version (its `allowed` says whether it may serve), or None if no invdpo job registered it."""
+    return session.get(ModelVersion, (name, version))
+
+
+def project_models(session: Session, project_id: int) -> Sequence[RegisteredModel]:
+    return session.scalars(
+        select(RegisteredModel).where(RegisteredModel.project_id == project_id).order_by(RegisteredModel.name)
+    ).all()
+
+
+def model_versions(session: Session, name: str) -> Sequence[ModelVersion]:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.version.desc())
+    ).all()
+
+
+def record_promotion(
+    session: Session, row: ModelVersion, *, forced_by: str | None = None, reason: str | None = None
+) -> None:
+    """A promotion through the API: when, and for a version the gate refused, which key forced it and why."""
+    row.promoted_at = utcnow()
+    if forced_by is not None:
+        row.forced_by, row.forced_reason = forced_by, reason
+    session.commit()

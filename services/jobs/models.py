@@ -9,7 +9,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -25,6 +36,10 @@ from invdpo_core.config import (  # noqa: F401  (re-exported: the job layer's na
 )
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+# What an API key may do. models:force promotes a version the gate refused, so keys get it only when asked.
+SCOPES = ("jobs:read", "jobs:write", "models:read", "models:promote", "models:force")
+DEFAULT_SCOPES = ("jobs:read", "jobs:write", "models:read", "models:promote")
 
 
 def utcnow() -> datetime:
@@ -74,6 +89,7 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(32), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(128))
+    scopes: Mapped[list[str]] = mapped_column(JSONType, default=lambda: list(DEFAULT_SCOPES))  # of SCOPES
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -147,3 +163,40 @@ class Checkpoint(Base):
     uri: Mapped[str] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RegisteredModel(Base):
+    """Which project owns a registered model name: the first to register it (jobstore.claim_model_name). MLflow's
+    tags can be rewritten by anyone who reaches MLflow; this row cannot."""
+
+    __tablename__ = "registered_models"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The champion version last reported as not allowed (moved outside invdpo), so each move is reported once.
+    champion_alert_version: Mapped[int | None] = mapped_column(Integer)
+
+
+class ModelVersion(Base):
+    """A version a job registered, with the promotion gate's verdict written by the worker at registration and
+    every promotion through the API. The promote route and the model server read it here, never from MLflow."""
+
+    __tablename__ = "model_versions"
+
+    name: Mapped[str] = mapped_column(ForeignKey("registered_models.name", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    # None: no verdict recorded (versions registered before the verdicts were); the promote route decides then.
+    gate_passed: Mapped[bool | None] = mapped_column(Boolean)
+    gate_reasons: Mapped[list[str] | None] = mapped_column(JSONType)
+    forced_by: Mapped[str | None] = mapped_column(String(256))  # "key <prefix> (<name>)" of a forced promotion
+    forced_reason: Mapped[str | None] = mapped_column(Text)
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @property
+    def allowed(self) -> bool:
+        """May this version serve: the gate passed it, or a key with models:force promoted it anyway."""
+        return bool(self.gate_passed) or self.forced_by is not None

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from invdpo_core.gate import GateRule, parse_gate_rule
 
 
 class JobSettings(BaseSettings):
     """Environment variables (all prefixed INVDPO_): INVDPO_DATABASE_URL, INVDPO_BROKER_URL,
     INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL, INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS,
-    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE."""
+    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_PROMOTION_GATE."""
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
 
@@ -43,3 +46,30 @@ class JobSettings(BaseSettings):
         "training_process_died.",
     )
     validation_sample: int = Field(8, ge=1, description="Dataset records read to check a training file.")
+    promotion_gate: str = Field(
+        '{"min_implicit_acc_lower": 0.5}',
+        description="The promotion gate: the rule the worker checks on a job's evaluation when it registers the "
+        "model version, recorded in the database as the version's verdict, which POST /v1/models/{name}/promote "
+        "and the model server read. JSON with the fields of invdpo_core/gate.py GateRule (min_implicit_acc_lower, "
+        "win_rate_scorer, min_win_rate); none turns the gate off. A key with scope models:force may promote a "
+        "refused version anyway (recorded with the key and the reason).",
+    )
+
+    @field_validator("promotion_gate")
+    @classmethod
+    def _check_gate(cls, value: str) -> str:
+        _gate_rule(value)
+        return value
+
+    def gate_rule(self) -> GateRule | None:
+        """The promotion gate's rule, or None when it is off."""
+        return _gate_rule(self.promotion_gate)
+
+
+def _gate_rule(value: str) -> GateRule | None:
+    if value.strip().lower() == "none":
+        return None
+    data = json.loads(value)  # a JSONDecodeError is a ValueError: pydantic reports it against the field
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object or none")
+    return parse_gate_rule(data)

@@ -92,6 +92,10 @@ def upload_checkpoint(path: Path, uri: str) -> None:
             raise StorageError("s3_error", f"s3://{bucket}/{target}: upload failed ({type(exc).__name__})") from None
 
 
+class ModelNameTaken(Exception):
+    """The job's registered model name belongs to another project (claimed after the API accepted the job)."""
+
+
 def job_error(exc: BaseException) -> jobstore.JobErrorInfo:
     """The user-facing {code, message, param} of an exception: a stable code and one masked line."""
     import torch
@@ -111,6 +115,8 @@ def job_error(exc: BaseException) -> jobstore.JobErrorInfo:
         code, param = exc.code, "model"
     elif isinstance(exc, ConfigError):
         code, param = "invalid_config", "method.hyperparameters"
+    elif isinstance(exc, ModelNameTaken):
+        code, param = "model_name_taken", "registered_model_name"
     elif isinstance(exc, CheckpointError):
         code = "checkpoint_error"
     elif isinstance(exc, TrainError):
@@ -374,12 +380,19 @@ class JobRunner:
         import mlflow
         from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+        from invdpo_core.gate import evaluate_gate
         from invdpo_core.storage import upload_dir
         from services.worker.evaluation import evaluate_job, summary
-        from services.worker.tracking import default_model_name, register_model_once
+        from services.worker.tracking import register_model_once
 
         assert model_path is not None, "a finished run has a model"
         self.on_phase("evaluating")
+        name = job.registered_model_name or jobstore.default_model_name(self.job_id, job.suffix)
+        with self.sessions() as session:
+            # First registration wins: claimed before anything reaches MLflow, so no version lands in another
+            # project's model.
+            if not jobstore.claim_model_name(session, name, job.project_id):
+                raise ModelNameTaken(f"registered model {name} belongs to another project")
         # Evaluated before registering: the version appears with its evidence already on the job and the run.
         evaluation = evaluate_job(config, model_path, self.out / "evaluation", self.settings)
         with self.sessions() as session:
@@ -395,7 +408,6 @@ class JobRunner:
         self.on_phase("uploading")
         upload_dir(pipeline, job_uri(self.settings, self.job_id, "model"))  # after botocore's retries, a failure
         self.on_phase("registering")
-        name = job.registered_model_name or default_model_name(self.job_id, job.suffix)
         # MLflow retries each HTTP request itself (main() sets MLFLOW_HTTP_REQUEST_*); this rides out a longer
         # outage. Registering twice is harmless: register_model_once finds the version tagged with this job.
         for attempt in Retrying(
@@ -414,6 +426,15 @@ class JobRunner:
                 )
         model = f"models:/{name}/{version}"
         self.event(f"Model {'registered' if created else 'already registered'} as {model} (alias candidate)")
+        # The gate's verdict, recorded where the promote route and the model server read it (not MLflow's tags).
+        rule = self.settings.gate_rule()
+        passed, reasons = evaluate_gate(evaluation.get("metrics") or {}, rule) if rule else (True, [])
+        with self.sessions() as session:
+            jobstore.record_model_version(
+                session, name, int(version), job_id=self.job_id, project_id=job.project_id, gate_passed=passed,
+                gate_reasons=reasons,
+            )  # fmt: skip
+        self.event(f"Promotion gate: {'passed' if passed else 'refused: ' + '; '.join(reasons)}")
         mlflow.end_run("FINISHED")  # before the job is final: whoever reads the job may read the run at once
         with self.sessions() as session:
             jobstore.set_run_info(session, self.job_id, registered_model_version=version, fine_tuned_model=model)

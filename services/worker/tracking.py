@@ -39,11 +39,6 @@ SIGNATURE = ModelSignature(
 )
 
 
-def default_model_name(job_id: str, suffix: str | None) -> str:
-    """Registered model name when the job names none: one model line per suffix, else one per job."""
-    return f"invdpo-{suffix}" if suffix else f"invdpo-{job_id}"
-
-
 def code_version() -> str:
     """The invdpo version, plus the git commit when running from a checkout (images have no .git)."""
     try:

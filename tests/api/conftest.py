@@ -25,7 +25,7 @@ from services.api.settings import Settings
 from services.jobs.db import make_engine, migrate
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-TABLES = ("checkpoints", "job_events", "jobs", "api_keys", "projects")
+TABLES = ("model_versions", "registered_models", "checkpoints", "job_events", "jobs", "api_keys", "projects")
 
 
 def free_port() -> int:

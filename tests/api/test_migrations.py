@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from services.jobs.db import alembic_config, make_engine, make_session_factory, migrate
 from services.jobs.models import Base, Job, utcnow
 
-TABLES = {"projects", "api_keys", "jobs", "job_events", "checkpoints"}
+TABLES = {"projects", "api_keys", "jobs", "job_events", "checkpoints", "registered_models", "model_versions"}
 
 
 def test_upgrade_matches_the_models_and_downgrade_removes_everything(empty_db_url: str) -> None:
@@ -65,5 +65,49 @@ def test_dropping_the_hyperparameters_column_keeps_the_jobs(empty_db_url: str) -
             [stored] = conn.execute(text("SELECT hyperparameters FROM jobs")).scalars().all()
         stored = json.loads(stored) if isinstance(stored, str) else stored
         assert stored == {"beta": 2000.0, "max_steps": 10}
+    finally:
+        engine.dispose()
+
+
+def test_model_ownership_adopts_registered_names_and_gives_keys_their_scopes(empty_db_url: str) -> None:
+    """0004: each model name jobs registered belongs to the project of its first job; its versions are recorded
+    without a verdict; existing keys get every scope but models:force."""
+    from services.jobs.models import DEFAULT_SCOPES, ModelVersion, RegisteredModel
+
+    engine = make_engine(empty_db_url)
+    insert_job = text(
+        "INSERT INTO jobs (id, project_id, status, model, training_file, method_type, config, seed, created_at, "
+        "attempt, suffix, registered_model_name, registered_model_version) VALUES (:id, :p, 'succeeded', 'org/m', "
+        "'s3://b/d.jsonl', 'inversion_dpo', '{}', 0, :t, 0, :suffix, :name, :version)"
+    )
+    try:
+        migrate(engine, "0003")
+        with engine.begin() as conn:
+            for project in (1, 2):
+                conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (:i, :n, :t)"),
+                             {"i": project, "n": f"p{project}", "t": utcnow()})  # fmt: skip
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, project_id, prefix, key_hash, created_at) VALUES (1, 1, 'k', 'h', :t)"
+                ),
+                {"t": utcnow()},
+            )
+            # Project 2 registered `shared` first; project 1 later put a version into it (the takeover).
+            rows = [("ftjob-b", 2, None, "shared", "1"), ("ftjob-a", 1, None, "shared", "2"),
+                    ("ftjob-c", 1, "cats", None, "1"), ("ftjob-d", 1, None, None, None)]  # fmt: skip
+            for i, (job_id, project, suffix, name, version) in enumerate(rows):
+                conn.execute(insert_job, {"id": job_id, "p": project, "suffix": suffix, "name": name,
+                                          "version": version, "t": utcnow().replace(microsecond=i)})  # fmt: skip
+        migrate(engine)
+        with make_session_factory(engine)() as session:
+            owners = {m.name: m.project_id for m in session.query(RegisteredModel)}
+            assert owners == {"shared": 2, "invdpo-cats": 1}
+            versions = {
+                (v.name, v.version): (v.job_id, v.project_id, v.gate_passed) for v in session.query(ModelVersion)
+            }
+            assert versions == {("shared", 1): ("ftjob-b", 2, None), ("shared", 2): ("ftjob-a", 1, None),
+                                ("invdpo-cats", 1): ("ftjob-c", 1, None)}  # fmt: skip
+            [scopes] = session.execute(text("SELECT scopes FROM api_keys")).scalars().all()
+            assert (json.loads(scopes) if isinstance(scopes, str) else scopes) == list(DEFAULT_SCOPES)
     finally:
         engine.dispose()

@@ -46,6 +46,14 @@ LIBRARY_ENV = {
     "MLFLOW_S3_ENDPOINT_URL": "mlflow: S3 endpoint of the artifact store",
     "MLFLOW_BACKEND_STORE_URI": "mlflow server: --backend-store-uri",
     "MLFLOW_TRACKING_URI": "mlflow client: tracking server",
+    "MLFLOW_TRACKING_USERNAME": "mlflow client: user (the service user of the API and the workers)",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow client: password",
+    "MLFLOW_AUTH_CONFIG_PATH": "mlflow server --app-name basic-auth: its configuration file",
+    "MLFLOW_AUTH_ADMIN_USERNAME": "mlflow basic-auth: the admin (and invdpo-admin's MLflow commands)",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow basic-auth: the admin's password",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "mlflow basic-auth: signs the UI's CSRF tokens",
+    # Read by the MLflow container's start command, which writes it into the auth configuration file.
+    "MLFLOW_AUTH_DATABASE_URI": "mlflow basic-auth: users database (written into MLFLOW_AUTH_CONFIG_PATH)",
     # Hugging Face Hub (huggingface_hub, diffusers, transformers).
     "HF_HOME": "huggingface_hub: cache directory",
     "HF_HUB_OFFLINE": "huggingface_hub: never download",

@@ -23,14 +23,20 @@ CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
 
 # One-shot jobs: they run to completion and exit 0, so they have no healthcheck; their dependents wait for
 # service_completed_successfully instead of service_healthy.
-ONE_SHOT_JOBS = {"createbuckets", "migrate"}
+ONE_SHOT_JOBS = {"createbuckets", "migrate", "mlflow-users"}
 # Secrets compose must refuse to start without.
-REQUIRED_SECRETS = {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"}
+REQUIRED_SECRETS = {
+    "POSTGRES_PASSWORD", "REDIS_PASSWORD", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "MLFLOW_ADMIN_PASSWORD",
+    "MLFLOW_SERVICE_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
+}  # fmt: skip
 # Optional secrets: a Hugging Face token is only needed for gated base models.
 OPTIONAL_SECRETS = {"HF_TOKEN"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|ACCESS_KEY")
+# Names that match it but hold no secret: MLflow's auth settings (the database URI's password is interpolated, which
+# the URL check below asserts).
+NOT_SECRET = {"MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_DATABASE_URI"}
 # Our services' compose names -> the component whose Settings reads their INVDPO_* variables.
-OUR_SERVICES = {"api": "api", "migrate": "migrate", "worker": "worker"}
+OUR_SERVICES = {"api": "api", "migrate": "migrate", "worker": "worker", "mlflow-users": "api"}
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -75,7 +81,17 @@ def strings(node: object):
 
 
 def test_the_expected_services_are_there(services: dict) -> None:
-    assert set(services) == {"postgres", "redis", "s3", "createbuckets", "mlflow", "migrate", "api", "worker"}
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "s3",
+        "createbuckets",
+        "mlflow",
+        "mlflow-users",
+        "migrate",
+        "api",
+        "worker",
+    }
 
 
 def test_every_long_running_service_has_a_healthcheck(services: dict) -> None:
@@ -106,7 +122,7 @@ def test_dependencies_wait_for_health_or_completion(services: dict) -> None:
 
 def test_the_api_and_the_worker_start_after_migrations_and_their_backends(services: dict) -> None:
     for name in ("api", "worker"):
-        assert {"migrate", "redis", "s3", "mlflow"} <= set(services[name]["depends_on"]), name
+        assert {"migrate", "redis", "s3", "mlflow-users"} <= set(services[name]["depends_on"]), name
     assert "postgres" in services["migrate"]["depends_on"]
     assert "createbuckets" in services["mlflow"]["depends_on"]
 
@@ -127,7 +143,7 @@ def test_nothing_secret_is_committed(compose: dict) -> None:
     interpolated_only = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:[?-][^}]*\}$")
     for name, service in compose["services"].items():
         for variable, value in environment(service).items():
-            if SECRET_NAME.search(variable):
+            if SECRET_NAME.search(variable) and variable not in NOT_SECRET:
                 assert interpolated_only.match(value), f"{name}: {variable} must come from .env, not be literal"
     for text in strings(compose):
         for userinfo in re.findall(r"://([^/@\s]*)@", text):
@@ -164,7 +180,7 @@ def test_our_services_settings_accept_the_compose_values(
 ) -> None:
     env = {key: resolve_compose(value) for key, value in environment(services[name]).items()}
     settings = validate_settings(SETTINGS_MODULES[OUR_SERVICES[name]], env, monkeypatch)
-    assert settings.database_url == env["INVDPO_DATABASE_URL"]
+    assert settings.database_url == env.get("INVDPO_DATABASE_URL", "sqlite:///./invdpo.db")  # mlflow-users: none
 
 
 def test_commands_are_the_documented_entry_commands(services: dict) -> None:
@@ -185,15 +201,27 @@ def test_worker_reserves_one_gpu_and_its_healthcheck_reads_the_heartbeat_file(se
     assert environment(worker)["INVDPO_ARTIFACT_URI"].startswith("s3://")
 
 
-def test_mlflow_uses_postgres_s3_artifacts_and_proxies_them(services: dict) -> None:
-    command = services["mlflow"]["command"]
-    assert command[:2] == ["mlflow", "server"]
-    uri = command[command.index("--backend-store-uri") + 1]
+def test_mlflow_uses_postgres_s3_artifacts_and_proxies_them_behind_basic_auth(services: dict) -> None:
+    """tests/worker/test_mlflow_auth.py runs this command: 401 without credentials, 200 for the service user."""
+    mlflow = services["mlflow"]
+    assert mlflow["entrypoint"] == ["/bin/sh", "-c"]
+    [script] = mlflow["command"]
+    command = script.split()
+    assert command[command.index("exec") + 1 : command.index("exec") + 5] == [
+        "mlflow", "server", "--app-name", "basic-auth"
+    ]  # fmt: skip
+    assert "default_permission = NO_PERMISSIONS" in script
+    env = environment(mlflow)
+    uri = env["MLFLOW_BACKEND_STORE_URI"]
     assert uri.startswith("postgresql+psycopg://") and uri.endswith("@postgres:5432/mlflow")
+    assert env["MLFLOW_AUTH_DATABASE_URI"].endswith("@postgres:5432/mlflow_auth")
     assert command[command.index("--artifacts-destination") + 1].startswith("s3://")
     assert "--serve-artifacts" in command
     assert "mlflow:*" in command[command.index("--allowed-hosts") + 1].split(",")
-    assert environment(services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
+    for name in ("api", "worker"):
+        assert environment(services[name])["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_SERVICE_USER:-invdpo}"
+        assert services[name]["depends_on"]["mlflow-users"] == {"condition": "service_completed_successfully"}
 
 
 def test_published_ports_are_on_loopback_only(services: dict) -> None:

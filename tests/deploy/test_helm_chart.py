@@ -121,6 +121,10 @@ def test_the_default_release_has_exactly_these_resources(renders: dict) -> None:
         ("Deployment", "demo-invdpo-mlflow"),
         ("Deployment", "demo-invdpo-worker"),
         ("Job", "demo-invdpo-migrate"),
+        ("Job", "demo-invdpo-mlflow-users"),
+        ("NetworkPolicy", "demo-invdpo-api"),
+        ("NetworkPolicy", "demo-invdpo-mlflow"),
+        ("NetworkPolicy", "demo-invdpo-worker"),
         ("Pod", "demo-invdpo-test"),
         ("Service", "demo-invdpo-api"),
         ("Service", "demo-invdpo-mlflow"),
@@ -154,7 +158,6 @@ def test_each_optional_feature_has_a_ci_values_file_turning_it_on() -> None:
         "api.autoscaling",
         "worker.podDisruptionBudget",
         "worker.keda",
-        "networkPolicy",
     }
     ci = [load_values(path) for path in VALUES_FILES[1:]]
     for switch in off_by_default:
@@ -249,7 +252,7 @@ def test_migrations_run_as_a_pre_install_and_pre_upgrade_hook(renders: dict) -> 
     assert pod_spec(existing)["serviceAccountName"] == "invdpo-runner"
     assert not find(renders["existing-serviceaccount-values.yaml"], "ServiceAccount")
     startup = renders["migrate-on-startup-values.yaml"]
-    assert not find(startup, "Job")
+    assert not find(startup, "Job", "migrate")
     assert env_of(the(startup, "Deployment", "api"))["INVDPO_MIGRATE_ON_STARTUP"]["value"] == "true"
 
 
@@ -263,11 +266,16 @@ def test_helm_test_pod_calls_the_api_health_endpoints(renders: dict) -> None:
 
 def test_mlflow_runs_in_the_release_or_is_external(renders: dict) -> None:
     mlflow = container(the(renders["default"], "Deployment", "mlflow"))
-    assert mlflow["command"][:2] == ["mlflow", "server"] and "--serve-artifacts" in mlflow["command"]
+    assert mlflow["command"][:2] == ["/bin/sh", "-c"]
+    command = mlflow["command"][2].split()
+    assert command[command.index("exec") + 1 : command.index("exec") + 5] == [
+        "mlflow", "server", "--app-name", "basic-auth"
+    ]  # fmt: skip
+    assert "--serve-artifacts" in command
     assert mlflow["livenessProbe"]["httpGet"]["path"] == "/health"
     assert "MLFLOW_BACKEND_STORE_URI" in {item["name"] for item in mlflow["env"]}
     service = the(renders["default"], "Service", "mlflow")["metadata"]["name"]
-    allowed = mlflow["command"][mlflow["command"].index("--allowed-hosts") + 1].split(",")
+    allowed = command[command.index("--allowed-hosts") + 1].split(",")
     assert {service, f"{service}:*", f"{service}.{NAMESPACE}.svc.cluster.local:*"} <= set(allowed)
     api_env = env_of(the(renders["default"], "Deployment", "api"))
     assert api_env["INVDPO_MLFLOW_TRACKING_URI"]["value"] == f"http://{service}:5000"
@@ -276,6 +284,36 @@ def test_mlflow_runs_in_the_release_or_is_external(renders: dict) -> None:
     for component in ("api", "worker"):
         value = env_of(the(external, "Deployment", component))["INVDPO_MLFLOW_TRACKING_URI"]["value"]
         assert value == "https://mlflow.example.com"
+
+
+def test_mlflow_requires_users_and_only_the_release_services_reach_it(renders: dict) -> None:
+    """Basic-auth with NO_PERMISSIONS for anyone not granted; the API and the workers log in as the service user the
+    post-install Job creates; the network policy (on by default) admits to MLflow only the API, the workers, the
+    model server, that Job and mlflowFrom."""
+    mlflow = container(the(renders["default"], "Deployment", "mlflow"))
+    assert "default_permission = NO_PERMISSIONS" in mlflow["command"][2]
+    env = env_of(the(renders["default"], "Deployment", "mlflow"))
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_DATABASE_URI", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    for component in ("api", "worker", "mlflow-users"):
+        env = env_of(the(renders["default"], "Job" if component == "mlflow-users" else "Deployment", component))
+        assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "invdpo", component
+        assert "secretKeyRef" in env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"], component
+    assert container(the(renders["default"], "Job", "mlflow-users"))["command"] == [
+        "invdpo-admin", "mlflow-service-user"
+    ]  # fmt: skip
+
+    policy = the(renders["default"], "NetworkPolicy", "mlflow")
+    [rule] = policy["spec"]["ingress"]
+    admitted = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]]
+    assert admitted == ["invdpo-api", "invdpo-worker", "invdpo-serving", "invdpo-mlflow-users"]
+    assert all(peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "demo" for peer in rule["from"])
+    pods = {the(renders["default"], kind, c)["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+            for kind, c in (("Deployment", "api"), ("Deployment", "worker"), ("Job", "mlflow-users"))}  # fmt: skip
+    assert pods <= set(admitted)
+    assert the(renders["default"], "NetworkPolicy", "worker")["spec"].get("ingress") is None  # nothing reaches it
+    [ui] = the(renders["networkpolicy-values.yaml"], "NetworkPolicy", "mlflow")["spec"]["ingress"]
+    assert ui["from"][-1] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
 
 
 def test_credentials_come_from_existing_secrets(renders: dict) -> None:

@@ -162,7 +162,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return False
 
     try:
-        wait_until(healthy, 600, "mlflow server", interval=0.5)  # generous: a loaded shared machine
+        wait_until(healthy, 900, "mlflow server", interval=0.5)  # generous: a loaded shared machine
         yield url
     finally:  # also when it never became healthy: no server left behind
         os.killpg(proc.pid, signal.SIGTERM)

@@ -27,10 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from invdpo_core.config import parse_config
 from invdpo_core.evaluate import SCORERS
+from invdpo_core.gate import evaluate_gate
 from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import TOY_PROMPTS, TOY_STEPS, make_toy_dataset
 from services.jobs import jobstore
-from services.jobs.models import Job, Project
+from services.jobs.models import SCOPES, Job, Project
 
 PASSING = {"eval/implicit_acc": 0.7, "eval/implicit_acc_lower": 0.6, "eval/win_rate/toy": 0.8}
 FAILING = {"eval/implicit_acc": 0.55, "eval/implicit_acc_lower": 0.45, "eval/win_rate/toy": 0.8}
@@ -67,15 +68,25 @@ def gated(tmp_path: Path) -> Iterator[tuple[TestClient, MlflowClient, dict[str, 
     with TestClient(create_app(settings)) as api:
         factory = api.app.state.session_factory  # type: ignore[attr-defined]
         with factory() as session:
-            key, prefix = create_api_key(session, "alpha")
+            key, prefix = create_api_key(session, "alpha", scopes=SCOPES)
             project_id = session.scalars(select(Project.id).where(Project.name == "alpha")).one()
+            assert jobstore.claim_model_name(session, "cats", project_id)
         client = MlflowClient(tracking_uri=registry)
         client.create_registered_model("cats")
         cases: dict[str, Any] = {}
+        rule = settings.gate_rule()
+        assert rule is not None
         for case, metrics in (("passing", PASSING), ("failing", FAILING), ("unevaluated", None)):
             job_id = _job(factory, project_id, metrics)
             version = client.create_model_version("cats", f"file://{tmp_path}/m", tags={"job_id": job_id})
             cases[case] = {"job_id": job_id, "version": int(version.version)}
+            # What the worker records when it registers the version: the gate's verdict on the evaluation.
+            passed, reasons = evaluate_gate(metrics or {}, rule)
+            with factory() as session:
+                jobstore.record_model_version(
+                    session, "cats", int(version.version), job_id=job_id, project_id=project_id,
+                    gate_passed=passed, gate_reasons=reasons,
+                )  # fmt: skip
         cases["project_id"], cases["prefix"] = project_id, prefix
         yield api, client, {"Authorization": f"Bearer {key}"}, cases
 
@@ -107,12 +118,19 @@ def test_a_failing_or_missing_evaluation_is_refused_unless_forced(gated, case: s
     assert answer.status_code == 409 and answer.json()["detail"].startswith(reason), answer.text
     assert "champion" not in client.get_registered_model("cats").aliases
 
-    answer = api.post("/v1/models/cats/promote", json={"version": version, "force": True}, headers=auth)
+    answer = api.post(
+        "/v1/models/cats/promote", json={"version": version, "force": True, "reason": "hotfix"}, headers=auth
+    )
     assert answer.status_code == 200, answer.text
     assert str(client.get_model_version_by_alias("cats", "champion").version) == str(version)
     tags = client.get_model_version("cats", str(version)).tags
-    assert tags["promotion_forced_by"] == f"project {cases['project_id']}, key {cases['prefix']}"
+    assert tags["promotion_forced_by"] == f"key {cases['prefix']}"
     assert tags["promotion_gate_failed"].startswith(reason.removeprefix("promotion gate failed: "))
+    model = api.get("/v1/models/cats", headers=auth).json()
+    forced = next(v for v in model["versions"] if v["version"] == version)
+    assert (forced["gate_passed"], forced["forced_by"], forced["forced_reason"]) == (
+        False, f"key {cases['prefix']}", "hotfix"
+    )  # fmt: skip
 
 
 def test_the_gate_rule_comes_from_the_settings(tmp_path: Path) -> None:
@@ -203,7 +221,7 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
         promotion_gate=json.dumps(gate),
     )  # fmt: skip
     # No guidance for the tiny model's samples (tests/core/test_evaluate.py says why).
-    workers.start(INVDPO_EVAL_GUIDANCE_SCALE="1.0")
+    workers.start(INVDPO_EVAL_GUIDANCE_SCALE="1.0", INVDPO_PROMOTION_GATE=json.dumps(gate))
     name = f"gate-test-{uuid.uuid4().hex[:8]}"
     hyperparameters = {
         "resolution": 64, "batch_size": 8, "max_steps": 40, "learning_rate": 1e-3, "beta": 500.0,
@@ -212,7 +230,7 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
     }  # fmt: skip
     with TestClient(create_app(settings)) as api:
         with api.app.state.session_factory() as session:  # type: ignore[attr-defined]
-            key, _ = create_api_key(session, f"gate-{uuid.uuid4().hex[:6]}")
+            key, _ = create_api_key(session, f"gate-{uuid.uuid4().hex[:6]}", scopes=SCOPES)
         auth = {"Authorization": f"Bearer {key}"}
 
         def create(validation_file: str | None, **overrides: Any) -> str:
@@ -261,7 +279,7 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
         assert champion.version == good_job["registered_model_version"]
         assert "promotion_forced_by" not in champion.tags
 
-        assert promote(bare_job, force=True).status_code == 200
+        assert promote(bare_job, force=True, reason="no held-out pairs yet").status_code == 200
         champion = client.get_model_version_by_alias(name, "champion")
         assert champion.version == bare_job["registered_model_version"]
         assert champion.tags["promotion_forced_by"].startswith("project ")

@@ -26,11 +26,12 @@ from invdpo_core.checkpoint import read_manifest, save_checkpoint
 from invdpo_core.testing import build_tiny_pipeline
 from services.jobs import jobstore
 from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.jobstore import default_model_name
 from services.jobs.models import Job, Project
 from services.worker import app as worker_app
 from services.worker.run_job import JobRunner, job_error, merge_lora
 from services.worker.settings import Settings
-from services.worker.tracking import SERVING_CODE, SIGNATURE, dataset_fingerprint, default_model_name, flat_params
+from services.worker.tracking import SERVING_CODE, SIGNATURE, dataset_fingerprint, flat_params
 
 WORKER = "host:1:abcd"
 
@@ -352,6 +353,13 @@ def test_promote_sets_champion_on_a_version_of_the_callers_project(tmp_path: Pat
         client.create_registered_model("cats")
         for job_id in (job_a, job_b, "not-a-job"):
             client.create_model_version("cats", f"file://{tmp_path}/m", tags={"job_id": job_id})
+        with factory() as session:  # what the workers record: alpha's name, alpha's and beta's versions
+            alpha, beta = (jobstore.get_job(session, j).project_id for j in (job_a, job_b))  # type: ignore[union-attr]
+            assert jobstore.claim_model_name(session, "cats", alpha)
+            for version, job_id, project in ((1, job_a, alpha), (2, job_b, beta)):
+                jobstore.record_model_version(
+                    session, "cats", version, job_id=job_id, project_id=project, gate_passed=True, gate_reasons=[]
+                )
         auth = {"Authorization": f"Bearer {key_a}"}
 
         response = api.post("/v1/models/cats/promote", json={"version": 1}, headers=auth)
@@ -363,7 +371,8 @@ def test_promote_sets_champion_on_a_version_of_the_callers_project(tmp_path: Pat
         for version in (2, 3, 9):  # another project's, registered outside invdpo, missing
             answer = api.post("/v1/models/cats/promote", json={"version": version}, headers=auth)
             assert (answer.status_code, answer.json()) == (404, {"detail": "model version not found"})
-        assert api.post("/v1/models/dogs/promote", json={"version": 1}, headers=auth).status_code == 404
+        answer = api.post("/v1/models/dogs/promote", json={"version": 1}, headers=auth)
+        assert (answer.status_code, answer.json()) == (404, {"detail": "model not found"})
         assert api.post("/v1/models/cats/promote", json={"version": 1}).status_code == 401
         for bad in (0, 2**31, 10**30):
             assert api.post("/v1/models/cats/promote", json={"version": bad}, headers=auth).status_code == 422
@@ -376,7 +385,14 @@ def test_promote_answers_503_when_the_registry_is_down(tmp_path: Path, monkeypat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with _api(tmp_path, "http://127.0.0.1:1") as api:
-        with api.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        factory = api.app.state.session_factory  # type: ignore[attr-defined]
+        job_id = make_job(factory, "alpha")
+        with factory() as session:
             key, _ = create_api_key(session, "alpha")
+            project = jobstore.get_job(session, job_id).project_id  # type: ignore[union-attr]
+            assert jobstore.claim_model_name(session, "cats", project)
+            jobstore.record_model_version(
+                session, "cats", 1, job_id=job_id, project_id=project, gate_passed=True, gate_reasons=[]
+            )
         answer = api.post("/v1/models/cats/promote", json={"version": 1}, headers={"Authorization": f"Bearer {key}"})
         assert (answer.status_code, answer.json()) == (503, {"detail": "model registry unavailable"})

@@ -38,6 +38,7 @@ _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _MAX_JSON_INT = 2**53  # larger integers lose precision in JSON clients and overflow BIGINT columns
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": schemas.ErrorDetail, "description": "Missing or invalid API key."},
+    403: {"model": schemas.ErrorDetail, "description": "The API key lacks the scope (jobs:read, jobs:write)."},
     404: {"model": schemas.ErrorDetail, "description": "No such job in this project."},
 }
 _CURSOR_ERROR: dict[int | str, dict[str, Any]] = {400: {"model": schemas.ErrorDetail, "description": "Bad cursor."}}
@@ -105,6 +106,16 @@ def _check_local_files(body: schemas.JobCreate) -> None:
         errors.append(_error((name,), "must be an s3:// URI" + (" or a hub id" if name == "model" else ""), uri))
     if errors:
         raise RequestValidationError(errors)
+
+
+def _check_model_name(session: Session, body: schemas.JobCreate, job_id: str, project_id: int) -> None:
+    """A job may register only into a model its project owns or a new name (the worker claims it at
+    registration). Otherwise its version would land in another project's model and move that model's alias."""
+    name = body.registered_model_name or jobstore.default_model_name(job_id, body.suffix)
+    owner = jobstore.model_owner(session, name)
+    if owner is not None and owner != project_id:
+        field = "registered_model_name" if body.registered_model_name else "suffix"
+        raise RequestValidationError([_error((field,), f"registered model {name} belongs to another project", name)])
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -220,6 +231,7 @@ def create_job(
 ) -> schemas.Job:
     """Create a fine-tuning job. It starts as `validating_files`; the model and the datasets are checked, then
     the job is `queued` for a GPU worker, or `failed` with an error naming the file at fault."""
+    caller.require("jobs:write")
     if not settings.allow_local_files:
         _check_local_files(body)
     request_hash = _request_hash(body)
@@ -229,13 +241,15 @@ def create_job(
             return _replay(existing, request_hash, response)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     config = training_config(body, seed)
+    job_id = jobstore.new_job_id()
+    _check_model_name(session, body, job_id, caller.project_id)
     if jobstore.count_active_jobs(session, caller.project_id) >= settings.max_active_jobs_per_project:
         session.rollback()
         raise HTTPException(
             429, "too many active jobs in this project", headers={"Retry-After": str(settings.retry_after_seconds)}
         )
     job = Job(
-        id=jobstore.new_job_id(),
+        id=job_id,
         project_id=caller.project_id,
         model=body.model,
         training_file=body.training_file,
@@ -276,6 +290,7 @@ def list_jobs(
     status: Annotated[schemas.JobStatus | None, Query(description="Only jobs in this status.")] = None,
 ) -> schemas.JobList:
     """The project's jobs, newest first."""
+    caller.require("jobs:read")
     try:
         jobs, has_more = jobstore.list_jobs(session, caller.project_id, after=after, limit=limit, status=status)
     except jobstore.InvalidCursor:
@@ -294,9 +309,10 @@ async def get_job(job: JobDep) -> schemas.Job:
     response_model=schemas.Job,
     responses={**_ERRORS, 409: {"model": schemas.ErrorDetail, "description": "The job already finished."}},
 )
-def cancel_job(job: JobDep, session: SessionDep) -> schemas.Job:
+def cancel_job(job: JobDep, session: SessionDep, caller: CallerDep) -> schemas.Job:
     """Cancel: a job not yet running is cancelled at once; a running one becomes `cancel_requested` and then
     `cancelled` when its worker stops. Cancelling a cancelled job is a no-op."""
+    caller.require("jobs:write")
     cancelled = jobstore.cancel_job(session, job.id)
     if cancelled is None:
         raise HTTPException(409, "job already finished")

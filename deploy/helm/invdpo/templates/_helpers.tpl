@@ -160,6 +160,9 @@ Settings shared by the API and the workers: database, broker, MLflow, log level,
       key: {{ .Values.broker.urlKey }}
 - name: INVDPO_MLFLOW_TRACKING_URI
   value: {{ include "invdpo.mlflowTrackingUri" . | quote }}
+{{- if .Values.mlflow.enabled }}
+{{ include "invdpo.mlflowServiceUserEnv" . }}
+{{- end }}
 - name: INVDPO_LOG_LEVEL
   value: {{ .Values.config.logLevel | quote }}
 {{ include "invdpo.s3Env" . }}
@@ -194,4 +197,17 @@ Exec probe command: the worker's heartbeat file exists and is younger than worke
 - "import os, sys, time; sys.exit(time.time() - os.stat(sys.argv[1]).st_mtime > float(sys.argv[2]))"
 - {{ .Values.worker.heartbeat.file | quote }}
 - {{ .Values.worker.heartbeat.maxAgeSeconds | int64 | quote }}
+{{- end }}
+
+{{/*
+The MLflow service user (the MLflow client reads these variables itself): the API, the workers, the user Job.
+*/}}
+{{- define "invdpo.mlflowServiceUserEnv" -}}
+- name: MLFLOW_TRACKING_USERNAME
+  value: {{ .Values.mlflow.serviceUser.username | quote }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.serviceUser.existingSecret }}
+      key: {{ .Values.mlflow.serviceUser.passwordKey }}
 {{- end }}
