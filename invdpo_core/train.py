@@ -184,7 +184,8 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
     started = time.perf_counter()
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
-    if not PartialState().use_distributed:
+    # cpu=True on a host without CUDA: else several torchrun processes there are each a lone main process.
+    if not PartialState(cpu=not torch.cuda.is_available()).use_distributed:
         # accelerate keeps its precision in a process-wide singleton that refuses a second value, and a worker
         # process runs jobs of different precisions one after another. (A distributed launch runs one job.)
         AcceleratorState._reset_state()

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.api import jobstore
 from services.api.db import make_engine, make_session_factory
 from services.api.logs import configure_logging
-from services.queue import RECONCILE_TASK, TRAIN_TASK, make_celery
+from services.queue import RECONCILE_TASK, TRAIN_TASK, enqueue_training, make_celery
 from services.worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,15 @@ def train_job(job_id: str) -> None:
     settings = get_settings()
     if not jobstore.is_job_id(job_id):
         log.warning("message ignored: not a job id", extra={"job_id": job_id[:64]})
+        return
+    with sessions()() as session:
+        job = jobstore.get_job(session, job_id)
+        resources = (job.resources if job is not None else None) or {}
+    if resources.get("nodes", 1) > 1:  # more than one node: a Kubeflow Trainer TrainJob, watched from here
+        from services.worker.trainjob import run_trainjob
+
+        nodes, gpus = resources["nodes"], resources["gpus_per_node"]
+        run_trainjob(job_id, nodes, gpus, settings, sessions(), enqueue=lambda job_id: enqueue_training(job_id, app))
         return
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     with sessions()() as session:

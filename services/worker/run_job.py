@@ -223,12 +223,13 @@ class JobRunner:
         return local_step
 
     def run(self) -> int:
+        import torch
         from accelerate import PartialState
 
         from invdpo_core.config import parse_config
         from invdpo_core.train import TrainCallbacks, train
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())  # as train() does: several CPU ranks distribute
         with self.sessions() as session:
             job = jobstore.get_job(session, self.job_id)
         if job is None or job.status not in ("running", "cancel_requested") or job.claimed_by != self.worker_id:
@@ -239,8 +240,9 @@ class JobRunner:
             self.pairs_per_step = config.batch_size * state.num_processes * config.gradient_accumulation_steps
             if self.main:
                 self.start_tracking(job, config)
+            if state.is_local_main_process:  # one restore per node: each node of a TrainJob has its own disk
                 restored = self.restore_checkpoint()
-                if restored is not None:
+                if restored is not None and self.main:
                     self.event(f"Resuming from the checkpoint of step {restored}")
             state.wait_for_everyone()  # the other ranks read the restored checkpoint
             callbacks = TrainCallbacks(on_step=self.on_step, should_stop=self.should_stop)
@@ -290,7 +292,8 @@ class JobRunner:
             if status == "running" and self.stop_signal is not None:
                 if jobstore.requeue_job(session, self.job_id, self.worker_id):
                     mlflow.end_run("SCHEDULED")
-                    self.enqueue()
+                    if not self.worker_id.startswith("trainjob:"):  # a TrainJob's watcher sends it once it is gone
+                        self.enqueue()
                     return 0
             # The run first: once the job is final, whoever reads it may read the run too.
             mlflow.end_run("KILLED")
