@@ -29,6 +29,7 @@ through the kubeconfig (KUBECONFIG).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -127,7 +128,8 @@ def kubernetes_api() -> Any:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # Read KUBECONFIG now: the client's own default is the value it had when the client was imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     return client.CustomObjectsApi()
 
 
