@@ -19,8 +19,9 @@ class Settings(BaseSettings):
     INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS,
     INVDPO_VALIDATION_SAMPLE, INVDPO_LOG_LEVEL, INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE, and for
     multi-node jobs (services/worker/trainjob.py) INVDPO_TRAINJOB_NAMESPACE, INVDPO_TRAINJOB_RUNTIME,
-    INVDPO_TRAINJOB_IMAGE, INVDPO_TRAINJOB_QUEUE_NAME, INVDPO_TRAINJOB_NODE_SELECTOR, INVDPO_TRAINJOB_TOLERATIONS,
-    INVDPO_TRAINJOB_ENV, INVDPO_TRAINJOB_GPU_RESOURCE, INVDPO_TRAINJOB_CANCEL_GRACE_SECONDS.
+    INVDPO_TRAINJOB_IMAGE, INVDPO_TRAINJOB_QUEUE_NAME, INVDPO_TRAINJOB_POD_LABELS, INVDPO_TRAINJOB_NODE_SELECTOR,
+    INVDPO_TRAINJOB_TOLERATIONS, INVDPO_TRAINJOB_ENV, INVDPO_TRAINJOB_GPU_RESOURCE,
+    INVDPO_TRAINJOB_CANCEL_GRACE_SECONDS.
     """
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
@@ -91,6 +92,10 @@ class Settings(BaseSettings):
     )
     trainjob_queue_name: str | None = Field(
         None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) that admits the TrainJobs; unset: none."
+    )
+    trainjob_pod_labels: dict[str, str] = Field(
+        {},
+        description="Labels of the TrainJob pods, as JSON (the chart's, so its NetworkPolicy lets them reach MLflow).",
     )
     trainjob_node_selector: dict[str, str] = Field({}, description="nodeSelector of the TrainJob pods, as JSON.")
     trainjob_tolerations: list[dict[str, Any]] = Field([], description="Tolerations of the TrainJob pods, as JSON.")

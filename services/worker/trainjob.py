@@ -88,6 +88,9 @@ def build_trainjob(job_id: str, nodes: int, gpus_per_node: int, settings: Settin
         pod_spec["nodeSelector"] = dict(settings.trainjob_node_selector)
     if settings.trainjob_tolerations:
         pod_spec["tolerations"] = list(settings.trainjob_tolerations)
+    pod_template: dict[str, Any] = {"spec": pod_spec}
+    if settings.trainjob_pod_labels:
+        pod_template["metadata"] = {"labels": dict(settings.trainjob_pod_labels)}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
@@ -109,9 +112,7 @@ def build_trainjob(job_id: str, nodes: int, gpus_per_node: int, settings: Settin
                     "trainingRuntimeSpec": {
                         "template": {
                             "spec": {
-                                "replicatedJobs": [
-                                    {"name": "node", "template": {"spec": {"template": {"spec": pod_spec}}}}
-                                ]
+                                "replicatedJobs": [{"name": "node", "template": {"spec": {"template": pod_template}}}]
                             }
                         }
                     },

@@ -71,6 +71,7 @@ def test_the_manifest_validates_against_the_crd_for_one_and_several_nodes_with_a
             trainjob_queue_name=queue,
             trainjob_node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
             trainjob_tolerations=tolerations,
+            trainjob_pod_labels={"app.kubernetes.io/instance": "demo"},
         ),
     )
     validate_trainjob(manifest)
@@ -89,6 +90,7 @@ def test_the_manifest_validates_against_the_crd_for_one_and_several_nodes_with_a
     (patch,) = spec["runtimePatches"]
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = node["template"]["spec"]["template"]["spec"]
+    assert node["template"]["spec"]["template"]["metadata"]["labels"] == {"app.kubernetes.io/instance": "demo"}
     assert node["name"] == "node" and pod["tolerations"] == tolerations
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     # Credentials are references to Secrets; no value of the worker's own environment is copied in.
