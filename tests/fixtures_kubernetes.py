@@ -108,6 +108,7 @@ class FakeKubernetes:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.forbidden = False  # answer 403 to everything, as without the chart's Role
         self._version = 0
         fake = self
 
@@ -136,6 +137,8 @@ class FakeKubernetes:
                 if len(parts) not in (2, 3) or parts[1] != "trainjobs":
                     return self._send(404, _status(404, "NotFound", f"{url.path}: not served here"))
                 namespace, name = parts[0], (parts[2] if len(parts) == 3 else None)
+                if fake.forbidden:
+                    return self._send(403, _status(403, "Forbidden", "trainjobs is forbidden"))
                 with fake.lock:
                     code, body = fake.serve(method, namespace, name, parse_qs(url.query), self._body)
                 self._send(code, body)

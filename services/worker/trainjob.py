@@ -225,20 +225,21 @@ def run_trainjob(
     api = api if api is not None else kubernetes_api()
     namespace, name = settings.trainjob_namespace, trainjob_name(job_id)
     where = f"TrainJob {namespace}/{name}"
-    trainjob = find_trainjob(api, namespace, job_id)
-    if trainjob is not None and (ended(trainjob) or trainjob["metadata"].get("deletionTimestamp")):
-        delete_trainjob(api, namespace, trainjob["metadata"]["name"])  # a previous attempt's: start afresh
-        trainjob = None
-    if trainjob is not None:
-        _event(sessions, job_id, f"Adopted the running {where}")
-    else:
-        try:
+    try:
+        trainjob = find_trainjob(api, namespace, job_id)
+        if trainjob is not None and (ended(trainjob) or trainjob["metadata"].get("deletionTimestamp")):
+            delete_trainjob(api, namespace, trainjob["metadata"]["name"])  # a previous attempt's: start afresh
+            trainjob = None
+        if trainjob is None:
             api.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, build_trainjob(job_id, nodes, gpus_per_node, settings)
             )
-        except ApiException as exc:
-            _fail(sessions, job_id, worker_id, f"{where} could not be created: {exc.status} {exc.reason}")
-            return
+    except ApiException as exc:  # 403: no RBAC for trainjobs; 404: Trainer not installed; 422: refused
+        _fail(sessions, job_id, worker_id, f"{where}: the Kubernetes API answered {exc.status} {exc.reason}")
+        return
+    if trainjob is not None:
+        _event(sessions, job_id, f"Adopted the running {where}")
+    else:
         queue = f", queue {settings.trainjob_queue_name}" if settings.trainjob_queue_name else ""
         _event(
             sessions,

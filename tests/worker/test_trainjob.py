@@ -314,3 +314,15 @@ def test_without_a_trainjob_image_a_multi_node_job_fails_with_a_reason(
     job = status(sessions, job_id)
     assert job.status == "failed" and "multi-node jobs are not enabled" in (job.error_message or "")
     assert kube.creates() == 0
+
+
+def test_without_rbac_for_trainjobs_the_job_fails_naming_the_answer(
+    sessions: sessionmaker[Session], kube: FakeKubernetes
+) -> None:
+    kube.forbidden = True
+    job_id = make_job(sessions)
+    thread, _ = watch(job_id, sessions)
+    thread.join(20)
+    job = status(sessions, job_id)
+    assert (job.status, job.error_code) == ("failed", "trainjob_failed")
+    assert "the Kubernetes API answered 403 Forbidden" in (job.error_message or "")
