@@ -2,11 +2,15 @@
 
     accelerate launch --num_processes N -m services.worker.run_job JOB_ID --worker-id WORKER_ID
 
+or, on every node of a multi-node job's TrainJob, by torchrun as Kubeflow Trainer starts it (trainjob.py):
+
+    torchrun --module services.worker.run_job JOB_ID --worker-id trainjob:NAME
+
 It loads the job row, restores the job's newest checkpoint from the object store, calls `invdpo_core.train.train`
 with callbacks that report to the database and MLflow, and ends the job: succeeded (model evaluated against its
 base, logged and registered), cancelled, queued again (SIGTERM: checkpoint first), or failed (a code and one line;
-the traceback goes to the events). With several processes (GPUs) every rank trains; only rank 0 talks to the
-database, MLflow and the store.
+the traceback goes to the events). With several processes (GPUs, nodes) every rank trains; only rank 0 talks to
+the database, MLflow and the store, and one process per node restores the checkpoint.
 
 Exit status 0 means the job's state was reported (whatever it is); anything else tells the parent it was not.
 """
