@@ -60,3 +60,19 @@ def test_resource_bounds_are_422(
         r = client.post(JOBS, json=job_body(resources=resources), headers=auth)
         assert r.status_code == 422, (resources, r.text)
         assert r.json()["detail"][0]["loc"][:3] == ["body", "resources", field], r.text
+
+
+def test_a_disk_inversion_cache_is_refused_on_several_nodes(
+    make_client: Callable[..., TestClient],
+    make_key: Callable[[str], dict[str, str]],
+    job_body: Callable[..., dict[str, Any]],
+) -> None:
+    client = make_client(max_nodes_per_job=4)
+    auth = make_key("team-c")
+    body = job_body(resources={"nodes": 2})
+    body["method"]["hyperparameters"]["inversion_cache"] = "disk"
+    r = client.post(JOBS, json=body, headers=auth)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "method", "hyperparameters", "inversion_cache"]
+    body["resources"] = {"nodes": 1}
+    assert client.post(JOBS, json=body, headers=auth).status_code == 201
