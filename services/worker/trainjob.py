@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
+from services.jobs import jobstore
 from services.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -287,6 +287,6 @@ def run_trainjob(
             if is_suspended(trainjob) or overdue:
                 delete_trainjob(api, namespace, name)
                 with sessions() as session:
-                    jobstore.finish_job(session, job_id, "cancelled", worker_id=worker_id)
+                    jobstore.settle_cancel(session, job_id, worker_id)
                 _event(sessions, job_id, f"Deleted {where}" + (" (rank 0 did not stop in time)" if overdue else ""))
                 return

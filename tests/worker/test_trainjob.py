@@ -21,9 +21,9 @@ from fixtures_kubernetes import FakeKubernetes, validate_trainjob, write_kubecon
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.models import Job, Project
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.models import Job, Project
 from services.worker import trainjob
 from services.worker.settings import Settings
 

@@ -30,9 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from invdpo_core.config import parse_config
 from invdpo_core.storage import download_prefix
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.models import Job, Project
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.models import Job, Project
 from services.worker.settings import Settings
 from services.worker.trainjob import build_trainjob, claim_id
 

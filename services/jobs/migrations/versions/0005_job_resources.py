@@ -1,7 +1,7 @@
 """jobs.resources: the nodes and GPUs per node a job asked for (null: one node, the worker's own GPUs).
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0005
+Revises: 0003
 Create Date: 2026-11-30
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "0005"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
