@@ -150,7 +150,7 @@ def make_job(sessions: sessionmaker[Session], nodes: int = 2) -> str:
         job_id = jobstore.new_job_id()
         session.add(
             Job(id=job_id, project_id=project.id, status="queued", model="org/m", training_file="s3://b/d.jsonl",
-                method_type="inversion_dpo", hyperparameters={}, config={"max_steps": 10}, seed=0, attempt=0,
+                method_type="inversion_dpo", config={"max_steps": 10}, seed=0, attempt=0,
                 resources={"nodes": nodes, "gpus_per_node": 4})
         )  # fmt: skip
         session.commit()

@@ -64,7 +64,7 @@ def make_job(sessions: sessionmaker[Session], config: dict[str, Any], nodes: int
         job_id = jobstore.new_job_id()
         session.add(
             Job(id=job_id, project_id=project.id, status="queued", model=config["base_model"],
-                training_file=config["dataset"], method_type=config["method"], hyperparameters={},
+                training_file=config["dataset"], method_type=config["method"],
                 config=parse_config(config).model_dump(mode="json"), seed=config["seed"], attempt=0,
                 resources={"nodes": nodes, "gpus_per_node": 1})
         )  # fmt: skip

@@ -235,7 +235,7 @@ def create_job(
         )
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     config = training_config(body, seed)
-    if body.resources is not None and body.resources.nodes > 1 and config["inversion_cache"] == "disk":
+    if body.resources is not None and body.resources.nodes > 1 and config.inversion_cache == "disk":
         # Each node of a TrainJob has its own disk: a rank would miss the entries another node's ranks wrote.
         where, value = ("method", "hyperparameters", "inversion_cache"), "disk"
         raise RequestValidationError([_error(where, "disk needs one disk for all nodes; use memory or none", value)])
