@@ -80,6 +80,24 @@ class MethodSpec(BaseModel):
     )
 
 
+class JobResources(BaseModel):
+    """What one job runs on. One node (the default) trains on the claiming worker's own GPUs, as ever; more run as
+    a Kubeflow Trainer TrainJob of `nodes` pods with `gpus_per_node` GPUs each (docs/deploy.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nodes: int = Field(
+        1, ge=1, le=64, description="Training nodes; at most the deployment's max_nodes_per_job (1 unless enabled)."
+    )
+    gpus_per_node: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="GPUs (and training processes) per node of a multi-node job; a one-node job "
+        "uses the worker's GPUs.",
+    )
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -99,6 +117,7 @@ class JobCreate(BaseModel):
         description="MLflow registered model the result is registered under.",
     )
     metadata: Metadata | None = None
+    resources: JobResources | None = Field(None, description="Nodes and GPUs per node; omitted: one node.")
 
 
 class JobError(BaseModel):
@@ -147,6 +166,7 @@ class Job(BaseModel):
     fine_tuned_model: str | None
     evaluation: JobEvaluation | None = Field(None, description="Set once the job succeeded and was evaluated.")
     error: JobError | None
+    resources: JobResources | None = Field(None, description="As requested; null: one node.")
 
 
 class JobList(BaseModel):

@@ -17,11 +17,17 @@ class Settings(JobSettings):
     the API's own:
     INVDPO_MAX_ACTIVE_JOBS_PER_PROJECT, INVDPO_RETRY_AFTER_SECONDS, INVDPO_MAX_BODY_BYTES,
     INVDPO_RECONCILE_INTERVAL_SECONDS, INVDPO_MIGRATE_ON_STARTUP, INVDPO_ALLOW_LOCAL_FILES,
-    INVDPO_EVENTS_POLL_SECONDS, INVDPO_EVENTS_STREAM_MAX_SECONDS.
+    INVDPO_EVENTS_POLL_SECONDS, INVDPO_EVENTS_STREAM_MAX_SECONDS, INVDPO_MAX_NODES_PER_JOB.
     """
 
     max_active_jobs_per_project: int = Field(
         4, ge=1, description="Jobs a project may have validating, queued or running at once; more gets a 429."
+    )
+    max_nodes_per_job: int = Field(
+        1,
+        ge=1,
+        description="Largest resources.nodes a job of any project may ask for. 1 keeps every job on one worker; more "
+        "needs the workers' TrainJob path (Kubeflow Trainer, docs/deploy.md).",
     )
     retry_after_seconds: int = Field(60, ge=1, description="Retry-After sent with the 429 of the active-job cap.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body; larger gets a 413.")

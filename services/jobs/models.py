@@ -116,6 +116,7 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64))
     registered_model_name: Mapped[str | None] = mapped_column(String(256))
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONType)
+    resources: Mapped[dict[str, int] | None] = mapped_column(JSONType)  # {nodes, gpus_per_node}; None: one node
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Lifecycle and progress.

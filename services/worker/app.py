@@ -157,6 +157,15 @@ def train_job(job_id: str) -> None:
     if not jobstore.is_job_id(job_id):
         log.warning("message ignored: not a job id", extra={"job_id": job_id[:64]})
         return
+    with sessions()() as session:
+        job = jobstore.get_job(session, job_id)
+        resources = (job.resources if job is not None else None) or {}
+    if resources.get("nodes", 1) > 1:  # more than one node: a Kubeflow Trainer TrainJob, watched from here
+        from services.worker.trainjob import run_trainjob
+
+        nodes, gpus = resources["nodes"], resources["gpus_per_node"]
+        run_trainjob(job_id, nodes, gpus, settings, sessions(), enqueue=lambda job_id: enqueue_training(job_id, app))
+        return
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     with sessions()() as session:
         claimed = jobstore.claim_job(

@@ -2,11 +2,15 @@
 
     accelerate launch --num_processes N -m services.worker.run_job JOB_ID --worker-id WORKER_ID
 
+or, on every node of a multi-node job's TrainJob, by torchrun as Kubeflow Trainer starts it (trainjob.py):
+
+    torchrun --module services.worker.run_job JOB_ID --worker-id trainjob:NAME
+
 It loads the job row, restores the job's newest checkpoint from the object store, calls `invdpo_core.train.train`
 with callbacks that report to the database and MLflow, and ends the job: succeeded (model evaluated against its
 base, logged and registered), cancelled, queued again (SIGTERM: checkpoint first), or failed (a code and one line;
-the traceback goes to the events). With several processes (GPUs) every rank trains; only rank 0 talks to the
-database, MLflow and the store.
+the traceback goes to the events). With several processes (GPUs, nodes) every rank trains; only rank 0 talks to
+the database, MLflow and the store, and one process per node restores the checkpoint.
 
 Exit status 0 means the job's state was reported (whatever it is); anything else tells the parent it was not.
 """
@@ -292,12 +296,13 @@ class JobRunner:
         return local_step
 
     def run(self) -> int:
+        import torch
         from accelerate import PartialState
 
         from invdpo_core.config import parse_config
         from invdpo_core.train import TrainCallbacks, train
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())  # as train() does: several CPU ranks distribute
         with self.sessions() as session:
             job = jobstore.retry_outages(jobstore.get_job)(session, self.job_id)
         if not jobstore.owns(job, self.worker_id):
@@ -308,8 +313,9 @@ class JobRunner:
             self.pairs_per_step = config.batch_size * state.num_processes * config.gradient_accumulation_steps
             if self.main:
                 self.start_tracking(job, config)
+            if state.is_local_main_process:  # one restore per node: each node of a TrainJob has its own disk
                 restored = self.restore_checkpoint()
-                if restored is not None:
+                if restored is not None and self.main:
                     self.event(f"Resuming from the checkpoint of step {restored}")
             state.wait_for_everyone()  # the other ranks read the restored checkpoint
             callbacks = TrainCallbacks(on_step=self.on_step, should_stop=self.should_stop)
@@ -359,7 +365,8 @@ class JobRunner:
                 return 0
             if self.stop_signal is not None and jobstore.requeue_job(session, self.job_id, self.worker_id):
                 mlflow.end_run("SCHEDULED")
-                self.enqueue()
+                if not self.worker_id.startswith("trainjob:"):  # a TrainJob's watcher sends it once it is gone
+                    self.enqueue()
                 return 0
             # The run first: once the job is final, whoever reads it may read the run too.
             mlflow.end_run("KILLED")

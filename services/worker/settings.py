@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from services.jobs.settings import JobSettings
 
@@ -18,7 +20,10 @@ class Settings(JobSettings):
     INVDPO_MLFLOW_EXPERIMENT, INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE,
     INVDPO_HEARTBEAT_INTERVAL_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
     INVDPO_STOP_GRACE_SECONDS, INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_EVAL_SCORERS,
-    INVDPO_EVAL_GUIDANCE_SCALE.
+    INVDPO_EVAL_GUIDANCE_SCALE, and for multi-node jobs (services/worker/trainjob.py) INVDPO_TRAINJOB_NAMESPACE,
+    INVDPO_TRAINJOB_RUNTIME, INVDPO_TRAINJOB_IMAGE, INVDPO_TRAINJOB_QUEUE_NAME, INVDPO_TRAINJOB_POD_LABELS,
+    INVDPO_TRAINJOB_NODE_SELECTOR, INVDPO_TRAINJOB_TOLERATIONS, INVDPO_TRAINJOB_ENV, INVDPO_TRAINJOB_GPU_RESOURCE,
+    INVDPO_TRAINJOB_CANCEL_GRACE_SECONDS.
     """
 
     mlflow_experiment: str = Field("invdpo", min_length=1, description="MLflow experiment the job runs go to.")
@@ -65,6 +70,64 @@ class Settings(JobSettings):
     eval_guidance_scale: float = Field(
         7.5, ge=0, description="Classifier-free guidance of the evaluation's images (base and fine-tuned alike)."
     )
+
+    # ---- multi-node jobs: Kubeflow Trainer TrainJobs (services/worker/trainjob.py, docs/deploy.md) ----
+    trainjob_namespace: str = Field(
+        "default", min_length=1, description="Namespace the TrainJobs are created in (the worker's own, deployed)."
+    )
+    trainjob_runtime: str = Field(
+        "torch-distributed", min_length=1, description="ClusterTrainingRuntime the TrainJobs reference (torchrun)."
+    )
+    trainjob_image: str | None = Field(
+        None, description="Image of the TrainJob nodes: the worker's own. Unset: multi-node jobs fail at once."
+    )
+    trainjob_queue_name: str | None = Field(
+        None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) that admits the TrainJobs; unset: none."
+    )
+    trainjob_pod_labels: dict[str, str] = Field(
+        {},
+        description="Labels of the TrainJob pods, as JSON (the chart's, so its NetworkPolicy lets them reach MLflow).",
+    )
+    trainjob_node_selector: dict[str, str] = Field({}, description="nodeSelector of the TrainJob pods, as JSON.")
+    trainjob_tolerations: list[dict[str, Any]] = Field([], description="Tolerations of the TrainJob pods, as JSON.")
+    trainjob_env: list[dict[str, Any]] = Field(
+        [],
+        description="Environment of the TrainJob nodes as a JSON list of Kubernetes EnvVars (database, broker, "
+        "MLflow, S3...). Credentials only as valueFrom.secretKeyRef: a literal value of one is refused.",
+    )
+    trainjob_gpu_resource: str = Field("nvidia.com/gpu", min_length=1, description="Resource name of one GPU.")
+    trainjob_cancel_grace_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="After a cancel, rank 0 gets this long to checkpoint and end the job; then the TrainJob is "
+        "deleted anyway.",
+    )
+
+    @field_validator("trainjob_env")
+    @classmethod
+    def _credentials_from_secrets(cls, env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for entry in env:
+            name = entry.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"every entry needs a name: {json.dumps(entry)[:80]}")
+            if name in CREDENTIAL_ENV and "value" in entry:
+                raise ValueError(f"{name} must come from a Secret (valueFrom.secretKeyRef), not a literal value")
+        return env
+
+
+# Variables that carry credentials (URLs with passwords, keys, tokens): never written into a TrainJob as values.
+CREDENTIAL_ENV = frozenset(
+    {
+        "INVDPO_DATABASE_URL",
+        "INVDPO_BROKER_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "HF_TOKEN",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_PASSWORD",
+    }
+)
 
 
 @lru_cache

@@ -158,6 +158,7 @@ def test_each_optional_feature_has_a_ci_values_file_turning_it_on() -> None:
         "api.autoscaling",
         "worker.podDisruptionBudget",
         "worker.keda",
+        "worker.trainJob",
     }
     ci = [load_values(path) for path in VALUES_FILES[1:]]
     for switch in off_by_default:
@@ -337,7 +338,10 @@ def test_every_pod_runs_non_root_read_only_without_capabilities(renders: dict, p
         spec = pod_spec(doc)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsUser"] != 0
-        assert spec["automountServiceAccountToken"] is False
+        # Only a worker that manages TrainJobs (worker.trainJob) needs its token, to reach the API server.
+        manages_trainjobs = path is not None and path.name == "trainjob-values.yaml" and doc["kind"] == "Deployment"
+        manages_trainjobs = manages_trainjobs and doc["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+        assert spec["automountServiceAccountToken"] is manages_trainjobs
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
         for item in spec["containers"]:
             context = item["securityContext"]

@@ -151,6 +151,7 @@ def job_out(job: Job) -> schemas.Job:
         fine_tuned_model=job.fine_tuned_model,
         evaluation=schemas.JobEvaluation.model_validate(job.evaluation) if job.evaluation else None,
         error=error,
+        resources=schemas.JobResources.model_validate(job.resources) if job.resources else None,
     )
 
 
@@ -239,8 +240,17 @@ def create_job(
         existing = jobstore.find_by_idempotency_key(session, caller.project_id, idempotency_key)
         if existing is not None:
             return _replay(existing, request_hash, response)
+    if body.resources is not None and body.resources.nodes > settings.max_nodes_per_job:
+        limit = settings.max_nodes_per_job
+        raise RequestValidationError(
+            [_error(("resources", "nodes"), f"must be at most {limit} here", body.resources.nodes)]
+        )
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     config = training_config(body, seed)
+    if body.resources is not None and body.resources.nodes > 1 and config.inversion_cache == "disk":
+        # Each node of a TrainJob has its own disk: a rank would miss the entries another node's ranks wrote.
+        where, value = ("method", "hyperparameters", "inversion_cache"), "disk"
+        raise RequestValidationError([_error(where, "disk needs one disk for all nodes; use memory or none", value)])
     job_id = jobstore.new_job_id()
     _check_model_name(session, body, job_id, caller.project_id)
     if jobstore.count_active_jobs(session, caller.project_id) >= settings.max_active_jobs_per_project:
@@ -260,6 +270,7 @@ def create_job(
         suffix=body.suffix,
         registered_model_name=body.registered_model_name,
         metadata_=body.metadata,
+        resources=body.resources.model_dump() if body.resources is not None else None,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         total_steps=config.max_steps,
