@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from invdpo_core.config import ConfigError, parse_config
+from invdpo_core.storage import is_hub_id
 from services.api import jobstore, schemas
 from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
 from services.api.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
@@ -51,7 +51,6 @@ _FIELD_LOC = {
     "seed": ("seed",),
     "config": ("method", "hyperparameters"),
 }
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _MAX_JSON_INT = 2**53  # larger integers lose precision in JSON clients and overflow BIGINT columns
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": schemas.ErrorDetail, "description": "Missing or invalid API key."},
@@ -130,7 +129,7 @@ def _check_local_files(body: schemas.JobCreate) -> None:
     errors = []
     for name in ("model", "training_file", "validation_file"):
         uri = getattr(body, name)
-        if uri is None or uri.startswith("s3://") or (name == "model" and _HUB_ID.match(uri)):
+        if uri is None or uri.startswith("s3://") or (name == "model" and is_hub_id(uri)):
             continue
         errors.append(_error((name,), "must be an s3:// URI" + (" or a hub id" if name == "model" else ""), uri))
     if errors:
