@@ -138,6 +138,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 def _image_error(exc: Exception) -> str:
     # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`) when it cannot identify a format.
+    if isinstance(exc, MemoryError):  # e.g. a small PNG that decodes to gigabytes, under a process memory limit
+        return "too large to decode within the memory limit"
     return "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else _one_line(str(exc), 120)
 
 

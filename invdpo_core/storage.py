@@ -81,6 +81,33 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+def normalise_prefix(prefix: str) -> str:
+    """`s3://bucket/a/b/` -> `s3://bucket/a/b`: how allowed prefixes are stored and compared. ValueError unless
+    it is an s3:// URI with a valid bucket and no `..`."""
+    bucket, key = split_s3(prefix.strip())
+    if ".." in key.split("/"):
+        raise ValueError(f"prefix must not contain '..': {prefix!r}")
+    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+
+
+def within_prefixes(uri: str, prefixes: list[str]) -> bool:
+    """True if the s3 URI `uri` lies under one of `prefixes` (whole path segments: `s3://b/team` admits
+    `s3://b/team/x`, never `s3://b/team2/x`). Local paths and URIs with `..` are never within."""
+    if not is_s3(uri):
+        return False
+    try:
+        bucket, key = split_s3(uri)
+    except ValueError:
+        return False
+    if ".." in key.split("/"):
+        return False
+    for prefix in prefixes:
+        p_bucket, p_key = split_s3(normalise_prefix(prefix))
+        if bucket == p_bucket and (not p_key or key == p_key or key.startswith(p_key + "/")):
+            return True
+    return False
+
+
 def _join(uri: str, name: str) -> str:
     return posixpath.join(uri, name) if is_s3(uri) else str(Path(uri) / name)
 

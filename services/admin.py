@@ -3,6 +3,8 @@
     invdpo-admin create-key --project P [--name N]   prints a new API key once; only its sha256 is stored
     invdpo-admin list-keys [--project P]             prefixes, projects, created/revoked (never the keys)
     invdpo-admin revoke-key PREFIX
+    invdpo-admin set-prefixes --project P [s3://bucket/prefix ...]
+                                                     the only places P's models and data may come from; none: any
     invdpo-admin migrate                             alembic upgrade head
     invdpo-admin reconcile                           re-send jobs whose broker message was lost, once
 
@@ -17,6 +19,7 @@ import sys
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from invdpo_core.storage import normalise_prefix
 from services.api.db import make_engine, make_session_factory, migrate
 from services.api.models import ApiKey, Project, utcnow
 from services.api.security import generate_key, mask_secrets
@@ -45,6 +48,19 @@ def revoke_api_key(session: Session, prefix: str) -> bool:
     return True
 
 
+def set_allowed_prefixes(session: Session, project: str, prefixes: list[str] | None) -> list[str] | None:
+    """Limit `project` (created if new) to models and data under `prefixes` (s3:// URIs, normalised); None lifts
+    the limit. Returns what was stored. Raises ValueError for a prefix that is not s3://bucket[/key]."""
+    stored = None if prefixes is None else sorted({normalise_prefix(p) for p in prefixes})
+    row = session.scalars(select(Project).where(Project.name == project)).first()
+    if row is None:
+        row = Project(name=project)
+        session.add(row)
+    row.allowed_prefixes = stored
+    session.commit()
+    return stored
+
+
 def _project_name(value: str) -> str:
     value = value.strip()
     if not 1 <= len(value) <= 128 or not value.isprintable():
@@ -62,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=_project_name)
     p = sub.add_parser("revoke-key", help="revoke a key by its prefix (invdpo-xxxxxxxx)")
     p.add_argument("prefix")
+    p = sub.add_parser(
+        "set-prefixes",
+        help="limit a project's models, datasets and images to s3:// prefixes (none given: no limit)",
+    )
+    p.add_argument("--project", required=True, type=_project_name)
+    p.add_argument("prefixes", nargs="*", metavar="s3://bucket/prefix")
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("reconcile", help="run one reconciler pass now")
     return parser
@@ -93,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: no active key {args.prefix}", file=sys.stderr)
                     return 1
                 print(f"revoked {args.prefix}")
+            elif args.command == "set-prefixes":
+                stored = set_allowed_prefixes(session, args.project, args.prefixes or None)
+                print(f"project {args.project}: " + (", ".join(stored) if stored else "any prefix"))
             elif args.command == "reconcile":
                 from services.api import reconciler
                 from services.queue import make_celery

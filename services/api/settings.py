@@ -16,9 +16,11 @@ class Settings(BaseSettings):
     """The API's settings. Environment variables (all prefixed INVDPO_):
 
     INVDPO_DATABASE_URL, INVDPO_BROKER_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_MAX_ACTIVE_JOBS_PER_PROJECT,
-    INVDPO_RETRY_AFTER_SECONDS, INVDPO_MAX_BODY_BYTES, INVDPO_LOG_LEVEL, INVDPO_RECONCILE_INTERVAL_SECONDS,
+    INVDPO_RETRY_AFTER_SECONDS, INVDPO_MAX_BODY_BYTES, INVDPO_LOG_LEVEL, INVDPO_RATE_LIMIT_REQUESTS,
+    INVDPO_RATE_LIMIT_WINDOW_SECONDS, INVDPO_RATE_LIMIT_REDIS_URL, INVDPO_RECONCILE_INTERVAL_SECONDS,
     INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_MAX_ATTEMPTS,
-    INVDPO_MIGRATE_ON_STARTUP, INVDPO_ALLOW_LOCAL_FILES, INVDPO_VALIDATION_SAMPLE, INVDPO_EVENTS_POLL_SECONDS,
+    INVDPO_MIGRATE_ON_STARTUP, INVDPO_ALLOW_LOCAL_FILES, INVDPO_VALIDATION_SAMPLE, INVDPO_VALIDATION_TIMEOUT_SECONDS,
+    INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_MAX_IMAGE_BYTES, INVDPO_EVENTS_POLL_SECONDS,
     INVDPO_EVENTS_STREAM_MAX_SECONDS, INVDPO_PROMOTION_GATE.
     """
 
@@ -38,6 +40,13 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(60, ge=1, description="Retry-After sent with the 429 of the active-job cap.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body; larger gets a 413.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
+    rate_limit_requests: int = Field(
+        600, ge=0, description="Requests an API key may make per window, across all API replicas; 0 disables."
+    )
+    rate_limit_window_seconds: int = Field(60, ge=1, description="The rate limit's (fixed) window.")
+    rate_limit_redis_url: str | None = Field(
+        None, description="Redis holding the rate limit counters; default: the broker's, if it is Redis."
+    )
     reconcile_interval_seconds: float = Field(
         60.0, ge=0, description="How often the API re-dispatches jobs whose broker message was lost; 0 disables."
     )
@@ -55,6 +64,18 @@ class Settings(BaseSettings):
         "false: jobs must then name s3:// URIs or hub ids, and cannot probe the API host's file system.",
     )
     validation_sample: int = Field(8, ge=1, description="Dataset records read to check a training file.")
+    validation_timeout_seconds: float = Field(
+        120.0, gt=0, description="A job whose files are not checked within this long fails as validation_timeout."
+    )
+    validation_memory_bytes: int = Field(
+        1 << 30,
+        ge=256 << 20,
+        description="Address-space limit of the process that checks a job's files; a dataset needing more fails "
+        "its job (validation_resources) instead of the API.",
+    )
+    max_image_bytes: int = Field(
+        32 << 20, ge=1, description="Largest image (object or parquet cell) read, by validation and by the worker."
+    )
     events_poll_seconds: float = Field(1.0, gt=0, description="How often the events stream looks for new events.")
     events_stream_max_seconds: float = Field(
         600.0, gt=0, description="An events stream closes after this long; clients reconnect with Last-Event-ID."

@@ -16,7 +16,9 @@ class Settings(BaseSettings):
     INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE, INVDPO_HEARTBEAT_INTERVAL_SECONDS,
     INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
     INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS,
-    INVDPO_VALIDATION_SAMPLE, INVDPO_LOG_LEVEL, INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE.
+    INVDPO_VALIDATION_SAMPLE, INVDPO_VALIDATION_TIMEOUT_SECONDS, INVDPO_VALIDATION_MEMORY_BYTES,
+    INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES, INVDPO_LOG_LEVEL, INVDPO_EVAL_SCORERS,
+    INVDPO_EVAL_GUIDANCE_SCALE.
     """
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
@@ -64,6 +66,18 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(3, ge=1, description="invdpo.reconcile: worker deaths tolerated per job.")
     validation_sample: int = Field(8, ge=1, description="invdpo.reconcile: records read to re-check a training file.")
+    validation_timeout_seconds: float = Field(120.0, gt=0, description="invdpo.reconcile: deadline of a re-check.")
+    validation_memory_bytes: int = Field(
+        1 << 30, ge=256 << 20, description="invdpo.reconcile: address-space limit of the re-check's process."
+    )
+    allow_local_files: bool = Field(
+        True, description="invdpo.reconcile: a re-check may look at local paths (keep it equal to the API's)."
+    )
+    max_image_bytes: int = Field(
+        32 << 20,
+        ge=1,
+        description="Largest image (object or parquet cell) the trainer reads; invdpo_core.data reads this variable.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
     eval_scorers: dict[str, str] = Field(
         {},

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
@@ -22,10 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from invdpo_core.config import ConfigError, parse_config
-from invdpo_core.storage import is_hub_id
+from invdpo_core.storage import is_hub_id, is_s3, within_prefixes
 from services.api import jobstore, schemas
 from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
-from services.api.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
+from services.api.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent, Project
 from services.api.security import mask_secrets
 from services.api.validation import validate_job_files
 
@@ -132,6 +132,18 @@ def _check_local_files(body: schemas.JobCreate) -> None:
         if uri is None or uri.startswith("s3://") or (name == "model" and is_hub_id(uri)):
             continue
         errors.append(_error((name,), "must be an s3:// URI" + (" or a hub id" if name == "model" else ""), uri))
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def _check_prefixes(body: schemas.JobCreate, prefixes: list[str]) -> None:
+    """The project's data must lie under its allowed prefixes (a hub id is a public model, not the store's)."""
+    errors = []
+    for name in ("model", "training_file", "validation_file"):
+        uri = getattr(body, name)
+        if uri is None or (name == "model" and not is_s3(uri) and is_hub_id(uri)) or within_prefixes(uri, prefixes):
+            continue
+        errors.append(_error((name,), f"must lie under one of this project's prefixes: {', '.join(prefixes)}", uri))
     if errors:
         raise RequestValidationError(errors)
 
@@ -251,6 +263,9 @@ def create_job(
     the job is `queued` for a GPU worker, or `failed` with an error naming the file at fault."""
     if not settings.allow_local_files:
         _check_local_files(body)
+    prefixes = session.scalar(select(Project.allowed_prefixes).where(Project.id == caller.project_id))
+    if prefixes is not None:
+        _check_prefixes(body, prefixes)
     request_hash = _request_hash(body)
     if idempotency_key is not None:
         existing = jobstore.find_by_idempotency_key(session, caller.project_id, idempotency_key)
@@ -291,9 +306,7 @@ def create_job(
         return _replay(existing, request_hash, response)
     log.info("job created", extra={"job_id": job.id, "project_id": caller.project_id, "key": caller.key_prefix})
     state = request.app.state
-    background.add_task(
-        validate_job_files, state.session_factory, job.id, celery=state.celery, sample=settings.validation_sample
-    )
+    background.add_task(validate_job_files, state.session_factory, job.id, settings, celery=state.celery)
     return job_out(job)
 
 
@@ -353,6 +366,14 @@ def _poll(session_factory: sessionmaker[Session], job_id: str, after: int | None
         return status, list(events)
 
 
+def _stream_cursor(
+    after: Annotated[str | None, Query(max_length=64, description="Id of the last event already seen.")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=64, description="Set by EventSource on reconnect.")] = None,
+) -> int | None:
+    # A dependency: a bad cursor is a 400 before the stream starts (inside the generator it would abort a 200).
+    return _parse_cursor(last_event_id or after, "ftevent-")
+
+
 @router.get(
     "/{job_id}/events/stream",
     response_class=EventSourceResponse,
@@ -362,13 +383,11 @@ async def stream_job_events(
     job: JobDep,
     request: Request,
     settings: SettingsDep,
-    after: Annotated[str | None, Query(max_length=64, description="Id of the last event already seen.")] = None,
-    last_event_id: Annotated[str | None, Header(max_length=64, description="Set by EventSource on reconnect.")] = None,
+    cursor: Annotated[int | None, Depends(_stream_cursor)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: every event of the job as it happens (data: the JobEvent JSON, id: its id), then one
     `done` event with the final status. Closes after INVDPO_EVENTS_STREAM_MAX_SECONDS; reconnect with
     Last-Event-ID (EventSource does this itself) to continue where it stopped."""
-    cursor = _parse_cursor(last_event_id or after, "ftevent-")
     job_id, session_factory = job.id, request.app.state.session_factory
     deadline = time.monotonic() + settings.events_stream_max_seconds
     while True:
