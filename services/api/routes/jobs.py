@@ -236,6 +236,7 @@ Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
     response_model=schemas.Job,
     responses={
         **_ERRORS,
+        **schemas.BAD_BODY,
         409: {"model": schemas.ErrorDetail, "description": "Idempotency key reused with a different body."},
         413: {"model": schemas.ErrorDetail, "description": "Request body too large."},
         429: {"model": schemas.ErrorDetail, "description": "Too many active jobs in this project."},

@@ -58,7 +58,7 @@ class ModelAlias(BaseModel):
     model_uri: str = Field(description="What `mlflow models serve -m` takes.")
 
 
-@router.post("/{name}/promote", response_model=ModelAlias, responses=_ERRORS)
+@router.post("/{name}/promote", response_model=ModelAlias, responses={**_ERRORS, **schemas.BAD_BODY})
 def promote_model(
     name: ModelName, body: PromoteRequest, session: SessionDep, caller: CallerDep, settings: SettingsDep
 ) -> ModelAlias:
