@@ -16,8 +16,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from invdpo_core.data import DatasetError, inspect_dataset
-from invdpo_core.storage import ModelReferenceError, check_model_reference
 from services.api.security import mask_secrets
 
 OUT_OF_MEMORY = 3  # the exit status for a MemoryError
@@ -33,6 +31,10 @@ def check_files(
     max_image_bytes: int | None = None,
 ) -> dict[str, Any] | None:
     """The first problem found as a job error, or None if the model and the datasets look right."""
+    # Imported here: the API imports this module for OUT_OF_MEMORY and never needs pyarrow or PIL itself.
+    from invdpo_core.data import DatasetError, inspect_dataset
+    from invdpo_core.storage import ModelReferenceError, check_model_reference
+
     checks: list[tuple[str, Callable[[], object]]] = [
         ("model", lambda: check_model_reference(model, allow_local=allow_local))
     ]
