@@ -11,7 +11,8 @@ Formats, detected from the URI:
   {"prompt", "chosen", "rejected"} records; image paths are relative to the manifest's directory and must stay
   inside it: absolute paths, `..` and URIs (s3://, file://...) are refused with DatasetError("bad_image_path"), so
   a manifest reads only what lies beside it (what the run's dataset fingerprint covers) and never the host's files
-  or another prefix. Only line offsets (16 bytes a record) are held in memory; a record line is at most 1 MiB.
+  or another prefix. Only line offsets (16 bytes a record) are held in memory; a record line is at most 1 MiB, an
+  s3 manifest at most 1 GiB.
 
 Every image is read with a size cap (`max_image_bytes`, default 32 MiB or INVDPO_MAX_IMAGE_BYTES): a larger image
 is unreadable (counted, below), and never read whole. A parquet row group above 1 GiB uncompressed is refused.
@@ -74,6 +75,7 @@ PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 JSONL_FIELDS = ("prompt", "chosen", "rejected")
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20
 MAX_RECORD_BYTES = 1 << 20  # one JSONL line: a prompt and two paths
+MAX_MANIFEST_BYTES = 1 << 30  # ~5M records; fetched to local disk, 16 bytes a record held in memory
 MAX_ROW_GROUP_BYTES = 1 << 30  # uncompressed; Pick-a-Pic's are ~100-300 MB
 
 
@@ -293,6 +295,12 @@ class _JsonlSource:
             # Records are read in a shuffled order, so the manifest (text, small next to the images) is fetched once.
             self._tmp = tempfile.TemporaryDirectory(prefix="invdpo-manifest-")
             try:
+                size = open_s3(uri).size  # one HEAD: a manifest is capped like everything else read
+                if size > MAX_MANIFEST_BYTES:
+                    raise DatasetError(
+                        "manifest_too_large",
+                        f"{uri}: {size} bytes, above the {format_bytes(MAX_MANIFEST_BYTES)} limit per manifest",
+                    )
                 self.path = download_prefix(uri, self._tmp.name) / posixpath.basename(uri)
             except FileNotFoundError:
                 raise DatasetError("dataset_not_found", f"{uri}: no such manifest") from None

@@ -133,3 +133,14 @@ def test_hub_ids_never_look_like_relative_paths(tmp_path: Path, monkeypatch: pyt
     assert err.value.code == "model_not_cached"
     with pytest.raises(ModelReferenceError, match="not an s3:// URI nor a hub id"):
         check_model_reference("../data", allow_local=False)
+
+
+def test_s3_manifests_are_capped_before_download(s3_env: str, s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from invdpo_core import data
+
+    put(s3_server, s3_env, {"d/m.jsonl": manifest("a.png")})
+    monkeypatch.setattr(data, "MAX_MANIFEST_BYTES", 16)
+    with pytest.raises(DatasetError) as err:
+        inspect_dataset(f"s3://{s3_env}/d/m.jsonl")
+    assert err.value.code == "manifest_too_large"
+    assert "bytes, above the 16 bytes limit per manifest" in str(err.value)
