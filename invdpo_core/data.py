@@ -295,7 +295,7 @@ class _JsonlSource:
             # Records are read in a shuffled order, so the manifest (text, small next to the images) is fetched once.
             self._tmp = tempfile.TemporaryDirectory(prefix="invdpo-manifest-")
             try:
-                size = open_s3(uri).size  # one HEAD: a manifest is capped like everything else read
+                size = open_s3(uri).seek(0, io.SEEK_END)  # one HEAD: a manifest is capped like everything read
                 if size > MAX_MANIFEST_BYTES:
                     raise DatasetError(
                         "manifest_too_large",

@@ -1,19 +1,16 @@
-"""The checks of a job's files, run by services/api/validation.py in a child process of their own:
-
-    echo '{"model": ..., "training_file": ..., "validation_file": ..., "sample": 8, "memory_bytes": N}' \\
-        | python -m services.api.file_checks
-
-prints the first problem as a job error {code, message, param}, or null. The process limits its own address space
-to `memory_bytes` first. It imports only the core's readers (no Celery, no database): it starts in well under a
-second on an idle machine.
+"""The checks of a job's files, run by services/api/validation.py in a process of their own (forked from a fork
+server that has imported the core's readers once), which limits its own address space first and sends back the first
+problem as a job error {code, message, param}, or None. No Celery, no database here.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import resource
 import sys
+import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 from services.api.security import mask_secrets
@@ -31,7 +28,7 @@ def check_files(
     max_image_bytes: int | None = None,
 ) -> dict[str, Any] | None:
     """The first problem found as a job error, or None if the model and the datasets look right."""
-    # Imported here: the API imports this module for OUT_OF_MEMORY and never needs pyarrow or PIL itself.
+    # Imported here: the API imports this module and never needs pyarrow or PIL itself (the fork server preloads them).
     from invdpo_core.data import DatasetError, inspect_dataset
     from invdpo_core.storage import ModelReferenceError, check_model_reference
 
@@ -56,17 +53,17 @@ def check_files(
     return None
 
 
-def main() -> int:
-    request = json.loads(sys.stdin.read())
-    limit = int(request.pop("memory_bytes"))
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def run_in_child(conn: Connection, request: dict[str, Any], memory_bytes: int, env: dict[str, str], cwd: str) -> None:
+    """The target of the validation process (forked from the fork server, see validation.py): take the API's
+    current environment and directory, limit the address space, check, send ("verdict", error or None) or
+    ("crash", traceback)."""
+    os.environ.clear()
+    os.environ.update(env)  # the fork server's own is from when it started
+    os.chdir(cwd)
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     try:
-        verdict = check_files(**request)
+        conn.send(("verdict", check_files(**request)))
     except MemoryError:
-        return OUT_OF_MEMORY
-    print(json.dumps(verdict))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        sys.exit(OUT_OF_MEMORY)
+    except Exception:  # a bug, not the data: the parent logs it with the job id (masked)
+        conn.send(("crash", traceback.format_exc()))
