@@ -19,7 +19,6 @@ import sys
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from invdpo_core.storage import normalise_prefix
 from services.api.db import make_engine, make_session_factory, migrate
 from services.api.models import ApiKey, Project, utcnow
 from services.api.security import generate_key, mask_secrets
@@ -51,6 +50,8 @@ def revoke_api_key(session: Session, prefix: str) -> bool:
 def set_allowed_prefixes(session: Session, project: str, prefixes: list[str] | None) -> list[str] | None:
     """Limit `project` (created if new) to models and data under `prefixes` (s3:// URIs, normalised); None lifts
     the limit. Returns what was stored. Raises ValueError for a prefix that is not s3://bucket[/key]."""
+    from invdpo_core.storage import normalise_prefix  # boto3: only this command needs it
+
     stored = None if prefixes is None else sorted({normalise_prefix(p) for p in prefixes})
     row = session.scalars(select(Project).where(Project.name == project)).first()
     if row is None:
