@@ -19,10 +19,11 @@ import sys
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.models import ApiKey, Project, utcnow
-from services.api.security import generate_key, mask_secrets
+from services.api.security import generate_key
 from services.api.settings import get_settings
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.logs import mask_secrets
+from services.jobs.models import ApiKey, Project, utcnow
 
 
 def create_api_key(session: Session, project: str, name: str | None = None) -> tuple[str, str]:
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 stored = set_allowed_prefixes(session, args.project, args.prefixes or None)
                 print(f"project {args.project}: " + (", ".join(stored) if stored else "any prefix"))
             elif args.command == "reconcile":
-                from services.api import reconciler
-                from services.queue import make_celery
+                from services.jobs import reconciler
+                from services.jobs.queue import make_celery
 
                 report = reconciler.run_once(factory, settings, make_celery(settings.broker_url))
                 print(

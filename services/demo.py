@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 
 from invdpo_core.cli import CLIError
-from services.api.security import mask_secrets
 from services.client import JOBS, Api, follow
+from services.jobs.logs import mask_secrets
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "invdpo-demo"
@@ -162,7 +162,7 @@ def _make_inputs(out: Path) -> tuple[Path, Path, Path]:
 
 def _api_key(env: dict[str, str]) -> str:
     from services.admin import create_api_key
-    from services.api.db import make_engine, make_session_factory
+    from services.jobs.db import make_engine, make_session_factory
 
     engine = make_engine(env["INVDPO_DATABASE_URL"])
     try:

@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from services.api.settings import Settings as ApiSettings
-from services.queue import enqueue_training, job_id_of_message, make_celery, ping_broker
+from services.jobs.queue import enqueue_training, job_id_of_message, make_celery, ping_broker
 from services.worker.settings import Settings as WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent

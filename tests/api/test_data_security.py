@@ -24,11 +24,11 @@ from PIL import Image
 
 from services.admin import create_api_key, set_allowed_prefixes
 from services.admin import main as admin_main
-from services.api import reconciler
-from services.api.db import make_engine, make_session_factory
-from services.api.models import Job
 from services.api.settings import Settings
-from services.api.validation import validate_job_files
+from services.jobs import reconciler
+from services.jobs.db import make_engine, make_session_factory
+from services.jobs.models import Job
+from services.jobs.validation import validate_job_files
 
 JOBS = "/v1/fine_tuning/jobs"
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,7 +301,11 @@ def test_a_job_whose_check_keeps_dying_ends_failed_after_max_attempts(
         job = session.get(Job, job_id)
         job.status, job.validation_attempts, job.dispatched_at = "validating_files", settings.max_attempts, None
         session.commit()
-    report = reconciler.run_once(factory, settings.model_copy(update={"reconcile_after_seconds": 0.001}))
+    report = reconciler.run_once(
+        factory,
+        settings.model_copy(update={"reconcile_after_seconds": 0.001}),
+        app.state.celery,  # type: ignore[attr-defined]
+    )
     assert report.revalidate == [job_id]
     job_out = client.get(f"{JOBS}/{job_id}", headers=auth).json()
     assert job_out["status"] == "failed"

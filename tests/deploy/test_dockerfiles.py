@@ -86,6 +86,6 @@ def test_mlflow_image_version_is_the_chart_default_tag() -> None:
     assert "/health" in one("mlflow.Dockerfile", "HEALTHCHECK")
 
 
-@pytest.mark.parametrize("module", ["services.api.main", "services.api.migrate", "services.worker.app"])
+@pytest.mark.parametrize("module", ["services.api.main", "services.jobs.migrate", "services.worker.app"])
 def test_entry_commands_name_modules_that_exist(module: str) -> None:
     assert importlib.util.find_spec(module) is not None, f"{module} is named by an entry command but missing"

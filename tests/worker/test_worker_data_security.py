@@ -18,7 +18,7 @@ from test_worker_e2e import create_job, events, wait_for
 
 from invdpo_core.storage import download_prefix, upload_dir
 from services.admin import set_allowed_prefixes
-from services.api.models import Job, Project
+from services.jobs.models import Job, Project
 
 pytestmark = pytest.mark.slow
 

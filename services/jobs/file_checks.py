@@ -1,4 +1,4 @@
-"""The checks of a job's files, run by services/api/validation.py in a process of their own (forked from a fork
+"""The checks of a job's files, run by services/jobs/validation.py in a process of their own (forked from a fork
 server that has imported the core's readers once), which limits its own address space first and sends back the first
 problem as a job error {code, message, param}, or None. No Celery, no database here.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from services.api.security import mask_secrets
+from services.jobs.logs import mask_secrets
 
 OUT_OF_MEMORY = 3  # the exit status for a MemoryError
 

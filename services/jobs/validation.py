@@ -1,10 +1,12 @@
 """File validation before any GPU is spent: the base model must resolve and the datasets must exist and look right.
 
-Runs after the create request has answered, in a child process of the API (services/api/file_checks.py, forked
-from a fork server) with an address-space limit (INVDPO_VALIDATION_MEMORY_BYTES) and a
+Runs in the API after the create request has answered, and in a reconciler pass for a job left `validating_files`
+(the API's loop or the worker's `invdpo.reconcile`), each time in a child process (services/jobs/file_checks.py,
+forked from a fork server) with an address-space limit (INVDPO_VALIDATION_MEMORY_BYTES) and a
 deadline (INVDPO_VALIDATION_TIMEOUT_SECONDS): a hostile or broken dataset (a decompression bomb, a parquet footer
-that claims gigabytes, a store that never answers) fails its job, never the API. On success the job becomes
-`queued` and only then is it enqueued; on failure it becomes `failed` with a user-facing {code, message, param}.
+that claims gigabytes, a store that never answers) fails its job, never the API or the worker. On success the job
+becomes `queued` and only then is it enqueued; on failure it becomes `failed` with a user-facing {code, message,
+param}.
 
 Each check begun is counted on the job first (jobs.validation_attempts): if checks keep dying with their process
 (the API itself killed mid-check), the reconciler's re-validation ends the job `failed` after INVDPO_MAX_ATTEMPTS.
@@ -15,15 +17,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from typing import Any, Protocol
+from typing import Any
 
 from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import file_checks, jobstore
-from services.api.models import Job, utcnow
-from services.queue import enqueue_training
+from services.jobs import file_checks, jobstore
+from services.jobs.models import Job, utcnow
+from services.jobs.queue import enqueue_training
+from services.jobs.settings import JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +34,13 @@ log = logging.getLogger(__name__)
 INTERNAL = "the files could not be checked because of an internal error; create the job again"
 
 
-class ValidationSettings(Protocol):
-    """What a check reads: the API's and the worker's Settings both have it (the worker re-validates in
-    `invdpo.reconcile`)."""
-
-    validation_sample: int
-    validation_timeout_seconds: float
-    validation_memory_bytes: int
-    max_image_bytes: int
-    allow_local_files: bool
-    max_attempts: int
-
-
 # Each check is a fork of a server process that imported the readers (pyarrow, PIL, boto3) once: milliseconds to
 # start instead of seconds for a fresh interpreter, and nothing of them in the API's own memory.
 _FORKSERVER = multiprocessing.get_context("forkserver")
-_FORKSERVER.set_forkserver_preload(["services.api.file_checks", "invdpo_core.data"])
+_FORKSERVER.set_forkserver_preload(["services.jobs.file_checks", "invdpo_core.data"])
 
 
-def run_checks(request: dict[str, Any], settings: ValidationSettings, job_id: str) -> jobstore.JobErrorInfo | None:
+def run_checks(request: dict[str, Any], settings: JobSettings, job_id: str) -> jobstore.JobErrorInfo | None:
     """`file_checks.check_files(**request)` in a child process bounded in memory and time. Returns its verdict, or
     the job error saying why there is none (deadline, memory, crash: the detail goes to the log with the job id)."""
     timeout = settings.validation_timeout_seconds
@@ -116,7 +107,7 @@ def _start_attempt(session_factory: sessionmaker[Session], job_id: str, max_atte
 
 
 def validate_job_files(
-    session_factory: sessionmaker[Session], job_id: str, settings: ValidationSettings, *, celery: Celery | None = None
+    session_factory: sessionmaker[Session], job_id: str, settings: JobSettings, *, celery: Celery
 ) -> None:
     """Validate one `validating_files` job, then queue and enqueue it, or fail it. Never raises."""
     try:

@@ -1,0 +1,62 @@
+"""Settings the API and the worker share (environment prefix INVDPO_): each service's `Settings` extends this."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class JobSettings(BaseSettings):
+    """Environment variables (all prefixed INVDPO_): INVDPO_DATABASE_URL, INVDPO_BROKER_URL,
+    INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL, INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS,
+    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_VALIDATION_TIMEOUT_SECONDS, INVDPO_VALIDATION_MEMORY_BYTES,
+    INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES."""
+
+    model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///./invdpo.db",
+        description="SQLAlchemy URL of the job database: SQLite embedded by default, postgresql+psycopg:// deployed.",
+    )
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker: the API sends training tasks, workers consume them."
+    )
+    mlflow_tracking_uri: str = Field(
+        "sqlite:///./mlflow.db", description="MLflow tracking server and registry (workers log to it)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
+    heartbeat_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A running job whose worker has not reported for this long is presumed lost: the reconciler "
+        "re-sends it and another worker may claim it. Several times the worker's heartbeat_interval_seconds.",
+    )
+    reconcile_after_seconds: float = Field(
+        120.0, gt=0, description="A queued or validating job untouched this long is a candidate for re-dispatch."
+    )
+    max_attempts: int = Field(3, ge=1, description="Worker deaths tolerated per job before it fails as worker_lost.")
+    # Validation runs in the API and, for a job left validating_files, in the worker's `invdpo.reconcile`: both
+    # read these (keep them equal in the two deployments).
+    validation_sample: int = Field(8, ge=1, description="Dataset records read to check a training file.")
+    validation_timeout_seconds: float = Field(
+        120.0, gt=0, description="A job whose files are not checked within this long fails as validation_timeout."
+    )
+    validation_memory_bytes: int = Field(
+        1 << 30,
+        ge=256 << 20,
+        description="Address-space limit of the process that checks a job's files; a dataset needing more fails "
+        "its job (validation_resources) instead of the API.",
+    )
+    allow_local_files: bool = Field(
+        True,
+        description="Accept local paths as model and files (the embedded single-machine setup). Deployments set "
+        "false: jobs must then name s3:// URIs or hub ids, and cannot probe the API host's file system.",
+    )
+    max_image_bytes: int = Field(
+        32 << 20,
+        ge=1,
+        description="Largest image (object or parquet cell) read, by validation and by the trainer (invdpo_core.data "
+        "reads INVDPO_MAX_IMAGE_BYTES).",
+    )
