@@ -27,7 +27,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:  # SQLite drops a column by copying the table
-        batch.drop_column("validation_attempts")
-    with op.batch_alter_table("projects") as batch:
-        batch.drop_column("allowed_prefixes")
+    # Plain ALTER TABLE DROP COLUMN (SQLite >= 3.35 has it), not a batch copy: on SQLite, dropping the old projects
+    # table of a copy would cascade to every job of the project (foreign keys are on).
+    op.drop_column("jobs", "validation_attempts")
+    op.drop_column("projects", "allowed_prefixes")
