@@ -8,6 +8,7 @@ once; the API's request schema, the worker, the tracking and the resume check de
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -57,8 +58,21 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    # Unknown keys are an error: a misspelled hyperparameter must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are an error: a misspelled hyperparameter must not be silently ignored. strict: no coercion, so
+    # "yes" is not true, true is not 1 and "5" is not 5 (ints are still accepted where a float is expected).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's exponent floats: `1e-5` is a number, as its writer means (YAML 1.1,
+    and so PyYAML, reads it as a string, which the strict config would refuse)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),  # the exponent forms 1.1 lacks
+    list("-+0123456789."),
+)
 
 
 class AdapterConfig(_Strict):
@@ -335,7 +349,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError([{"field": item, "message": "override must look like key=value", "value": item}])
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        value = yaml.load(raw, Loader=_Yaml12Loader) if raw else ""
         node = data
         *parents, leaf = key.strip().split(".")
         for p in parents:
@@ -355,7 +369,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)
         except OSError as exc:
             raise _file_error(path, f"cannot read file: {exc.strerror}") from None
         except yaml.YAMLError as exc:

@@ -8,8 +8,14 @@ Formats, detected from the URI:
   jpg_0, jpg_1 (encoded image bytes) and label_0: 1 means jpg_0 won, 0 means jpg_1 won, 0.5 is a tie. Read one
   row group at a time, so memory is bounded by the largest row group, never by the dataset size.
 - JSONL manifest: a `.jsonl` file (or a directory / prefix holding `manifest.jsonl`) of
-  {"prompt", "chosen", "rejected"} records; image paths are relative to the manifest's directory (absolute paths
-  and s3:// URIs are used as they are). Only line offsets (8 bytes a record) are held in memory.
+  {"prompt", "chosen", "rejected"} records; image paths are relative to the manifest's directory and must stay
+  inside it: absolute paths, `..` and URIs (s3://, file://...) are refused with DatasetError("bad_image_path"), so
+  a manifest reads only what lies beside it (what the run's dataset fingerprint covers) and never the host's files
+  or another prefix. Only line offsets (16 bytes a record) are held in memory; a record line is at most 1 MiB, an
+  s3 manifest at most 1 GiB.
+
+Every image is read with a size cap (`max_image_bytes`, default 32 MiB or INVDPO_MAX_IMAGE_BYTES): a larger image
+is unreadable (counted, below), and never read whole. A parquet row group above 1 GiB uncompressed is refused.
 
 Order and epochs: `iter_pairs` is ONE epoch. With a seed, parquet row groups are shuffled, then the rows within
 each row group (a two-level shuffle keeps memory flat); JSONL records get a global permutation. The trainer calls
@@ -30,8 +36,10 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import os
 import posixpath
 import random
+import re
 import tempfile
 from array import array
 from collections import Counter
@@ -48,8 +56,10 @@ from PIL import Image, UnidentifiedImageError
 
 from invdpo_core.storage import (
     StorageError,
+    TooLargeError,
     download_prefix,
     exists,
+    format_bytes,
     is_s3,
     list_files,
     open_s3,
@@ -63,6 +73,17 @@ if TYPE_CHECKING:
 TiePolicy = Literal["drop", "keep"]
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 JSONL_FIELDS = ("prompt", "chosen", "rejected")
+DEFAULT_MAX_IMAGE_BYTES = 32 << 20
+MAX_RECORD_BYTES = 1 << 20  # one JSONL line: a prompt and two paths
+MAX_MANIFEST_BYTES = 1 << 30  # ~5M records; fetched to local disk, 16 bytes a record held in memory
+MAX_ROW_GROUP_BYTES = 1 << 30  # uncompressed; Pick-a-Pic's are ~100-300 MB
+
+
+def default_max_image_bytes() -> int:
+    """INVDPO_MAX_IMAGE_BYTES if set (the API and worker settings of that name), else 32 MiB. Read here because the
+    trainer calls iter_pairs without it."""
+    value = os.environ.get("INVDPO_MAX_IMAGE_BYTES", "").strip()
+    return int(value) if value else DEFAULT_MAX_IMAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 def _image_error(exc: Exception) -> str:
     # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`) when it cannot identify a format.
+    if isinstance(exc, MemoryError):  # e.g. a small PNG that decodes to gigabytes, under a process memory limit
+        return "too large to decode within the memory limit"
     return "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else _one_line(str(exc), 120)
 
 
@@ -193,7 +216,8 @@ def _check_schema(uri: str, schema: pa.Schema) -> None:
 class _ParquetSource:
     format: Literal["parquet"] = "parquet"
 
-    def __init__(self, shards: list[str]):
+    def __init__(self, shards: list[str], max_image_bytes: int):
+        self.max_image_bytes = max_image_bytes
         self.shards: list[_Shard] = []
         for uri in shards:
             with _read_errors(uri, "not a readable parquet file"), _open_parquet(uri) as (pf, size):
@@ -213,6 +237,13 @@ class _ParquetSource:
             random.Random(seed).shuffle(units)
         for i, rg in units:
             shard = self.shards[i]
+            group_bytes = shard.metadata.row_group(rg).total_byte_size
+            if group_bytes > MAX_ROW_GROUP_BYTES:
+                raise DatasetError(
+                    "row_group_too_large",
+                    f"{shard.uri} row group {rg}: {group_bytes} bytes uncompressed, above the "
+                    f"{format_bytes(MAX_ROW_GROUP_BYTES)} limit per row group (write smaller row groups)",
+                )
             with (
                 _read_errors(f"{shard.uri} row group {rg}", "cannot read"),
                 _open_parquet(shard.uri, shard) as (pf, _),
@@ -234,10 +265,19 @@ class _ParquetSource:
                     raise DatasetError("bad_label", f"{source}: label_0 must be 1, 0 or 0.5 (tie), got {label!r}")
                 if captions[r] is None:
                     raise DatasetError("bad_record", f"{source}: caption is null")
-                first, second = jpg_0[r].as_py(), jpg_1[r].as_py()
-                images = (("jpg_0", first or "no image bytes"), ("jpg_1", second or "no image bytes"))
+                images = (
+                    ("jpg_0", self._image(jpg_0[r].as_py())),
+                    ("jpg_1", self._image(jpg_1[r].as_py())),
+                )
                 yield _Raw(source, captions[r], float(label), images)
             del table, jpg_0, jpg_1  # release this row group before the next one is read
+
+    def _image(self, data: bytes | None) -> bytes | str:
+        if not data:
+            return "no image bytes"
+        if len(data) > self.max_image_bytes:
+            return f"{len(data)} bytes, larger than the {format_bytes(self.max_image_bytes)} limit per image"
+        return data
 
 
 # --- JSONL manifest ----------------------------------------------------------------------------------------------
@@ -247,13 +287,20 @@ class _JsonlSource:
     format: Literal["jsonl"] = "jsonl"
     files = 1
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, max_image_bytes: int):
         self.uri = uri
+        self.max_image_bytes = max_image_bytes
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if is_s3(uri):
             # Records are read in a shuffled order, so the manifest (text, small next to the images) is fetched once.
             self._tmp = tempfile.TemporaryDirectory(prefix="invdpo-manifest-")
             try:
+                size = open_s3(uri).seek(0, io.SEEK_END)  # one HEAD: a manifest is capped like everything read
+                if size > MAX_MANIFEST_BYTES:
+                    raise DatasetError(
+                        "manifest_too_large",
+                        f"{uri}: {size} bytes, above the {format_bytes(MAX_MANIFEST_BYTES)} limit per manifest",
+                    )
                 self.path = download_prefix(uri, self._tmp.name) / posixpath.basename(uri)
             except FileNotFoundError:
                 raise DatasetError("dataset_not_found", f"{uri}: no such manifest") from None
@@ -277,17 +324,36 @@ class _JsonlSource:
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def _resolve(self, path: str) -> str:
-        if is_s3(path) or (not is_s3(self.base) and Path(path).is_absolute()):
-            return path
-        return posixpath.join(self.base, path) if is_s3(self.base) else str(Path(self.base) / path)
+    def _resolve(self, source: str, name: str, path: str) -> str:
+        """`path` joined to the manifest's directory, or DatasetError if it would leave it."""
+        refused = None
+        if not path or "\x00" in path:
+            refused = "is empty or holds a NUL character"
+        elif "://" in path or path.startswith(("/", "\\")):
+            refused = "is absolute or a URI"
+        elif ".." in re.split(r"[/\\]", path):
+            refused = "contains '..'"
+        if refused is None and not is_s3(self.base):
+            # Local manifests (embedded setups only): a symlink must not lead out of the directory either.
+            target = os.path.realpath(os.path.join(self.base, path))
+            if os.path.commonpath([target, os.path.realpath(self.base)]) != os.path.realpath(self.base):
+                refused = "leads out of the manifest's directory (symlink)"
+        if refused is not None:
+            raise DatasetError(
+                "bad_image_path",
+                f"{source}: field '{name}' {_one_line(repr(path), 120)} {refused}; image paths must be relative to "
+                "the manifest's directory and stay inside it",
+            )
+        rel = posixpath.normpath(path)
+        return posixpath.join(self.base, rel) if is_s3(self.base) else str(Path(self.base) / rel)
 
-    def _fetch(self, path: str) -> bytes | str:
-        uri = self._resolve(path)
+    def _fetch(self, uri: str) -> bytes | str:
         try:
-            return read_bytes(uri)
+            return read_bytes(uri, max_bytes=self.max_image_bytes)
         except StorageError as exc:  # the store, not the data, is the problem: stop
             raise DatasetError("storage_error", _one_line(str(exc))) from None
+        except TooLargeError:  # read no further than the limit: counted like a corrupt image
+            return f"larger than the {format_bytes(self.max_image_bytes)} limit per image"
         except FileNotFoundError:  # a missing image is a data problem: counted like a corrupt one
             return f"no such file {uri}"
         except OSError as exc:
@@ -301,8 +367,13 @@ class _JsonlSource:
             for i in order:
                 f.seek(self.offsets[i])
                 source = f"{self.uri} line {self.lines[i]}"
+                line = f.readline(MAX_RECORD_BYTES + 1)
+                if len(line) > MAX_RECORD_BYTES:
+                    raise DatasetError(
+                        "bad_record", f"{source}: longer than the {format_bytes(MAX_RECORD_BYTES)} limit per record"
+                    )
                 try:
-                    record = json.loads(f.readline())
+                    record = json.loads(line)
                 except ValueError as exc:
                     raise DatasetError("bad_record", f"{source}: not valid JSON ({_one_line(str(exc))})") from None
                 if not isinstance(record, dict):
@@ -312,14 +383,17 @@ class _JsonlSource:
                         raise DatasetError("missing_column", f"{source}: missing field '{name}'")
                     if not isinstance(record[name], str):
                         raise DatasetError("bad_record", f"{source}: field '{name}' must be a string")
-                images = (("chosen", self._fetch(record["chosen"])), ("rejected", self._fetch(record["rejected"])))
+                # Both paths are checked before either image is read.
+                uris = [self._resolve(source, name, record[name]) for name in ("chosen", "rejected")]
+                images = (("chosen", self._fetch(uris[0])), ("rejected", self._fetch(uris[1])))
                 yield _Raw(source, record["prompt"], 1.0, images)
 
 
 # --- detection and the shared loop -------------------------------------------------------------------------------
 
 
-def _open(uri: str) -> _ParquetSource | _JsonlSource:
+def _open(uri: str, max_image_bytes: int | None) -> _ParquetSource | _JsonlSource:
+    max_image_bytes = default_max_image_bytes() if max_image_bytes is None else max_image_bytes
     try:
         if is_s3(uri):
             split_s3(uri)
@@ -340,14 +414,14 @@ def _open(uri: str) -> _ParquetSource | _JsonlSource:
     if not found:
         raise DatasetError("dataset_not_found", f"{uri}: no such file, directory or s3 prefix")
     if uri.endswith(".jsonl"):
-        source: _ParquetSource | _JsonlSource = _JsonlSource(uri)
+        source: _ParquetSource | _JsonlSource = _JsonlSource(uri, max_image_bytes)
     else:
         shards = [f for f in files if f.endswith(".parquet")]
         manifests = [f for f in files if posixpath.basename(f) == "manifest.jsonl"]
         if shards:
-            source = _ParquetSource(shards)
+            source = _ParquetSource(shards, max_image_bytes)
         elif len(manifests) == 1 and not uri.endswith(".parquet"):
-            source = _JsonlSource(manifests[0])
+            source = _JsonlSource(manifests[0], max_image_bytes)
         else:
             raise DatasetError("empty_dataset", f"{uri}: no *.parquet shards or manifest.jsonl found")
     if source.total == 0:
@@ -410,7 +484,13 @@ def _pairs(
 
 
 def iter_pairs(
-    uri: str, *, tie_policy: TiePolicy = "drop", seed: int = 0, start: int = 0, max_bad_share: float = 0.01
+    uri: str,
+    *,
+    tie_policy: TiePolicy = "drop",
+    seed: int = 0,
+    start: int = 0,
+    max_bad_share: float = 0.01,
+    max_image_bytes: int | None = None,
 ) -> Iterator[PreferencePair]:
     """One epoch of preference pairs in a deterministic order for `seed`, skipping the first `start` pairs.
 
@@ -419,7 +499,7 @@ def iter_pairs(
     _check_args(tie_policy, max_bad_share)
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
-    source = _open(uri)
+    source = _open(uri, max_image_bytes)
     report = DatasetReport(uri, source.format, source.files)
     try:
         for i, pair in enumerate(_pairs(source.records(seed), report, source.total, tie_policy, max_bad_share)):
@@ -430,14 +510,19 @@ def iter_pairs(
 
 
 def inspect_dataset(
-    uri: str, *, sample: int | None = None, tie_policy: TiePolicy = "drop", max_bad_share: float = 0.01
+    uri: str,
+    *,
+    sample: int | None = None,
+    tie_policy: TiePolicy = "drop",
+    max_bad_share: float = 0.01,
+    max_image_bytes: int | None = None,
 ) -> DatasetReport:
     """Read the dataset (or only its first `sample` records, in file order) as training would, and report what
     it holds. Raises DatasetError for anything that would stop training."""
     _check_args(tie_policy, max_bad_share)
     if sample is not None and sample < 1:
         raise ValueError(f"sample must be >= 1, got {sample}")
-    source = _open(uri)
+    source = _open(uri, max_image_bytes)
     try:
         total = source.total if sample is None else min(sample, source.total)
         report = DatasetReport(uri, source.format, source.files, sampled=sample is not None and sample < source.total)

@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -27,8 +28,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 # S3 bucket naming rules (3-63 chars, lower case, digits, dots, hyphens), loosely: the store has the final say.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-# A hub id is `org/name`; diffusers' from_pretrained accepts the same form.
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+# A hub id is `org/name`; diffusers' from_pretrained accepts the same form. Like the hub, neither part starts with
+# a dot or a hyphen, so `../data` or `./models` is never taken for one.
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.\-]*/[A-Za-z0-9_][\w.\-]*$")
 # Env variables that change which store a client talks to; the client cache is keyed on them.
 _CLIENT_ENV = (
     "AWS_ENDPOINT_URL_S3",
@@ -78,6 +80,33 @@ def split_s3(uri: str) -> tuple[str, str]:
     if not _BUCKET.match(bucket):
         raise ValueError(f"invalid S3 bucket name {bucket!r} in {uri!r}")
     return bucket, key.strip("/")
+
+
+def normalise_prefix(prefix: str) -> str:
+    """`s3://bucket/a/b/` -> `s3://bucket/a/b`: how allowed prefixes are stored and compared. ValueError unless
+    it is an s3:// URI with a valid bucket and no `..`."""
+    bucket, key = split_s3(prefix.strip())
+    if ".." in key.split("/"):
+        raise ValueError(f"prefix must not contain '..': {prefix!r}")
+    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+
+
+def within_prefixes(uri: str, prefixes: list[str]) -> bool:
+    """True if the s3 URI `uri` lies under one of `prefixes` (whole path segments: `s3://b/team` admits
+    `s3://b/team/x`, never `s3://b/team2/x`). Local paths and URIs with `..` are never within."""
+    if not is_s3(uri):
+        return False
+    try:
+        bucket, key = split_s3(uri)
+    except ValueError:
+        return False
+    if ".." in key.split("/"):
+        return False
+    for prefix in prefixes:
+        p_bucket, p_key = split_s3(normalise_prefix(prefix))
+        if bucket == p_bucket and (not p_key or key == p_key or key.startswith(p_key + "/")):
+            return True
+    return False
 
 
 def _join(uri: str, name: str) -> str:
@@ -183,16 +212,48 @@ def exists(uri: str) -> bool:
         return False
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole content of a local file or an s3 object. Raises FileNotFoundError, or StorageError for S3."""
+class TooLargeError(ValueError):
+    """An object is larger than the caller's read limit; the message names the object and the limit."""
+
+
+def format_bytes(n: int) -> str:
+    """1 GiB, 32 MiB, 512 KiB or 100 bytes: how limits are named in messages."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def _too_large(uri: str, max_bytes: int) -> TooLargeError:
+    return TooLargeError(f"{uri}: larger than the {format_bytes(max_bytes)} limit")
+
+
+def read_bytes(uri: str, *, max_bytes: int) -> bytes:
+    """The content of a local file or an s3 object, at most `max_bytes` (TooLargeError beyond: never an unbounded
+    read, whatever the object's size). Local paths must be regular files (not /dev/zero, a FIFO or a directory).
+    Raises FileNotFoundError, StorageError for S3, OSError for local files."""
     if not is_s3(uri):
-        return Path(uri).read_bytes()
-    bucket, key = split_s3(uri)
-    try:
-        body: bytes = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise _storage_error(uri, exc) from None
-    return body
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; a non-regular file is refused before any read.
+        fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{uri}: not a regular file")
+            data = f.read(max_bytes + 1)
+    else:
+        bucket, key = split_s3(uri)
+        try:
+            # One byte past the limit tells "exactly at the limit" from "larger" without asking for the size.
+            response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+            data = response["Body"].read(max_bytes + 1)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) == "InvalidRange":  # an empty object
+                return b""
+            raise _storage_error(uri, exc) from None
+        except BotoCoreError as exc:
+            raise _storage_error(uri, exc) from None
+    if len(data) > max_bytes:
+        raise _too_large(uri, max_bytes)
+    return data
 
 
 class _S3RangeReader(io.RawIOBase):
@@ -299,14 +360,20 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
             ) from None
 
 
+def is_hub_id(uri: str) -> bool:
+    """`org/name` as the Hugging Face hub spells repository ids (no `..`, no leading dot or hyphen)."""
+    return bool(_HUB_ID.match(uri)) and ".." not in uri
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_model_reference(uri: str) -> None:
+def check_model_reference(uri: str, *, allow_local: bool = True) -> None:
     """Raise ModelReferenceError unless `uri` names a diffusers pipeline: a local directory or s3 prefix that
     holds model_index.json, or a hub id `org/name` (looked up on the hub, or in the local cache when
-    HF_HUB_OFFLINE is set)."""
+    HF_HUB_OFFLINE is set). With allow_local=False the local disk is never looked at: a hub-id-shaped name is a hub
+    id even if a directory of that name exists, so a job cannot probe which directories the host has."""
     if not uri or not uri.strip():
         raise ModelReferenceError("bad_model_reference", "base model is empty")
     if is_s3(uri):
@@ -323,16 +390,15 @@ def check_model_reference(uri: str) -> None:
         return
     path = Path(uri).expanduser()
     # A local directory wins over a hub id of the same spelling, as in diffusers' from_pretrained.
-    if path.is_dir():
+    if allow_local and path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelReferenceError(
                 "model_not_found", f"base model {uri}: directory has no model_index.json (not a diffusers pipeline)"
             )
         return
-    if not _HUB_ID.match(uri):
-        raise ModelReferenceError(
-            "model_not_found", f"base model {uri}: no such directory, and not a hub id of the form org/name"
-        )
+    if not is_hub_id(uri):
+        where = "no such directory, and not" if allow_local else "not an s3:// URI nor"
+        raise ModelReferenceError("model_not_found", f"base model {uri}: {where} a hub id of the form org/name")
     from huggingface_hub import file_exists, try_to_load_from_cache
 
     if _hub_offline():
@@ -357,7 +423,8 @@ def read_scheduler_config(uri: str) -> dict[str, Any] | None:
     name = "scheduler/scheduler_config.json"
     try:
         if is_s3(uri):
-            return json.loads(read_bytes(_join(uri, name))) if exists(_join(uri, name)) else None
+            # A scheduler config is a few hundred bytes: 1 MiB bounds a hostile object.
+            return json.loads(read_bytes(_join(uri, name), max_bytes=1 << 20)) if exists(_join(uri, name)) else None
         path = Path(uri).expanduser() / name
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError) as exc:

@@ -6,6 +6,8 @@
                                                      (the default: all four) and models:force
     invdpo-admin list-keys [--project P]             prefixes, projects, created/revoked (never the keys)
     invdpo-admin revoke-key PREFIX
+    invdpo-admin set-prefixes --project P [s3://bucket/prefix ...]
+                                                     the only places P's models and data may come from; none: any
     invdpo-admin migrate                             alembic upgrade head
     invdpo-admin reconcile                           re-send jobs whose broker message was lost, once
     invdpo-admin mlflow-service-user                 create MLflow's user MLFLOW_TRACKING_USERNAME (password
@@ -79,6 +81,21 @@ class MlflowAdmin:
         return True
 
 
+def set_allowed_prefixes(session: Session, project: str, prefixes: list[str] | None) -> list[str] | None:
+    """Limit `project` (created if new) to models and data under `prefixes` (s3:// URIs, normalised); None lifts
+    the limit. Returns what was stored. Raises ValueError for a prefix that is not s3://bucket[/key]."""
+    from invdpo_core.storage import normalise_prefix  # boto3: only this command needs it
+
+    stored = None if prefixes is None else sorted({normalise_prefix(p) for p in prefixes})
+    row = session.scalars(select(Project).where(Project.name == project)).first()
+    if row is None:
+        row = Project(name=project)
+        session.add(row)
+    row.allowed_prefixes = stored
+    session.commit()
+    return stored
+
+
 def _project_name(value: str) -> str:
     value = value.strip()
     if not 1 <= len(value) <= 128 or not value.isprintable():
@@ -101,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=_project_name)
     p = sub.add_parser("revoke-key", help="revoke a key by its prefix (invdpo-xxxxxxxx)")
     p.add_argument("prefix")
+    p = sub.add_parser(
+        "set-prefixes",
+        help="limit a project's models, datasets and images to s3:// prefixes (none given: no limit)",
+    )
+    p.add_argument("--project", required=True, type=_project_name)
+    p.add_argument("prefixes", nargs="*", metavar="s3://bucket/prefix")
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("reconcile", help="run one reconciler pass now")
     sub.add_parser("mlflow-service-user", help="create the MLflow user the API and the worker log in as")
@@ -153,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: no active key {args.prefix}", file=sys.stderr)
                     return 1
                 print(f"revoked {args.prefix}")
+            elif args.command == "set-prefixes":
+                stored = set_allowed_prefixes(session, args.project, args.prefixes or None)
+                print(f"project {args.project}: " + (", ".join(stored) if stored else "any prefix"))
             elif args.command == "reconcile":
                 from services.jobs import reconciler
                 from services.jobs.queue import make_celery

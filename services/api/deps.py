@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.api.ratelimit import RateLimiter
 from services.api.security import hash_key
 from services.api.settings import Settings
 from services.jobs import jobstore
@@ -52,7 +53,9 @@ class Caller:
 
 
 def get_caller(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     if credentials is None or not credentials.credentials:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
@@ -63,6 +66,10 @@ def get_caller(
     ).first()
     if row is None:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    wait = limiter.retry_after(row.prefix) if limiter is not None else None
+    if wait is not None:
+        raise HTTPException(429, "too many requests for this API key", headers={"Retry-After": str(wait)})
     return Caller(project_id=row.project_id, key_prefix=row.prefix, key_name=row.name, scopes=frozenset(row.scopes))
 
 

@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from invdpo_core.config import did_you_mean
 from services.api.metrics import Metrics
-from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from services.api.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
+from services.api.ratelimit import RateLimiter
 from services.api.routes import health, jobs, models
 from services.api.settings import Settings, get_settings
 from services.jobs import champions, reconciler
@@ -90,6 +91,13 @@ async def _check_champions_forever(app: FastAPI) -> None:
         state.metrics.ungated_champions.set(len(found))
 
 
+def _rate_limiter(settings: Settings) -> RateLimiter | None:
+    url = settings.rate_limit_redis_url or settings.broker_url
+    if settings.rate_limit_requests == 0 or not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return RateLimiter(url, settings.rate_limit_requests, settings.rate_limit_window_seconds)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
@@ -105,6 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         for loop in loops:
             loop.cancel()
+        if app.state.rate_limiter is not None:
+            app.state.rate_limiter.close()
         engine.dispose()
 
     app = FastAPI(
@@ -118,6 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.celery = make_celery(settings.broker_url)
     app.state.metrics = Metrics(app.state.session_factory)
+    app.state.rate_limiter = _rate_limiter(settings)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: the request id and latency cover every answer, 413s included.
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)

@@ -91,3 +91,64 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in `body` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", body)):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+class JsonBodyMiddleware:
+    """JSON bodies must be UTF-8 and nest at most MAX_JSON_DEPTH deep: 400 before any parsing (Python's parser and
+    pydantic recurse, so a body nested ~1000 deep would otherwise end in a RecursionError and a 500). Sits inside
+    BodyLimitMiddleware, so the body it reads whole is already bounded."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "json" not in Headers(scope=scope).get("content-type", "").lower():
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            try:
+                message = await receive()
+            except HTTPException as exc:  # BodyLimitMiddleware's 413 for a streamed body
+                await JSONResponse({"detail": exc.detail}, status_code=exc.status_code)(scope, receive, send)
+                return
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        problem = None
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            problem = "request body is not valid UTF-8"
+        if problem is None and json_depth(body) > MAX_JSON_DEPTH:
+            problem = f"request body nests deeper than {MAX_JSON_DEPTH} levels"
+        if problem is not None:
+            await JSONResponse({"detail": problem}, status_code=400)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -41,6 +41,12 @@ class ErrorDetail(BaseModel):
     detail: str
 
 
+# Every route with a JSON body: services/api/middleware.py JsonBodyMiddleware answers these before the route runs.
+BAD_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "The body is not UTF-8, or nests deeper than 32 levels."}
+}
+
+
 # ---- jobs ----
 
 

@@ -13,11 +13,12 @@ class Settings(JobSettings):
     """The API's settings. Environment variables (all prefixed INVDPO_): shared with the worker (JobSettings):
     INVDPO_DATABASE_URL, INVDPO_BROKER_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL,
     INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE,
-    INVDPO_PROMOTION_GATE;
-    the API's own:
+    INVDPO_PROMOTION_GATE, INVDPO_VALIDATION_TIMEOUT_SECONDS, INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES,
+    INVDPO_MAX_IMAGE_BYTES; the API's own:
     INVDPO_MAX_ACTIVE_JOBS_PER_PROJECT, INVDPO_RETRY_AFTER_SECONDS, INVDPO_MAX_BODY_BYTES,
-    INVDPO_RECONCILE_INTERVAL_SECONDS, INVDPO_MIGRATE_ON_STARTUP, INVDPO_ALLOW_LOCAL_FILES,
-    INVDPO_EVENTS_POLL_SECONDS, INVDPO_EVENTS_STREAM_MAX_SECONDS, INVDPO_MAX_NODES_PER_JOB.
+    INVDPO_RATE_LIMIT_REQUESTS, INVDPO_RATE_LIMIT_WINDOW_SECONDS, INVDPO_RATE_LIMIT_REDIS_URL,
+    INVDPO_RECONCILE_INTERVAL_SECONDS, INVDPO_MIGRATE_ON_STARTUP, INVDPO_EVENTS_POLL_SECONDS,
+    INVDPO_EVENTS_STREAM_MAX_SECONDS, INVDPO_MAX_NODES_PER_JOB.
     """
 
     max_active_jobs_per_project: int = Field(
@@ -31,15 +32,17 @@ class Settings(JobSettings):
     )
     retry_after_seconds: int = Field(60, ge=1, description="Retry-After sent with the 429 of the active-job cap.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body; larger gets a 413.")
+    rate_limit_requests: int = Field(
+        600, ge=0, description="Requests an API key may make per window, across all API replicas; 0 disables."
+    )
+    rate_limit_window_seconds: int = Field(60, ge=1, description="The rate limit's (fixed) window.")
+    rate_limit_redis_url: str | None = Field(
+        None, description="Redis holding the rate limit counters; default: the broker's, if it is Redis."
+    )
     reconcile_interval_seconds: float = Field(
         60.0, ge=0, description="How often the API re-dispatches jobs whose broker message was lost; 0 disables."
     )
     migrate_on_startup: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
-    allow_local_files: bool = Field(
-        True,
-        description="Accept local paths as model and files (the embedded single-machine setup). Deployments set "
-        "false: jobs must then name s3:// URIs or hub ids, and cannot probe the API host's file system.",
-    )
     events_poll_seconds: float = Field(1.0, gt=0, description="How often the events stream looks for new events.")
     events_stream_max_seconds: float = Field(
         600.0, gt=0, description="An events stream closes after this long; clients reconnect with Last-Event-ID."

@@ -285,7 +285,7 @@ def claim_job(session: Session, job_id: str, worker_id: str, *, heartbeat_timeou
     )
     if done:
         attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
-        session.add(_event(job_id, f"Training started on worker {worker_id} (attempt {attempt})"))
+        session.add(_event(job_id, f"Training started (attempt {attempt})"))  # the worker's host:pid is in the logs
     session.commit()
     return done
 

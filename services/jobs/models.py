@@ -77,6 +77,8 @@ class Project(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # s3:// prefixes the project's models, datasets and images must lie under; None: any the service can read.
+    allowed_prefixes: Mapped[list[str] | None] = mapped_column(JSONType)
 
 
 class ApiKey(Base):
@@ -135,6 +137,9 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_param: Mapped[str | None] = mapped_column(String(128))
+    # Checks of the files begun (services/jobs/validation.py): bounded, a check that kills its process is not retried
+    # for ever.
+    validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Worker ownership.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     claimed_by: Mapped[str | None] = mapped_column(String(255))

@@ -58,24 +58,31 @@ def reconcile_queued_jobs(
     celery: Celery,
     heartbeat_timeout_seconds: float = 300.0,
     max_attempts: int = 3,
+    validating_after_seconds: float | None = None,
 ) -> ReconcileReport:
     """One pass: re-send queued jobs (dispatched more than `older_than_seconds` ago) that have no message in the
     broker, re-send running jobs whose heartbeat is stale (failing them after `max_attempts`), finish
     cancel_requested jobs whose worker is gone, and claim stale validating_files jobs for re-validation (returned
-    in `revalidate`; the caller runs the validation)."""
+    in `revalidate`; the caller runs the validation) once untouched for `validating_after_seconds` (default
+    `older_than_seconds`; run_once adds the validation deadline, so a check still running is not started twice)."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_seconds)
     stale_heartbeat = now - timedelta(seconds=heartbeat_timeout_seconds)
     report = ReconcileReport()
+    validating_cutoff = now - timedelta(seconds=validating_after_seconds or older_than_seconds)
     not_recent = or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff)
     candidates = session.scalars(
         select(Job).where(
-            not_recent,
             or_(
-                Job.status.in_(("queued", "validating_files")),
-                (Job.status.in_(("running", "cancel_requested")))
-                & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_heartbeat),
-            ),
+                not_recent
+                & (
+                    (Job.status == "queued")
+                    | (Job.status.in_(("running", "cancel_requested")))
+                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_heartbeat)
+                ),
+                (Job.status == "validating_files")
+                & or_(Job.dispatched_at.is_(None), Job.dispatched_at < validating_cutoff),
+            )
         )
     ).all()
     session.commit()
@@ -128,7 +135,8 @@ def run_once(session_factory: sessionmaker[Session], settings: JobSettings, cele
             celery=celery,
             heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
             max_attempts=settings.max_attempts,
+            validating_after_seconds=settings.reconcile_after_seconds + settings.validation_timeout_seconds,
         )
     for job_id in report.revalidate:
-        validate_job_files(session_factory, job_id, celery=celery, sample=settings.validation_sample)
+        validate_job_files(session_factory, job_id, settings, celery=celery)
     return report

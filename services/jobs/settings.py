@@ -14,7 +14,8 @@ from invdpo_core.gate import GateRule, parse_gate_rule
 class JobSettings(BaseSettings):
     """Environment variables (all prefixed INVDPO_): INVDPO_DATABASE_URL, INVDPO_BROKER_URL,
     INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL, INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS,
-    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_PROMOTION_GATE."""
+    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_PROMOTION_GATE, INVDPO_VALIDATION_TIMEOUT_SECONDS,
+    INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES."""
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
 
@@ -53,6 +54,29 @@ class JobSettings(BaseSettings):
         "and the model server read. JSON with the fields of invdpo_core/gate.py GateRule (min_implicit_acc_lower, "
         "win_rate_scorer, min_win_rate); none turns the gate off. A key with scope models:force may promote a "
         "refused version anyway (recorded with the key and the reason).",
+    )
+
+    # Validation runs in the API and, for a job left validating_files, in the worker's `invdpo.reconcile`: both
+    # read these (keep them equal in the two deployments).
+    validation_timeout_seconds: float = Field(
+        120.0, gt=0, description="A job whose files are not checked within this long fails as validation_timeout."
+    )
+    validation_memory_bytes: int = Field(
+        1 << 30,
+        ge=256 << 20,
+        description="Address-space limit of the process that checks a job's files; a dataset needing more fails "
+        "its job (validation_resources) instead of the API.",
+    )
+    allow_local_files: bool = Field(
+        True,
+        description="Accept local paths as model and files (the embedded single-machine setup). Deployments set "
+        "false: jobs must then name s3:// URIs or hub ids, and cannot probe the API host's file system.",
+    )
+    max_image_bytes: int = Field(
+        32 << 20,
+        ge=1,
+        description="Largest image (object or parquet cell) read, by validation and by the trainer (invdpo_core.data "
+        "reads INVDPO_MAX_IMAGE_BYTES).",
     )
 
     @field_validator("promotion_gate")

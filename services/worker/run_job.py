@@ -22,12 +22,12 @@ import contextlib
 import logging
 import os
 import posixpath
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.jobs import jobstore
 from services.jobs.db import make_engine, make_session_factory
 from services.jobs.logs import adopt_library_loggers, configure_logging, mask_secrets
-from services.jobs.models import Checkpoint, Job
+from services.jobs.models import Checkpoint, Job, Project
 from services.worker.settings import Settings, get_settings
 
 log = logging.getLogger("services.worker.run_job")
@@ -113,6 +113,7 @@ def job_error(exc: BaseException) -> jobstore.JobErrorInfo:
 
     text = " ".join(str(exc).split())
     code, param = "internal_error", None
+    # About the user's own inputs (their URIs are theirs to see):
     if isinstance(exc, DatasetError):
         code, param = exc.code, "training_file"
     elif isinstance(exc, ModelReferenceError):
@@ -121,20 +122,50 @@ def job_error(exc: BaseException) -> jobstore.JobErrorInfo:
         code, param = "invalid_config", "method.hyperparameters"
     elif isinstance(exc, ModelNameTaken):
         code, param = "model_name_taken", "registered_model_name"
+    # About the service's own systems: a reason, never their hosts, ports or paths (the log has the detail).
     elif isinstance(exc, CheckpointError):
-        code = "checkpoint_error"
+        code, text = "checkpoint_error", public_text(text)
     elif isinstance(exc, TrainError):
-        code = "training_error"
+        code, text = "training_error", public_text(text)
     elif isinstance(exc, StorageError):
-        code = f"storage_{exc.code}"
+        code, text = f"storage_{exc.code}", f"the service's object store failed ({exc.code}); the job can be retried"
     elif isinstance(exc, torch.OutOfMemoryError):
         code, text = "out_of_memory", "the GPU ran out of memory; lower batch_size or resolution, or use LoRA"
     elif isinstance(exc, MlflowException):
-        code, text = "tracking_error", f"MLflow: {text}"
+        code, text = "tracking_error", "the tracking server (MLflow) failed; the job can be retried"
     else:
-        text = f"{type(exc).__name__}: {text}"
+        text = f"the job stopped on an internal error ({type(exc).__name__}); the operators have the details"
     text = mask_secrets(text)
     return {"code": code, "message": text if len(text) <= 300 else text[:297] + "...", "param": param}
+
+
+def check_prefixes(config: Any, prefixes: list[str] | None) -> None:
+    """Refuse a model or dataset outside the project's allowed prefixes (checked by the API at create time, again
+    here: the limit may have been set since). Images are inside their manifest's prefix (invdpo_core.data)."""
+    from invdpo_core.data import DatasetError
+    from invdpo_core.storage import ModelReferenceError, is_hub_id, is_s3, within_prefixes
+
+    if prefixes is None:
+        return
+    model = config.base_model
+    if not (within_prefixes(model, prefixes) or (not is_s3(model) and is_hub_id(model))):
+        raise ModelReferenceError("forbidden_prefix", f"base model {model}: not under this project's prefixes")
+    for uri in (config.dataset, config.validation_dataset):
+        if uri is not None and not within_prefixes(uri, prefixes):
+            raise DatasetError("forbidden_prefix", f"{uri}: not under this project's prefixes")
+
+
+# What must not reach users: addresses (URLs other than s3://, ip:port, host:port) and absolute local paths.
+_INTERNAL = re.compile(
+    r"\b(?!s3://)[a-z][a-z0-9+.\-]*://\S+"  # URLs of other systems
+    r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\blocalhost:\d+\b|\b[\w.\-]+:\d{2,5}\b"  # hosts and ports
+    r"|(?<![\w:/.\-])/(?:[\w.\-]+/)*[\w.\-]+"  # absolute paths (not the key part of an s3:// URI)
+)
+
+
+def public_text(text: str) -> str:
+    """`text` with internal addresses and local paths replaced by <internal>."""
+    return _INTERNAL.sub("<internal>", text)
 
 
 def merge_lora(base_model: str, lora_dir: Path, dest: Path, *, model_cache_dir: str | None = None) -> Path:
@@ -305,11 +336,13 @@ class JobRunner:
         state = PartialState(cpu=not torch.cuda.is_available())  # as train() does: several CPU ranks distribute
         with self.sessions() as session:
             job = jobstore.retry_outages(jobstore.get_job)(session, self.job_id)
+            prefixes = session.scalar(select(Project.allowed_prefixes).join(Job).where(Job.id == self.job_id))
         if not jobstore.owns(job, self.worker_id):
             log.warning("the job is not this worker's to run", extra={"job_id": self.job_id})
             return 0
         try:
             config = parse_config({**job.config, "output_dir": str(self.out), "resume": True})
+            check_prefixes(config, prefixes)
             self.pairs_per_step = config.batch_size * state.num_processes * config.gradient_accumulation_steps
             if self.main:
                 self.start_tracking(job, config)
@@ -456,12 +489,12 @@ class JobRunner:
         import mlflow
 
         error = job_error(exc)
+        # The traceback goes to the log with the job id, never to the job's events (hosts, paths, internals).
         log.error("job failed", extra={"job_id": self.job_id, "code": error["code"]}, exc_info=exc)
         if mlflow.active_run() is not None:
             with contextlib.suppress(Exception):  # MLflow may be what failed: the job must still be reported
                 mlflow.end_run("FAILED")
         with self.sessions() as session:
-            jobstore.add_event(session, self.job_id, "".join(traceback.format_exception(exc)), level="error")
             jobstore.finish_job(session, self.job_id, "failed", error, worker_id=self.worker_id)
         self.cleanup()
 

@@ -117,8 +117,15 @@ def clean_db(db_url: str) -> str:
 
 @pytest.fixture
 def settings(clean_db: str, redis_url: str) -> Settings:
-    # The reconciler loop is off unless a test turns it on; tests call reconciler functions directly.
-    return Settings(database_url=clean_db, broker_url=redis_url, reconcile_interval_seconds=0, log_level="INFO")
+    # The reconciler loop is off unless a test turns it on; tests call reconciler functions directly. So is the rate
+    # limit (tests poll every 0.1 s): test_request_hardening.py turns it on.
+    return Settings(
+        database_url=clean_db,
+        broker_url=redis_url,
+        reconcile_interval_seconds=0,
+        log_level="INFO",
+        rate_limit_requests=0,
+    )
 
 
 @pytest.fixture

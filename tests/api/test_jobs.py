@@ -274,7 +274,8 @@ def test_cancel_validating_job_stops_it_before_the_queue(
         project_id = session.execute(select(Project.id)).scalar_one()
         job = jobstore.create_job(session, _job_row(project_id, job_body()))
         assert jobstore.cancel_job(session, job.id).status == "cancelled"  # type: ignore[union-attr]
-    validate_job_files(app.state.session_factory, job.id, celery=app.state.celery)  # the late validator
+    # The late validator:
+    validate_job_files(app.state.session_factory, job.id, app.state.settings, celery=app.state.celery)
     with app.state.session_factory() as session:
         assert jobstore.get_job(session, job.id).status == "cancelled"  # type: ignore[union-attr]
     assert gpu_messages() == []

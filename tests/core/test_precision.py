@@ -90,11 +90,11 @@ TRAINS = {
 @pytest.mark.parametrize("method", ["diffusion_dpo", "inversion_dpo", "inpo"])
 def test_sd_family_schedules_train_or_are_refused_before_training(config, model_dir, tmp_path, method, schedule):
     from invdpo_core.train import TrainError
-    from services.jobs.validation import check_files
+    from services.jobs.file_checks import check_files
 
     model = _with_scheduler(model_dir, tmp_path, **SCHEDULES[schedule])
     cfg = config(method=method, base_model=str(model))
-    error = check_files(str(model), cfg.dataset, None, 2, method)
+    error = check_files(str(model), cfg.dataset, None, 2, method=method)
     if (method, schedule) in TRAINS:
         assert error is None
         steps = []

@@ -76,7 +76,7 @@ def test_upload_list_read_exists_download_on_s3(s3_env, tmp_path):
     assert list_files(prefix) == expected and list_files(prefix + "/") == expected
     assert list_files(f"{prefix}/sub/b.bin") == [f"{prefix}/sub/b.bin"]
     assert list_files(f"{prefix}/nothing") == []
-    assert read_bytes(f"{prefix}/sub/b.bin") == files["sub/b.bin"]
+    assert read_bytes(f"{prefix}/sub/b.bin", max_bytes=1 << 20) == files["sub/b.bin"]
     assert exists(f"{prefix}/a.txt") and exists(prefix) and exists(f"s3://{s3_env}")
     assert not exists(f"{prefix}/missing.txt") and not exists("s3://no-such-bucket-zz/x")
     assert not exists("s3://no-such-bucket-zz")
@@ -88,9 +88,9 @@ def test_upload_list_read_exists_download_on_s3(s3_env, tmp_path):
 
 def test_missing_s3_objects_raise_file_not_found(s3_env, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"s3://{s3_env}/nope.txt: no such object"):
-        read_bytes(f"s3://{s3_env}/nope.txt")
+        read_bytes(f"s3://{s3_env}/nope.txt", max_bytes=10)
     with pytest.raises(FileNotFoundError, match="bucket does not exist"):
-        read_bytes("s3://no-such-bucket-zz/nope.txt")
+        read_bytes("s3://no-such-bucket-zz/nope.txt", max_bytes=10)
     with pytest.raises(FileNotFoundError, match="no objects under this prefix"):
         download_prefix(f"s3://{s3_env}/nothing", tmp_path)
 
@@ -98,7 +98,7 @@ def test_missing_s3_objects_raise_file_not_found(s3_env, tmp_path):
 def test_local_paths_use_the_same_functions(tmp_path):
     files = write_tree(tmp_path / "src")
     assert list_files(str(tmp_path / "src")) == sorted(str(tmp_path / "src" / rel) for rel in files)
-    assert read_bytes(str(tmp_path / "src" / "a.txt")) == b"alpha" and exists(str(tmp_path / "src"))
+    assert read_bytes(str(tmp_path / "src" / "a.txt"), max_bytes=10) == b"alpha" and exists(str(tmp_path / "src"))
     upload_dir(tmp_path / "src", str(tmp_path / "copy"))
     download_prefix(str(tmp_path / "copy"), tmp_path / "copy2")
     assert (tmp_path / "copy2" / "sub" / "deeper" / "c.json").read_bytes() == b"{}"

@@ -238,3 +238,39 @@ def test_cpu_override_drops_the_gpu_and_builds_the_cpu_worker(services: dict) ->
     assert worker["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
     assert worker["build"]["args"]["BASE_IMAGE"] == "ubuntu:22.04"
     assert worker["image"] != services["worker"]["image"], "the CPU image must not overwrite the CUDA one"
+
+
+# A secret in a command is readable by any process on the host (/proc/PID/cmdline, `ps`, docker inspect): a
+# secret-named variable expanded by compose (${POSTGRES_PASSWORD...}), a URL with a password, or a shell expansion
+# ($$REDISCLI_AUTH) handed to a program. A shell may expand one only where no program's argv receives it: as an
+# argument of its builtin printf (written to a file or pipe) or inside a here-document (the program's stdin).
+_SECRET_NAME = r"[A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN|AUTH|ACCESS_KEY)[A-Z0-9_]*"
+_COMPOSE_SECRET = re.compile(rf"\$\{{{_SECRET_NAME}|://[^/@\s:]*:[^/@\s]+@")
+_SHELL_SECRET = re.compile(rf"\$\$\{{?{_SECRET_NAME}")
+_HEREDOC = re.compile(r"<<\s*EOF\n.*?\nEOF", re.DOTALL)
+
+
+def secret_in_args(arg: str) -> bool:
+    if _COMPOSE_SECRET.search(arg):
+        return True
+    script = _HEREDOC.sub("", arg)
+    commands = re.split(r"&&|\|\||[;|\n]", script)
+    return any(_SHELL_SECRET.search(c) and not c.strip().startswith("printf ") for c in commands)
+
+
+def test_no_secret_in_any_process_argv(services: dict) -> None:
+    for name, service in services.items():
+        for what in ("command", "entrypoint"):
+            value = service.get(what) or []
+            for arg in [value] if isinstance(value, str) else value:
+                assert not secret_in_args(str(arg)), f"{name} {what}: {arg!r}"
+        test = service.get("healthcheck", {}).get("test", [])
+        for arg in [test] if isinstance(test, str) else test:
+            assert not secret_in_args(str(arg)), f"{name} healthcheck: {arg!r}"
+    # The check catches what it is for: today's MLflow and Redis commands, a URL with a password.
+    assert secret_in_args("postgresql+psycopg://invdpo:${POSTGRES_PASSWORD:?x}@postgres:5432/mlflow")
+    assert secret_in_args('exec redis-server --appendonly yes --requirepass "$$REDISCLI_AUTH"')
+    assert secret_in_args("redis://:hunter2@redis:6379/0")
+    assert not secret_in_args("printf '%s' \"$$AWS_SECRET_ACCESS_KEY\" > /tmp/s3.json && exec weed server")
+    redis_script = services["redis"]["command"][-1]
+    assert redis_script.startswith("exec redis-server - <<EOF") and "requirepass $$REDISCLI_AUTH" in redis_script

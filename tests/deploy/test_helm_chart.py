@@ -461,3 +461,34 @@ def test_every_values_key_has_a_comment_above_it() -> None:
         assert previous.strip().startswith("#") and previous.startswith(match.group(1) + "#"), (
             f"values.yaml:{number + 1}: {match.group(2)} has no comment above it"
         )
+
+
+# In an argument a secret is readable by anything on the node (/proc/PID/cmdline, `ps`) and by whoever can read the
+# pod spec: a URL with a password, a password flag, or `$(VAR)` of a Secret-backed variable (Kubernetes expands
+# it into the argv).
+_SECRET_ARG = re.compile(r"://[^/@\s:]*:[^/@\s]+@|--(?:password|requirepass|token|secret)\b|requirepass\s", re.I)
+
+
+def _container_args(doc: dict) -> list[tuple[str, str, list[str]]]:
+    spec = pod_spec(doc)
+    found = []
+    for c in spec.get("initContainers", []) + spec.get("containers", []):
+        secret_env = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+        argv = [str(a) for a in c.get("command", []) + c.get("args", [])]
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            argv += [str(a) for a in c.get(probe, {}).get("exec", {}).get("command", [])]
+        found.append((c["name"], ",".join(sorted(secret_env)), argv))
+    return found
+
+
+@pytest.mark.parametrize("path", VALUES_FILES, ids=values_id)
+def test_no_secret_in_any_container_args(renders: dict, path: Path | None) -> None:
+    workloads = [d for d in renders[values_id(path)] if d["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")]
+    assert workloads
+    for doc in workloads:
+        for name, secret_env, argv in _container_args(doc):
+            for arg in argv:
+                assert not _SECRET_ARG.search(arg), f"{doc['metadata']['name']}/{name}: {arg!r}"
+                for var in filter(None, secret_env.split(",")):
+                    assert f"$({var})" not in arg, f"{doc['metadata']['name']}/{name} expands {var} in its args"
+    assert _SECRET_ARG.search("postgresql://u:hunter2@db/x") and _SECRET_ARG.search("--requirepass x")

@@ -214,6 +214,7 @@ def api(pg_url: str, redis_server: RedisServer, mlflow_server: str, aws_env: str
         migrate_on_startup=False,
         max_active_jobs_per_project=50,
         promotion_gate="none",  # test_promotion_gate.py tests the gate with its own rule
+        rate_limit_requests=0,  # the tests poll fast; tests/api/test_request_hardening.py covers the limit
     )
     with TestClient(create_app(settings)) as client:
         yield client

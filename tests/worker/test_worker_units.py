@@ -167,9 +167,28 @@ def test_job_errors_have_a_code_and_one_masked_line() -> None:
     }  # fmt: skip
     assert job_error(ModelReferenceError("model_not_found", "no"))["param"] == "model"
     assert job_error(torch.OutOfMemoryError("CUDA out of memory"))["code"] == "out_of_memory"
-    error = job_error(RuntimeError("cannot reach postgresql://u:hunter2@db/x\n" + "x" * 1000))
-    assert error["code"] == "internal_error" and error["message"].startswith("RuntimeError: cannot reach")
-    assert "hunter2" not in error["message"] and "\n" not in error["message"] and len(error["message"]) <= 300
+    error = job_error(RuntimeError("cannot reach postgresql://u:hunter2@db.internal:5432/x\n" + "x" * 1000))
+    assert error == {
+        "code": "internal_error",
+        "message": "the job stopped on an internal error (RuntimeError); the operators have the details",
+        "param": None,
+    }
+    # The service's own systems: a reason, never their addresses or paths.
+    from mlflow.exceptions import MlflowException
+
+    from invdpo_core.storage import StorageError
+    from invdpo_core.train import TrainError
+
+    mlflow_down = MlflowException("API request to http://10.0.0.7:5000/api/2.0/mlflow/runs/create failed")
+    assert job_error(mlflow_down)["message"] == "the tracking server (MLflow) failed; the job can be retried"
+    upload = job_error(StorageError("s3_error", "s3://service-artifacts/ftjob-x/checkpoints: upload failed"))
+    assert upload == {
+        "code": "storage_s3_error",
+        "message": "the service's object store failed (s3_error); the job can be retried",
+        "param": None,
+    }
+    train = job_error(TrainError("no checkpoint in /scratch/ftjob-x/checkpoints (worker 10.1.2.3:8080)"))
+    assert train["message"] == "no checkpoint in <internal> (worker <internal>)"
 
 
 def _settings(tmp_path: Path, name: str, artifact_uri: str) -> Settings:

@@ -7,14 +7,13 @@ import hashlib
 import json
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
@@ -23,18 +22,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from invdpo_core.config import RESERVED_FIELDS, TrainingConfig
+from invdpo_core.storage import is_hub_id, is_s3, within_prefixes
 from services.api import schemas
 from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
 from services.jobs import jobstore
 from services.jobs.logs import mask_secrets
-from services.jobs.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
+from services.jobs.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent, Project
 from services.jobs.validation import validate_job_files
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _MAX_JSON_INT = 2**53  # larger integers lose precision in JSON clients and overflow BIGINT columns
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": schemas.ErrorDetail, "description": "Missing or invalid API key."},
@@ -101,7 +100,7 @@ def _check_local_files(body: schemas.JobCreate) -> None:
     errors = []
     for name in ("model", "training_file", "validation_file"):
         uri = getattr(body, name)
-        if uri is None or uri.startswith("s3://") or (name == "model" and _HUB_ID.match(uri)):
+        if uri is None or uri.startswith("s3://") or (name == "model" and is_hub_id(uri)):
             continue
         errors.append(_error((name,), "must be an s3:// URI" + (" or a hub id" if name == "model" else ""), uri))
     if errors:
@@ -116,6 +115,18 @@ def _check_model_name(session: Session, body: schemas.JobCreate, job_id: str, pr
     if owner is not None and owner != project_id:
         field = "registered_model_name" if body.registered_model_name else "suffix"
         raise RequestValidationError([_error((field,), f"registered model {name} belongs to another project", name)])
+
+
+def _check_prefixes(body: schemas.JobCreate, prefixes: list[str]) -> None:
+    """The project's data must lie under its allowed prefixes (a hub id is a public model, not the store's)."""
+    errors = []
+    for name in ("model", "training_file", "validation_file"):
+        uri = getattr(body, name)
+        if uri is None or (name == "model" and not is_s3(uri) and is_hub_id(uri)) or within_prefixes(uri, prefixes):
+            continue
+        errors.append(_error((name,), f"must lie under one of this project's prefixes: {', '.join(prefixes)}", uri))
+    if errors:
+        raise RequestValidationError(errors)
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -207,6 +218,7 @@ Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
     response_model=schemas.Job,
     responses={
         **_ERRORS,
+        **schemas.BAD_BODY,
         409: {"model": schemas.ErrorDetail, "description": "Idempotency key reused with a different body."},
         413: {"model": schemas.ErrorDetail, "description": "Request body too large."},
         429: {"model": schemas.ErrorDetail, "description": "Too many active jobs in this project."},
@@ -235,6 +247,9 @@ def create_job(
     caller.require("jobs:write")
     if not settings.allow_local_files:
         _check_local_files(body)
+    prefixes = session.scalar(select(Project.allowed_prefixes).where(Project.id == caller.project_id))
+    if prefixes is not None:
+        _check_prefixes(body, prefixes)
     request_hash = _request_hash(body)
     if idempotency_key is not None:
         existing = jobstore.find_by_idempotency_key(session, caller.project_id, idempotency_key)
@@ -286,9 +301,7 @@ def create_job(
         return _replay(existing, request_hash, response)
     log.info("job created", extra={"job_id": job.id, "project_id": caller.project_id, "key": caller.key_prefix})
     state = request.app.state
-    background.add_task(
-        validate_job_files, state.session_factory, job.id, celery=state.celery, sample=settings.validation_sample
-    )
+    background.add_task(validate_job_files, state.session_factory, job.id, settings, celery=state.celery)
     return job_out(job)
 
 
@@ -350,6 +363,14 @@ def _poll(session_factory: sessionmaker[Session], job_id: str, after: int | None
         return status, list(events)
 
 
+def _stream_cursor(
+    after: Annotated[str | None, Query(max_length=64, description="Id of the last event already seen.")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=64, description="Set by EventSource on reconnect.")] = None,
+) -> int | None:
+    # A dependency: a bad cursor is a 400 before the stream starts (inside the generator it would abort a 200).
+    return _parse_cursor(last_event_id or after, "ftevent-")
+
+
 @router.get(
     "/{job_id}/events/stream",
     response_class=EventSourceResponse,
@@ -359,13 +380,11 @@ async def stream_job_events(
     job: JobDep,
     request: Request,
     settings: SettingsDep,
-    after: Annotated[str | None, Query(max_length=64, description="Id of the last event already seen.")] = None,
-    last_event_id: Annotated[str | None, Header(max_length=64, description="Set by EventSource on reconnect.")] = None,
+    cursor: Annotated[int | None, Depends(_stream_cursor)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: every event of the job as it happens (data: the JobEvent JSON, id: its id), then one
     `done` event with the final status. Closes after INVDPO_EVENTS_STREAM_MAX_SECONDS; reconnect with
     Last-Event-ID (EventSource does this itself) to continue where it stopped."""
-    cursor = _parse_cursor(last_event_id or after, "ftevent-")
     job_id, session_factory = job.id, request.app.state.session_factory
     deadline = time.monotonic() + settings.events_stream_max_seconds
     while True:

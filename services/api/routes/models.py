@@ -132,7 +132,7 @@ def get_model(name: ModelName, session: SessionDep, caller: CallerDep) -> Regist
     return RegisteredModelOut(name=model.name, created_at=int(model.created_at.timestamp()), versions=versions)
 
 
-@router.post("/{name}/promote", response_model=ModelAlias, responses=_ERRORS)
+@router.post("/{name}/promote", response_model=ModelAlias, responses={**_ERRORS, **schemas.BAD_BODY})
 def promote_model(
     name: ModelName, body: PromoteRequest, session: SessionDep, caller: CallerDep, settings: SettingsDep
 ) -> ModelAlias:

@@ -23,8 +23,9 @@ _RESERVED = ("base_model", "dataset", "validation_dataset", "method", "seed", "o
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:  # SQLite drops a column by copying the table
-        batch.drop_column("hyperparameters")
+    # In place, not batch mode: on SQLite batch mode copies the table, and dropping the old `jobs` then cascades to
+    # every job's events and checkpoints (foreign keys on). SQLite >= 3.35 drops a column itself.
+    op.drop_column("jobs", "hyperparameters")
 
 
 def downgrade() -> None:
