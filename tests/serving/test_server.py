@@ -1,0 +1,189 @@
+"""The model server in-process (SQLite job database, SQLite MLflow registry, the follower polling for real): the
+OpenAI SDK against it, its 400s, keys and projects, batching, the bounded queue, and a refused promotion."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from mlflow import MlflowClient
+from PIL import Image
+from registry_fixtures import FAILING, PASSING, Registry, Tenant, wait_until
+
+from services.serving.app import create_app
+from services.serving.settings import Settings
+
+POLL = 0.3
+
+
+def served_version(http: TestClient, name: str) -> int | None:
+    return http.get("/healthz").json()["models"][name]["version"]
+
+
+@pytest.fixture
+def server(registry: Registry, tmp_path) -> Iterator[Callable[..., tuple[TestClient, Tenant, int]]]:
+    """start(**settings) -> (client, tenant alpha, v1): model `cats` of project alpha, v1 (gate passed) champion."""
+    alpha = registry.tenant("alpha")
+    v1 = registry.version("cats", alpha.project_id, PASSING)
+    MlflowClient(registry.tracking_uri).set_registered_model_alias("cats", "champion", str(v1))
+    clients: list[TestClient] = []
+
+    def start(**overrides: Any) -> tuple[TestClient, Tenant, int]:
+        settings = Settings(
+            models="cats", database_url=registry.database_url, mlflow_tracking_uri=registry.tracking_uri,
+            poll_seconds=POLL, cache_dir=str(tmp_path / "cache"), device="cpu", **overrides,
+        )  # fmt: skip
+        http = TestClient(create_app(settings))
+        http.__enter__()
+        clients.append(http)
+        wait_until(lambda: http.get("/readyz").status_code == 200, 60, "the model to load")
+        return http, alpha, v1
+
+    yield start
+    for http in clients:
+        http.__exit__(None, None, None)
+
+
+def png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def pixel_gap(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference of two images, on the 0-255 scale."""
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+
+
+def test_the_openai_sdk_generates_images(server) -> None:
+    http, alpha, v1 = server()
+    client = openai.OpenAI(api_key=alpha.key, base_url="http://testserver/v1", http_client=http, max_retries=0)
+    raw = client.images.with_raw_response.generate(
+        model="cats", prompt="a red apple", n=2, size="64x64", response_format="b64_json",  # type: ignore[arg-type]
+        extra_body={"seed": 3, "steps": 2},
+    )  # fmt: skip
+    assert raw.headers["x-model-version"] == str(v1)
+    result = raw.parse()
+    assert result.created > 0 and result.data is not None and len(result.data) == 2
+    first, second = (png(image.b64_json or "") for image in result.data)
+    assert first.size == second.size == (64, 64)
+    assert pixel_gap(first, second) > 5  # seeds 3 and 4
+    again = client.images.generate(
+        model="cats", prompt="a red apple", size="64x64", response_format="b64_json",  # type: ignore[arg-type]
+        extra_body={"seed": 3, "steps": 2},
+    )  # fmt: skip
+    # Seed 3 alone: the image of seed 3 in the batch of two, up to the batch's float rounding.
+    assert again.data is not None and pixel_gap(png(again.data[0].b64_json or ""), first) < 1
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(model="cats", prompt="a red apple", size="1024x1024")
+    assert refused.value.param == "size" and "64x64" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "message"),
+    [
+        ({"n": 5}, "n", "n: at most 4 images per request"),
+        ({"n": 0}, "n", "n: Input should be greater than or equal to 1"),
+        ({"size": "512x512"}, "size", "size: '512x512' is not supported; this model generates 64x64"),
+        ({"prompt": "x" * 1001}, "prompt", "prompt: longer than 1000 characters"),
+        ({"prompt": ""}, "prompt", "prompt: String should have at least 1 character"),
+        ({"model": "dogs"}, "model", "model: 'dogs' is not served here"),
+        ({"response_format": "url"}, "response_format", "response_format: Input should be 'b64_json'"),
+        ({"steps": 101}, "steps", "steps: at most 100"),
+        ({"seed": -1}, "seed", "seed: Input should be greater than or equal to 0"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(server, change: dict[str, Any], param: str, message: str) -> None:
+    http, alpha, _ = server()
+    body = {"model": "cats", "prompt": "a cat", "steps": 1, **change}
+    answer = http.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {alpha.key}"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["param"], error["message"], error["type"]) == (param, message, "invalid_request_error")
+
+
+def test_a_key_generates_only_with_its_projects_models(server, registry: Registry) -> None:
+    http, alpha, _ = server()
+    beta = registry.tenant("beta")
+    body = {"model": "cats", "prompt": "a cat", "steps": 1}
+    url = "/v1/images/generations"
+    assert http.post(url, json=body).json()["error"]["code"] == "invalid_api_key"
+    assert http.post(url, json=body, headers={"Authorization": "Bearer invdpo-0000-nope"}).status_code == 401
+    answer = http.post(url, json=body, headers={"Authorization": f"Bearer {beta.key}"})
+    assert answer.status_code == 404 and answer.json()["error"]["param"] == "model", answer.text
+    assert http.post(url, json=body, headers={"Authorization": f"Bearer {alpha.key}"}).status_code == 200
+
+
+def _concurrently(http: TestClient, key: str, count: int, **body: Any) -> list[Any]:
+    answers: list[Any] = [None] * count
+
+    def send(i: int) -> None:
+        answers[i] = http.post(
+            "/v1/images/generations", json={"model": "cats", "prompt": f"a cat {i}", "steps": 1, **body},
+            headers={"Authorization": f"Bearer {key}"},
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def _metric(http: TestClient, line_start: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {line_start}")
+
+
+def test_concurrent_requests_share_pipeline_calls(server) -> None:
+    http, alpha, _ = server(max_wait_ms=1000, max_batch_size=8)
+    answers = _concurrently(http, alpha.key, 4, n=2)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert all(len(a.json()["data"]) == 2 for a in answers)
+    calls = _metric(http, 'invdpo_serving_batch_images_count{model="cats"}') - 1  # minus the warm-up-free first
+    images = _metric(http, 'invdpo_serving_batch_images_sum{model="cats"}')
+    assert images == 8 and calls < 3, (calls, images)  # 8 images in at most 2 calls (one with no batching: 4)
+
+
+def test_a_full_queue_answers_429_with_retry_after(server) -> None:
+    # The first request waits up to 2 s for company; meanwhile the queue (1) is full.
+    http, alpha, _ = server(max_wait_ms=2000, max_batch_size=2, max_queue=1, max_images_per_request=1)
+    first = threading.Thread(target=_concurrently, args=(http, alpha.key, 1))
+    first.start()
+    wait_until(lambda: _metric(http, 'invdpo_serving_queue_depth{model="cats"}') == 1, 10, "a waiting request")
+    answer = http.post(
+        "/v1/images/generations", json={"model": "cats", "prompt": "a dog", "steps": 1},
+        headers={"Authorization": f"Bearer {alpha.key}"},
+    )  # fmt: skip
+    first.join()
+    assert answer.status_code == 429 and answer.headers["retry-after"] == "2", answer.text
+    assert answer.json()["error"]["code"] == "queue_full"
+
+
+def test_a_gate_refused_champion_keeps_the_previous_version_serving(server, registry: Registry) -> None:
+    http, alpha, v1 = server()
+    mlflow = MlflowClient(registry.tracking_uri)
+    refused = registry.version("cats", alpha.project_id, FAILING)
+    mlflow.set_registered_model_alias("cats", "champion", str(refused))
+    health = wait_until(lambda: http.get("/healthz").json()["models"]["cats"].get("not_served"), 10, "a refusal")
+    assert health == {"version": refused, "reason": "promotion gate failed: eval/implicit_acc_lower 0.45 <= 0.5"}
+    time.sleep(2 * POLL)
+    assert served_version(http, "cats") == v1
+    assert _metric(http, 'invdpo_serving_model_version{model="cats"}') == v1
+    assert _metric(http, 'invdpo_serving_alias_version_held_back{model="cats"}') == refused
+
+    # Forced through the API: the promote route tags the version; the server then serves it.
+    mlflow.set_model_version_tag("cats", str(refused), "promotion_forced_by", "project 1, key invdpo-1234")
+    wait_until(lambda: served_version(http, "cats") == refused, 20, "the forced version")
+    assert "not_served" not in http.get("/healthz").json()["models"]["cats"]
+    assert http.get("/readyz").json()["ready"] is True
