@@ -78,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
     follower = Follower(settings, access.open_sessions(settings.database_url), metrics)
+    for name in follower.slots:
+        metrics.add_model(name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -40,3 +40,8 @@ class Metrics:
             "invdpo_serving_rejected", "Requests turned away before generating, by reason.", ["model", "reason"],
             registry=self.registry,
         )  # fmt: skip
+
+    def add_model(self, name: str) -> None:
+        """Show the model's gauges at 0 from the start (a labelled metric appears only once set)."""
+        for gauge in (self.queue_depth, self.version_served, self.version_held_back):
+            gauge.labels(name).set(0)

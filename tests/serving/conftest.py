@@ -19,9 +19,10 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def registry(tmp_path: Path, tiny_pipeline_dir: Path) -> Iterator[Registry]:
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: Path) -> Iterator[Registry]:
     """SQLite job database and SQLite MLflow registry with local artifacts (the embedded setup)."""
+    tmp_path = tmp_path_factory.mktemp("registry")
     yield from make_registry(
         f"sqlite:///{tmp_path / 'invdpo.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_pipeline_dir,
         tmp_path / "artifacts",

@@ -7,7 +7,9 @@ import base64
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,28 +30,36 @@ def served_version(http: TestClient, name: str) -> int | None:
     return http.get("/healthz").json()["models"][name]["version"]
 
 
-@pytest.fixture
-def server(registry: Registry, tmp_path) -> Iterator[Callable[..., tuple[TestClient, Tenant, int]]]:
-    """start(**settings) -> (client, tenant alpha, v1): model `cats` of project alpha, v1 (gate passed) champion."""
-    alpha = registry.tenant("alpha")
+@pytest.fixture(scope="module")
+def alpha(registry: Registry) -> Tenant:
+    return registry.tenant("alpha")
+
+
+@pytest.fixture(scope="module")
+def cats(registry: Registry, alpha: Tenant) -> int:
+    """Model `cats` of project alpha: v1 passed the gate and is champion."""
     v1 = registry.version("cats", alpha.project_id, PASSING)
     MlflowClient(registry.tracking_uri).set_registered_model_alias("cats", "champion", str(v1))
-    clients: list[TestClient] = []
+    return v1
 
-    def start(**overrides: Any) -> tuple[TestClient, Tenant, int]:
-        settings = Settings(
-            models="cats", database_url=registry.database_url, mlflow_tracking_uri=registry.tracking_uri,
-            poll_seconds=POLL, cache_dir=str(tmp_path / "cache"), device="cpu", **overrides,
-        )  # fmt: skip
-        http = TestClient(create_app(settings))
-        http.__enter__()
-        clients.append(http)
-        wait_until(lambda: http.get("/readyz").status_code == 200, 60, "the model to load")
-        return http, alpha, v1
 
-    yield start
-    for http in clients:
-        http.__exit__(None, None, None)
+@contextmanager
+def running(registry: Registry, cache: Path, **overrides: Any) -> Iterator[TestClient]:
+    """The server app with its follower and batchers running, once every model it serves has loaded."""
+    settings = Settings(
+        **{"models": "cats", "poll_seconds": POLL, "device": "cpu", **overrides},
+        database_url=registry.database_url, mlflow_tracking_uri=registry.tracking_uri, cache_dir=str(cache),
+    )  # fmt: skip
+    with TestClient(create_app(settings)) as http:
+        wait_until(lambda: http.get("/readyz").status_code == 200, 60, "the models to load")
+        yield http
+
+
+@pytest.fixture(scope="module")
+def http(registry: Registry, cats: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """A server on `cats` with the default settings, shared by the tests that change nothing."""
+    with running(registry, tmp_path_factory.mktemp("cache")) as client:
+        yield client
 
 
 def png(b64: str) -> Image.Image:
@@ -61,14 +71,13 @@ def pixel_gap(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
 
 
-def test_the_openai_sdk_generates_images(server) -> None:
-    http, alpha, v1 = server()
+def test_the_openai_sdk_generates_images(http: TestClient, alpha: Tenant, cats: int) -> None:
     client = openai.OpenAI(api_key=alpha.key, base_url="http://testserver/v1", http_client=http, max_retries=0)
     raw = client.images.with_raw_response.generate(
         model="cats", prompt="a red apple", n=2, size="64x64", response_format="b64_json",  # type: ignore[arg-type]
         extra_body={"seed": 3, "steps": 2},
     )  # fmt: skip
-    assert raw.headers["x-model-version"] == str(v1)
+    assert raw.headers["x-model-version"] == str(cats)
     result = raw.parse()
     assert result.created > 0 and result.data is not None and len(result.data) == 2
     first, second = (png(image.b64_json or "") for image in result.data)
@@ -100,8 +109,9 @@ def test_the_openai_sdk_generates_images(server) -> None:
         ({"seed": -1}, "seed", "seed: Input should be greater than or equal to 0"),
     ],
 )
-def test_bad_input_is_a_400_naming_the_field(server, change: dict[str, Any], param: str, message: str) -> None:
-    http, alpha, _ = server()
+def test_bad_input_is_a_400_naming_the_field(
+    http: TestClient, alpha: Tenant, change: dict[str, Any], param: str, message: str
+) -> None:
     body = {"model": "cats", "prompt": "a cat", "steps": 1, **change}
     answer = http.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {alpha.key}"})
     assert answer.status_code == 400, answer.text
@@ -109,8 +119,7 @@ def test_bad_input_is_a_400_naming_the_field(server, change: dict[str, Any], par
     assert (error["param"], error["message"], error["type"]) == (param, message, "invalid_request_error")
 
 
-def test_a_key_generates_only_with_its_projects_models(server, registry: Registry) -> None:
-    http, alpha, _ = server()
+def test_a_key_generates_only_with_its_projects_models(http: TestClient, alpha: Tenant, registry: Registry) -> None:
     beta = registry.tenant("beta")
     body = {"model": "cats", "prompt": "a cat", "steps": 1}
     url = "/v1/images/generations"
@@ -145,45 +154,49 @@ def _metric(http: TestClient, line_start: str) -> float:
     raise AssertionError(f"no metric {line_start}")
 
 
-def test_concurrent_requests_share_pipeline_calls(server) -> None:
-    http, alpha, _ = server(max_wait_ms=1000, max_batch_size=8)
-    answers = _concurrently(http, alpha.key, 4, n=2)
-    assert [a.status_code for a in answers] == [200] * 4
-    assert all(len(a.json()["data"]) == 2 for a in answers)
-    calls = _metric(http, 'invdpo_serving_batch_images_count{model="cats"}') - 1  # minus the warm-up-free first
-    images = _metric(http, 'invdpo_serving_batch_images_sum{model="cats"}')
-    assert images == 8 and calls < 3, (calls, images)  # 8 images in at most 2 calls (one with no batching: 4)
+def test_concurrent_requests_share_pipeline_calls(registry: Registry, alpha: Tenant, cats: int, tmp_path) -> None:
+    with running(registry, tmp_path, max_wait_ms=1000, max_batch_size=8) as http:
+        answers = _concurrently(http, alpha.key, 4, n=2)
+        assert [a.status_code for a in answers] == [200] * 4
+        assert all(len(a.json()["data"]) == 2 for a in answers)
+        calls = _metric(http, 'invdpo_serving_batch_images_count{model="cats"}')
+        images = _metric(http, 'invdpo_serving_batch_images_sum{model="cats"}')
+    assert images == 8 and calls <= 2, (calls, images)  # without batching: 4 calls
 
 
-def test_a_full_queue_answers_429_with_retry_after(server) -> None:
+def test_a_full_queue_answers_429_with_retry_after(registry: Registry, alpha: Tenant, cats: int, tmp_path) -> None:
     # The first request waits up to 2 s for company; meanwhile the queue (1) is full.
-    http, alpha, _ = server(max_wait_ms=2000, max_batch_size=2, max_queue=1, max_images_per_request=1)
-    first = threading.Thread(target=_concurrently, args=(http, alpha.key, 1))
-    first.start()
-    wait_until(lambda: _metric(http, 'invdpo_serving_queue_depth{model="cats"}') == 1, 10, "a waiting request")
-    answer = http.post(
-        "/v1/images/generations", json={"model": "cats", "prompt": "a dog", "steps": 1},
-        headers={"Authorization": f"Bearer {alpha.key}"},
-    )  # fmt: skip
-    first.join()
+    settings = {"max_wait_ms": 2000, "max_batch_size": 2, "max_queue": 1, "max_images_per_request": 1}
+    with running(registry, tmp_path, **settings) as http:
+        first = threading.Thread(target=_concurrently, args=(http, alpha.key, 1))
+        first.start()
+        wait_until(lambda: _metric(http, 'invdpo_serving_queue_depth{model="cats"}') == 1, 10, "a waiting request")
+        answer = http.post(
+            "/v1/images/generations", json={"model": "cats", "prompt": "a dog", "steps": 1},
+            headers={"Authorization": f"Bearer {alpha.key}"},
+        )  # fmt: skip
+        first.join()
     assert answer.status_code == 429 and answer.headers["retry-after"] == "2", answer.text
     assert answer.json()["error"]["code"] == "queue_full"
 
 
-def test_a_gate_refused_champion_keeps_the_previous_version_serving(server, registry: Registry) -> None:
-    http, alpha, v1 = server()
+def test_a_gate_refused_champion_keeps_the_previous_version_serving(
+    registry: Registry, alpha: Tenant, tmp_path
+) -> None:
     mlflow = MlflowClient(registry.tracking_uri)
-    refused = registry.version("cats", alpha.project_id, FAILING)
-    mlflow.set_registered_model_alias("cats", "champion", str(refused))
-    health = wait_until(lambda: http.get("/healthz").json()["models"]["cats"].get("not_served"), 10, "a refusal")
-    assert health == {"version": refused, "reason": "promotion gate failed: eval/implicit_acc_lower 0.45 <= 0.5"}
-    time.sleep(2 * POLL)
-    assert served_version(http, "cats") == v1
-    assert _metric(http, 'invdpo_serving_model_version{model="cats"}') == v1
-    assert _metric(http, 'invdpo_serving_alias_version_held_back{model="cats"}') == refused
+    v1 = registry.version("dogs", alpha.project_id, PASSING)
+    mlflow.set_registered_model_alias("dogs", "champion", str(v1))
+    with running(registry, tmp_path, models="dogs") as http:
+        refused = registry.version("dogs", alpha.project_id, FAILING)
+        mlflow.set_registered_model_alias("dogs", "champion", str(refused))
+        health = wait_until(lambda: http.get("/healthz").json()["models"]["dogs"].get("not_served"), 10, "a refusal")
+        assert health == {"version": refused, "reason": "promotion gate failed: eval/implicit_acc_lower 0.45 <= 0.5"}
+        time.sleep(2 * POLL)
+        assert served_version(http, "dogs") == v1
+        assert _metric(http, 'invdpo_serving_model_version{model="dogs"}') == v1
+        assert _metric(http, 'invdpo_serving_alias_version_held_back{model="dogs"}') == refused
 
-    # Forced through the API: the promote route tags the version; the server then serves it.
-    mlflow.set_model_version_tag("cats", str(refused), "promotion_forced_by", "project 1, key invdpo-1234")
-    wait_until(lambda: served_version(http, "cats") == refused, 20, "the forced version")
-    assert "not_served" not in http.get("/healthz").json()["models"]["cats"]
-    assert http.get("/readyz").json()["ready"] is True
+        # Forced through the API: the promote route tags the version; the server then serves it.
+        mlflow.set_model_version_tag("dogs", str(refused), "promotion_forced_by", "project 1, key invdpo-1234")
+        wait_until(lambda: served_version(http, "dogs") == refused, 20, "the forced version")
+        assert "not_served" not in http.get("/healthz").json()["models"]["dogs"]
