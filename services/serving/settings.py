@@ -10,7 +10,7 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # A registered model name as the control plane accepts it, optionally @alias.
@@ -27,12 +27,12 @@ class Settings(BaseSettings):
     default_alias: str = Field("champion", description="The alias followed when a model names none.")
     database_url: str = Field(
         "sqlite:///./invdpo.db",
-        validation_alias=AliasChoices("INVDPO_DATABASE_URL", "database_url"),
+        validation_alias="INVDPO_DATABASE_URL",
         description="The control plane's job database: API keys, projects, and the jobs behind model versions.",
     )
     mlflow_tracking_uri: str = Field(
         "sqlite:///./mlflow.db",
-        validation_alias=AliasChoices("INVDPO_MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+        validation_alias="INVDPO_MLFLOW_TRACKING_URI",
         description="The MLflow server whose registry holds the models.",
     )
     poll_seconds: float = Field(10.0, gt=0, description="How often each model's alias is looked up in MLflow.")

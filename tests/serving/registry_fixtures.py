@@ -48,7 +48,7 @@ class Registry:
     sessions: sessionmaker[Session]
     tracking_uri: str
     pipeline_dir: Path
-    artifacts: Path
+    artifacts: Path | None  # None: the MLflow server's own artifact store
 
     def tenant(self, project: str) -> Tenant:
         with self.sessions() as session:
@@ -73,7 +73,7 @@ class Registry:
         mlflow.set_tracking_uri(self.tracking_uri)
         experiment = f"serving-tests-{name}"
         if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location=self.artifacts.as_uri())
+            mlflow.create_experiment(experiment, artifact_location=self.artifacts.as_uri() if self.artifacts else None)
         mlflow.set_experiment(experiment)
         with mlflow.start_run():
             version, _ = register_model_once(
@@ -82,7 +82,9 @@ class Registry:
         return int(version)
 
 
-def make_registry(database_url: str, tracking_uri: str, pipeline_dir: Path, artifacts: Path) -> Iterator[Registry]:
+def make_registry(
+    database_url: str, tracking_uri: str, pipeline_dir: Path, artifacts: Path | None
+) -> Iterator[Registry]:
     engine = make_engine(database_url)
     migrate(engine)
     previous = mlflow.get_tracking_uri()
