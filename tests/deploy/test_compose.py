@@ -30,7 +30,7 @@ REQUIRED_SECRETS = {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "S3_ACCESS_KEY_ID", "
 OPTIONAL_SECRETS = {"HF_TOKEN"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|ACCESS_KEY")
 # Our services' compose names -> the component whose Settings reads their INVDPO_* variables.
-OUR_SERVICES = {"api": "api", "migrate": "migrate", "worker": "worker"}
+OUR_SERVICES = {"api": "api", "migrate": "migrate", "worker": "worker", "serving": "serving"}
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -75,7 +75,9 @@ def strings(node: object):
 
 
 def test_the_expected_services_are_there(services: dict) -> None:
-    assert set(services) == {"postgres", "redis", "s3", "createbuckets", "mlflow", "migrate", "api", "worker"}
+    assert set(services) == {
+        "postgres", "redis", "s3", "createbuckets", "mlflow", "migrate", "api", "worker", "serving"
+    }  # fmt: skip
 
 
 def test_every_long_running_service_has_a_healthcheck(services: dict) -> None:
@@ -168,7 +170,7 @@ def test_our_services_settings_accept_the_compose_values(
 
 
 def test_commands_are_the_documented_entry_commands(services: dict) -> None:
-    for name in ("api", "migrate", "worker"):
+    for name in ("api", "migrate", "worker", "serving"):
         assert services[name]["command"] == COMMANDS[name], name
 
 
@@ -202,11 +204,21 @@ def test_published_ports_are_on_loopback_only(services: dict) -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
-def test_cpu_override_drops_the_gpu_and_builds_the_cpu_worker(services: dict) -> None:
+@pytest.mark.parametrize("name", ["worker", "serving"])
+def test_cpu_override_drops_the_gpu_and_builds_cpu_images(services: dict, name: str) -> None:
     override = yaml.load(CPU_OVERRIDE.read_text(), Loader=ComposeLoader)
-    assert set(override["services"]) == {"worker"}
-    worker = override["services"]["worker"]
-    assert worker["deploy"] == {"!reset": True}
-    assert worker["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
-    assert worker["build"]["args"]["BASE_IMAGE"] == "ubuntu:22.04"
-    assert worker["image"] != services["worker"]["image"], "the CPU image must not overwrite the CUDA one"
+    assert set(override["services"]) == {"worker", "serving"}
+    service = override["services"][name]
+    assert service["deploy"] == {"!reset": True}
+    assert service["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert service["build"]["args"]["BASE_IMAGE"] == "ubuntu:22.04"
+    assert service["image"] != services[name]["image"], "the CPU image must not overwrite the CUDA one"
+
+
+def test_the_model_server_reserves_a_gpu_and_its_healthcheck_calls_healthz(services: dict) -> None:
+    serving = services["serving"]
+    assert serving["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "http://127.0.0.1:8080/healthz" in " ".join(serving["healthcheck"]["test"])
+    assert serving["ports"] == ["127.0.0.1:8080:8080"]
+    assert environment(serving)["INVDPO_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert serving["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
