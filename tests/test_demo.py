@@ -14,10 +14,12 @@ import psutil
 import pytest
 from PIL import Image
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from services.api.settings import Settings as ApiSettings
 from services.queue import enqueue_training, job_id_of_message, make_celery, ping_broker
+from services.serving.settings import Settings as ServingSettings
 from services.worker.settings import Settings as WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,15 +115,25 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
 def _default(field: FieldInfo) -> str:
     value = field.default
+    if value is PydanticUndefined:
+        return "required"
     return "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@pytest.mark.parametrize(("title", "settings"), [("API", ApiSettings), ("Worker", WorkerSettings)])
-def test_readme_configuration_is_the_settings(title: str, settings: type[BaseSettings]) -> None:
+def _variable(settings: type[BaseSettings], name: str, field: FieldInfo) -> str:
+    alias = field.validation_alias
+    return alias if isinstance(alias, str) else f"{settings.model_config.get('env_prefix', '')}{name}".upper()
+
+
+@pytest.mark.parametrize(
+    ("title", "package", "settings"),
+    [("API", "api", ApiSettings), ("Worker", "worker", WorkerSettings), ("Model server", "serving", ServingSettings)],
+)
+def test_readme_configuration_is_the_settings(title: str, package: str, settings: type[BaseSettings]) -> None:
     """The README's Configuration tables list every setting with its exact environment variable and default."""
     readme = (REPO / "README.md").read_text()
-    section = readme.split(f"\n{title} (`services/{title.lower()}/settings.py`):\n", 1)[1].split("\n\n", 1)[0]
+    section = readme.split(f"\n{title} (`services/{package}/settings.py`):\n", 1)[1].split("\n\n", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
-    expected = [f"| `INVDPO_{name.upper()}` | `{_default(f)}` |" for name, f in settings.model_fields.items()]
+    expected = [f"| `{_variable(settings, name, f)}` | `{_default(f)}` |" for name, f in settings.model_fields.items()]
     assert [row[: len(prefix)] for row, prefix in zip(rows, expected, strict=False)] == expected
     assert len(rows) == len(expected)
