@@ -60,7 +60,7 @@ def _demo(out: Path) -> subprocess.Popen[str]:
     )
 
 
-def test_ctrl_c_stops_the_api_and_the_worker(tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_api_the_worker_and_the_model_server(tmp_path: Path) -> None:
     out = tmp_path / "demo-out"
     demo = _demo(out)
     try:
@@ -69,8 +69,8 @@ def test_ctrl_c_stops_the_api_and_the_worker(tmp_path: Path) -> None:
             if line.startswith("[1/5]"):
                 break
         deadline = time.monotonic() + 60
-        while len(_children_of(out)) < 2:
-            assert time.monotonic() < deadline and demo.poll() is None, "the API and the worker did not start"
+        while len(_children_of(out)) < 3:
+            assert time.monotonic() < deadline and demo.poll() is None, "the children did not start"
             time.sleep(0.1)
         demo.send_signal(signal.SIGINT)
         _, err = demo.communicate(timeout=60)
@@ -78,7 +78,7 @@ def test_ctrl_c_stops_the_api_and_the_worker(tmp_path: Path) -> None:
         if demo.poll() is None:
             demo.kill()
     assert demo.returncode == 130
-    assert err.strip().splitlines()[-1] == "demo interrupted; the API and the worker are stopped"
+    assert err.strip().splitlines()[-1] == "demo interrupted; the API, the worker and the model server are stopped"
     assert _children_of(out) == []
 
 
@@ -103,6 +103,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert alias.startswith("champion") or (
         alias.startswith("candidate (not promoted") and "the promotion gate refused it: 409" in result.stdout
     ), result.stdout
+    if alias.startswith("champion"):
+        assert "POST /v1/images/generations answered by version 1" in result.stdout, result.stdout
     sample = Path(lines["sample image"].strip())
     assert sample == out / "sample.png"
     with Image.open(sample) as image:

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from services.serving import access
 from services.serving.batching import Batcher, QueueFull
 from services.serving.metrics import Metrics
-from services.serving.models import Follower
+from services.serving.models import Follower, ModelSlot
 from services.serving.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def _seed(seed: int | None) -> int:
     return seed if seed is not None else secrets.randbelow(2**62)
 
 
-def _slot_status(slot: Any) -> dict[str, Any]:
+def _slot_status(slot: ModelSlot) -> dict[str, Any]:
     status: dict[str, Any] = {"alias": slot.alias, "version": slot.current.version if slot.current else None}
     if slot.held_back is not None:
         version, reason = slot.held_back
