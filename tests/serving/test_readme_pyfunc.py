@@ -47,7 +47,13 @@ def test_the_readme_mlflow_models_serve_example_works(
     ports = {"http://127.0.0.1:5000": mlflow_server, "5001": str(port)}
     export, serve, curl = (re.sub("|".join(map(re.escape, ports)), lambda m: ports[m.group(0)], line)
                            for line in (export, serve, curl))  # fmt: skip
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        # This machine's cores are shared: one torch thread, and more than MLflow's 60 s for a prediction.
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "600",
+    }
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (closed below)
     server = subprocess.Popen(["bash", "-c", f"{export} && exec {serve}"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
