@@ -3,7 +3,8 @@
 Everything the model server knows about tenancy lives here, so that it can follow the control plane's records
 without importing the control plane anywhere else. Today a version belongs to the project whose job registered it
 (its `job_id` tag), and its verdict is the promotion gate evaluated on that job's evaluation, or a forced promotion
-(the tags POST /v1/models/{name}/promote writes with `force`).
+(the tags POST /v1/models/{name}/promote writes with `force`). The gate's rule is the API's setting,
+INVDPO_PROMOTION_GATE, read from the same environment variable.
 """
 
 # moves to services.jobs: the imports below become services.jobs once the shared job layer has moved there.
@@ -17,12 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from invdpo_core.gate import evaluate_gate
 from services.api import jobstore
 from services.api.db import make_engine, make_session_factory
-from services.api.logs import adopt_library_loggers, configure_logging
+from services.api.logs import adopt_library_loggers, configure_logging  # noqa: F401  (the server's logging)
 from services.api.models import ApiKey
 from services.api.security import hash_key
 from services.api.settings import get_settings as control_plane_settings
-
-__all__ = ["adopt_library_loggers", "configure_logging", "open_sessions", "project_for_key", "version_project"]
 
 FORCED_TAG = "promotion_forced_by"  # written by the promote route next to `promotion_gate_failed`
 
