@@ -51,7 +51,7 @@ def running(registry: Registry, cache: Path, **overrides: Any) -> Iterator[TestC
         database_url=registry.database_url, mlflow_tracking_uri=registry.tracking_uri, cache_dir=str(cache),
     )  # fmt: skip
     with TestClient(create_app(settings)) as http:
-        wait_until(lambda: http.get("/readyz").status_code == 200, 60, "the models to load")
+        wait_until(lambda: http.get("/readyz").status_code == 200, 180, "the models to load")
         yield http
 
 
@@ -155,7 +155,8 @@ def _metric(http: TestClient, line_start: str) -> float:
 
 
 def test_concurrent_requests_share_pipeline_calls(registry: Registry, alpha: Tenant, cats: int, tmp_path) -> None:
-    with running(registry, tmp_path, max_wait_ms=1000, max_batch_size=8) as http:
+    # 4 requests of 2 images fill a batch of 8: the call starts once all have arrived (the wait only bounds it).
+    with running(registry, tmp_path, max_wait_ms=10000, max_batch_size=8) as http:
         answers = _concurrently(http, alpha.key, 4, n=2)
         assert [a.status_code for a in answers] == [200] * 4
         assert all(len(a.json()["data"]) == 2 for a in answers)
@@ -165,12 +166,12 @@ def test_concurrent_requests_share_pipeline_calls(registry: Registry, alpha: Ten
 
 
 def test_a_full_queue_answers_429_with_retry_after(registry: Registry, alpha: Tenant, cats: int, tmp_path) -> None:
-    # The first request waits up to 2 s for company; meanwhile the queue (1) is full.
-    settings = {"max_wait_ms": 2000, "max_batch_size": 2, "max_queue": 1, "max_images_per_request": 1}
+    # The first request waits up to 10 s for company; meanwhile the queue (1) is full.
+    settings = {"max_wait_ms": 10000, "max_batch_size": 2, "max_queue": 1, "max_images_per_request": 1}
     with running(registry, tmp_path, **settings) as http:
         first = threading.Thread(target=_concurrently, args=(http, alpha.key, 1))
         first.start()
-        wait_until(lambda: _metric(http, 'invdpo_serving_queue_depth{model="cats"}') == 1, 10, "a waiting request")
+        wait_until(lambda: _metric(http, 'invdpo_serving_queue_depth{model="cats"}') == 1, 30, "a waiting request")
         answer = http.post(
             "/v1/images/generations", json={"model": "cats", "prompt": "a dog", "steps": 1},
             headers={"Authorization": f"Bearer {alpha.key}"},
@@ -189,7 +190,7 @@ def test_a_gate_refused_champion_keeps_the_previous_version_serving(
     with running(registry, tmp_path, models="dogs") as http:
         refused = registry.version("dogs", alpha.project_id, FAILING)
         mlflow.set_registered_model_alias("dogs", "champion", str(refused))
-        health = wait_until(lambda: http.get("/healthz").json()["models"]["dogs"].get("not_served"), 10, "a refusal")
+        health = wait_until(lambda: http.get("/healthz").json()["models"]["dogs"].get("not_served"), 60, "a refusal")
         assert health == {"version": refused, "reason": "promotion gate failed: eval/implicit_acc_lower 0.45 <= 0.5"}
         time.sleep(2 * POLL)
         assert served_version(http, "dogs") == v1
@@ -198,5 +199,5 @@ def test_a_gate_refused_champion_keeps_the_previous_version_serving(
 
         # Forced through the API: the promote route tags the version; the server then serves it.
         mlflow.set_model_version_tag("dogs", str(refused), "promotion_forced_by", "project 1, key invdpo-1234")
-        wait_until(lambda: served_version(http, "dogs") == refused, 20, "the forced version")
+        wait_until(lambda: served_version(http, "dogs") == refused, 120, "the forced version")
         assert "not_served" not in http.get("/healthz").json()["models"]["dogs"]
