@@ -1,4 +1,4 @@
-"""The arbiter: which formulation of Inversion-DPO aligns a model, measured against Diffusion-DPO.
+"""The arbiter: which formulation of Inversion-DPO (and InPO) aligns a model, measured against Diffusion-DPO.
 
 A tiny text-conditioned UNet (invdpo_core.testing) is pretrained for a few minutes on a synthetic distribution of
 4x8x8 latents (one blob per prompt, random channel amplitudes). The reward is computable: mean of latent channel 0
@@ -10,6 +10,7 @@ fixed seeds every few steps.
 
     python benchmarks/alignment.py            # full study (about 30-40 min on 2 cores)
     python benchmarks/alignment.py --quick    # the main table only (under 15 min on 2 cores)
+    python benchmarks/alignment.py --quick --runs inpo,"inpo swap"   # some runs only (parts can run in parallel)
 
 Writes benchmarks/results/alignment.json and alignment.png.
 """
@@ -38,10 +39,12 @@ from invdpo_core.inversion import (
 from invdpo_core.losses import dpo_loss
 from invdpo_core.methods import (
     diffusion_dpo_points,
+    inpo_points,
     inversion_dpo_points,
     points_loss,
     policy_errors,
     timestep_weights,
+    with_reference_errors,
 )
 from invdpo_core.testing import build_tiny_pipeline
 
@@ -163,7 +166,7 @@ def make_pairs(world: World, source: str, n: int, reward_fn=reward, seed: int = 
 @dataclass
 class Run:
     name: str
-    method: str  # diffusion_dpo | inversion_dpo | diffusion_dpo_unshared
+    method: str  # diffusion_dpo | inversion_dpo | diffusion_dpo_unshared | inpo
     target: str = "-"
     swap: bool = False
     k: int = 1
@@ -172,6 +175,8 @@ class Run:
     guidance: float = 1.0
     inversion_steps: int = 20
     lr: float = 1e-4
+    eta: float = 0.1  # inpo: random term per inversion step (the released 0.1)
+    inverter: str = "policy"  # inpo: who inverts every step, the policy (released) or the frozen base
 
 
 @dataclass
@@ -257,6 +262,12 @@ def train_run(
             points = inversion_dpo_points(inverted.select(idx), cond, k=k, weights=weights, generator=gen)
         elif run.method == "diffusion_dpo":
             points = diffusion_dpo_points(world.unet, world.scheduler, z_w[idx], z_l[idx], cond, generator=gen)
+        elif run.method == "inpo":
+            points = inpo_points(
+                policy if run.inverter == "policy" else world.unet, world.scheduler, z_w[idx], z_l[idx], cond,
+                inversion_steps=run.inversion_steps, eta=run.eta, generator=gen,
+            )  # fmt: skip
+            points = with_reference_errors(world.unet, points)
         else:  # diffusion_dpo_unshared: the ablation with independent noise and timestep for winner and loser
             a = diffusion_dpo_points(world.unet, world.scheduler, z_w[idx], z_l[idx], cond, generator=gen)
             b = diffusion_dpo_points(world.unet, world.scheduler, z_w[idx], z_l[idx], cond, generator=gen)
@@ -399,6 +410,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--runs", default=None, help="comma-separated run names: only these (e.g. 'inpo,inpo swap')")
     args = ap.parse_args()
     # Tiny tensors: one thread is as fast, and far faster when other processes share the two cores.
     torch.set_num_threads(1)
@@ -421,6 +433,9 @@ def main() -> int:
         Run("inversion x0 swap", "inversion_dpo", "x0", swap=True),
         Run("inversion step", "inversion_dpo", "step"),
         Run("inversion reference", "inversion_dpo", "reference"),
+        # InPO as released: 10-step inverse grid, eta 0.1, the current policy inverts every step.
+        Run("inpo", "inpo", inversion_steps=10),
+        Run("inpo swap", "inpo", swap=True, inversion_steps=10),
     ]
     investigations = [
         Run("paired K=4", "inversion_dpo", "paired", k=4),
@@ -432,6 +447,10 @@ def main() -> int:
         Run("diffusion_dpo, unshared noise and t", "diffusion_dpo_unshared"),
         Run("x0 1/(2abar) weight", "inversion_dpo", "x0", weighting="inverse_alpha"),
         Run("step 1/(2abar) weight", "inversion_dpo", "step", weighting="inverse_alpha"),
+        # What in InPO matters: who inverts, the random term, the grid.
+        Run("inpo with the frozen base inverting", "inpo", inversion_steps=10, inverter="reference"),
+        Run("inpo eta 0", "inpo", inversion_steps=10, eta=0.0),
+        Run("inpo N=20", "inpo", inversion_steps=20),
         # All-N (timesteps_per_step 0) is not in the study: 20x the K=1 cost per step on these CPUs; its gradient is
         # the K=N gradient exactly (tests/core/test_methods.py), and K=4 shows what more points per pair do.
     ]
@@ -444,12 +463,20 @@ def main() -> int:
         plan += [("base", run) for run in main_runs]
     if part in ("all", "fixes"):
         plan += [("data", run) for run in investigations]
+    if args.runs:
+        wanted = args.runs.split(",")
+        unknown = set(wanted) - {run.name for run in main_runs + investigations}
+        if unknown:
+            ap.error(f"--runs: unknown run names {sorted(unknown)}")
+        plan = [(src, run) for src, run in plan if run.name in wanted]
     pair_sets = {src: make_pairs(world, src, args.pairs) for src in {src for src, _ in plan}}
     cache: dict = {}
     results: list[Result] = []
     eval_every = max(args.steps // 5, 1)
     main_names = {run.name for run in main_runs}
     stem = "alignment" if part == "all" else f"alignment_{part}"
+    if args.runs:
+        stem += "_" + "_".join(name.replace(" ", "-").replace("/", "") for name in args.runs.split(","))
     for src, run in plan:
         for seed in range(args.seeds if run.name in main_names else args.fix_seeds):
             t0 = time.time()
@@ -487,7 +514,7 @@ def main() -> int:
             steps_mean = "-" if v["steps_mean"] is None else f"{v['steps_mean']:.0f}"
             wall_mean = "-" if v["wall_mean"] is None else f"{v['wall_mean']:.1f}"
             print(f"  {name:48s} reached {v['reached']}  steps {steps_mean:>4s}  wall s {wall_mean:>6s}")
-    diagnostics = diagnose(world, pair_sets) if part != "fixes" else []
+    diagnostics = diagnose(world, pair_sets) if part != "fixes" and not args.runs else []
     print("\nreference errors at the cached points (Lr_w - Lr_l), 20 inversion steps:")
     for d in diagnostics:
         print(

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.admin import create_api_key  # noqa: E402
-from services.api.db import make_engine, make_session_factory, migrate  # noqa: E402
+from services.jobs.db import make_engine, make_session_factory, migrate  # noqa: E402
 
 JOBS = "/v1/fine_tuning/jobs"
 

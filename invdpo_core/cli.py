@@ -8,6 +8,7 @@ and are printed as one line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -141,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = train(config, callbacks)
+        result = train(config, callbacks, model_cache_dir=args.model_cache_dir)
     except (DatasetError, ModelReferenceError, TrainError, CheckpointError, OSError) as exc:
         raise CLIError(" ".join(str(exc).split())) from None
     finally:
@@ -194,7 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             args.model, args.base, args.pairs, prompts, out_dir=args.out, scorers=scorers, device=device,
             seed=args.seed, beta=args.beta, draws=args.draws, max_pairs=args.max_pairs,
             inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, model_cache_dir=args.model_cache_dir,
         )  # fmt: skip
     except (EvaluationError, DatasetError, ModelReferenceError, OSError) as exc:
         raise CLIError(" ".join(str(exc).split())) from None
@@ -226,6 +227,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="invdpo", description="Inversion-DPO fine-tuning of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    model_cache_dir = os.environ.get("INVDPO_CACHE_DIR")
+    model_cache_help = "where models from s3:// are downloaded (default $INVDPO_CACHE_DIR, else ~/.cache/invdpo)"
 
     p = sub.add_parser("tiny-model", help="write a tiny diffusers pipeline built from configs (no download)")
     p.add_argument("out_dir")
@@ -260,6 +263,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         help="override a config field (dotted for nested: adapter.type=lora); repeatable",
     )
     p.add_argument("--json", action="store_true", help="one JSON line per event on stdout instead of a progress bar")
+    p.add_argument("--model-cache-dir", default=model_cache_dir, help=model_cache_help)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="compare a fine-tuned model with its base: implicit accuracy, win-rates, grid")
@@ -286,6 +290,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i; also seeds the draws and bootstrap")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    p.add_argument("--model-cache-dir", default=model_cache_dir, help=model_cache_help)
     p.set_defaults(func=cmd_evaluate)
     return parser, sub
 

@@ -1,20 +1,49 @@
 """Training configuration: pydantic models that import no torch, so the API can validate a job without a GPU image.
 
-Every field says what it is. An invalid value raises `ConfigError` naming the field and the value.
+Every field says what it is. An invalid value raises `ConfigError` naming the field and the value. The roles a
+field plays beyond training (`role(...)` in its json_schema_extra, read with `fields_with(ROLE)`) are listed here
+once; the API's request schema, the worker, the tracking and the resume check derive their lists from them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
-Method = Literal["inversion_dpo", "diffusion_dpo"]
+Method = Literal["inversion_dpo", "diffusion_dpo", "inpo"]
 InversionTarget = Literal["paired", "x0", "step", "reference"]
 LossType = Literal["sigmoid", "hinge", "ipo"]
+# Statuses a job moves through (services/jobs/jobstore.py), here so the CLI client needs no database library.
+# Active ones count against the project's cap.
+ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled"]
+JobStatus = Literal[ActiveStatus, TerminalStatus]
+ACTIVE_STATUSES: tuple[str, ...] = get_args(ActiveStatus)
+TERMINAL_STATUSES: tuple[str, ...] = get_args(TerminalStatus)
+STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
+
+# Roles of a TrainingConfig field outside the training itself:
+#   reserved   set by the service from the job's own fields (or by the worker), never in a job's hyperparameters;
+#              `set_by` says where it comes from instead
+#   resumable  a resumed run may change it (how long, how often, where); any other change from the checkpoint's
+#              config is an error, or the resumed run would not continue the run that wrote it
+#   cache_key  an inversion cache entry depends on it (the disk cache directory is named by their hash)
+#   local      where this worker puts things, not the training: not logged as a run parameter (it differs between
+#              the workers a job runs on, and MLflow refuses to change a logged param)
+Role = Literal["reserved", "resumable", "cache_key", "local"]
+
+
+def role(*roles: Role, set_by: str | None = None) -> dict[str, Any]:
+    """json_schema_extra of a field with these roles (and, for a reserved field, where it is set instead)."""
+    extra: dict[str, Any] = {"roles": list(roles)}
+    if set_by is not None:
+        extra["set_by"] = set_by
+    return extra
 
 
 class ConfigError(ValueError):
@@ -47,36 +76,79 @@ class TrainingConfig(_Strict):
 
     # --- what to train on ---
     base_model: str = Field(
-        ..., min_length=1, description="Base diffusers pipeline: a local directory, a hub id, or an s3:// prefix."
+        ...,
+        min_length=1,
+        description="Base diffusers pipeline: a local directory, a hub id, or an s3:// prefix.",
+        json_schema_extra=role("reserved", "cache_key", set_by="set it with the top-level `model`"),
     )
     dataset: str = Field(
         ...,
         min_length=1,
         description="Preference pairs: a Pick-a-Pic parquet file/prefix or a JSONL manifest, local or s3://.",
+        json_schema_extra=role("reserved", set_by="set it with the top-level `training_file`"),
     )
-    validation_dataset: str | None = Field(None, description="Held-out preference pairs for evaluation.")
+    validation_dataset: str | None = Field(
+        None,
+        description="Held-out preference pairs for evaluation.",
+        json_schema_extra=role("reserved", set_by="set it with the top-level `validation_file`"),
+    )
 
     # --- the method ---
-    method: Method = Field("inversion_dpo", description="inversion_dpo (DDIM-inverted points) or diffusion_dpo.")
+    method: Method = Field(
+        "inversion_dpo",
+        description="inversion_dpo (cached DDIM-inverted points), diffusion_dpo, or inpo (InPO: on-policy partial "
+        "stochastic inversion every step; docs/method.md section 'InPO').",
+        json_schema_extra=role("reserved", set_by="set it with `method.type`"),
+    )
     inversion_target: InversionTarget = Field(
-        "paired", description="Noise target for inversion_dpo (docs/method.md section 'Targets')."
+        "paired",
+        description="Noise target for inversion_dpo (docs/method.md section 'Targets').",
+        json_schema_extra=role("cache_key"),
     )
     beta: float = Field(5000.0, gt=0, description="DPO temperature on the per-pixel MSE differences.")
     loss_type: LossType = Field("sigmoid", description="sigmoid (DPO), hinge, or ipo.")
     timestep_weighting: Literal["uniform", "inverse_alpha"] = Field(
         "uniform", description="Per-timestep weight; inverse_alpha is the released code's 1/(2 abar_t)."
     )
-    inversion_steps: int = Field(20, ge=1, le=1000, description="Number N of DDIM inversion steps.")
+    inversion_steps: int = Field(
+        20, ge=1, le=1000, description="Number N of DDIM inversion steps.", json_schema_extra=role("cache_key")
+    )
     timesteps_per_step: int = Field(
         1, ge=0, description="K inverted points sampled per pair per step; 0 means all N (two-pass gradient)."
     )
     inversion_guidance: float = Field(
-        1.0, ge=0, description="Classifier-free guidance during inversion; 1.0 is plain conditional inversion."
+        1.0,
+        ge=0,
+        description="Classifier-free guidance during inversion; 1.0 is plain conditional inversion.",
+        json_schema_extra=role("cache_key"),
     )
     inversion_cache: Literal["memory", "disk", "none"] = Field(
-        "memory", description="Where the per-pair reference trajectory lives; none recomputes it every step."
+        "memory",
+        description="Where the per-pair reference trajectory lives; none recomputes it every step.",
+        json_schema_extra=role("resumable"),
     )
-    empty_prompt_share: float = Field(0.2, ge=0, le=1, description="Share of captions replaced by ''.")
+    empty_prompt_share: float = Field(
+        0.2, ge=0, le=1, description="Share of captions replaced by ''.", json_schema_extra=role("cache_key")
+    )
+    # InPO (method: inpo). Defaults: the released scripts (examples/sd15.sh, sdxl.sh and train.py of JaydenLyh/InPO).
+    # A step costs about N + 4 UNet forwards per pair plus 2 backwards (docs/method.md, 'InPO').
+    inpo_inversion_steps: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="InPO: steps N of the inverse DDIM grid; each image is inverted through the grid steps below "
+        "its pair's sampled timestep (N/2 of them on average).",
+    )
+    inpo_eta: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="InPO: random term added after each inversion step, in units of the DDIM step's standard "
+        "deviation; 0 makes the inversion deterministic.",
+    )
+    inpo_inverter: Literal["policy", "reference"] = Field(
+        "policy", description="InPO: which UNet inverts the images every step, the current policy or the reference."
+    )
     tie_policy: Literal["drop", "keep"] = Field("drop", description="Pick-a-Pic ties (label 0.5): drop or keep.")
 
     # --- optimisation ---
@@ -85,27 +157,59 @@ class TrainingConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="AdamW (SD1.5) or Adafactor (SDXL).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.", json_schema_extra=role("resumable"))
     batch_size: int = Field(1, ge=1, description="Preference pairs per process per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast precision.", json_schema_extra=role("cache_key")
+    )
     gradient_checkpointing: bool = Field(False, description="Trade UNet compute for activation memory.")
     adapter: AdapterConfig = Field(default_factory=lambda: AdapterConfig(), description="Full fine-tune or LoRA.")
-    resolution: int = Field(512, ge=8, le=4096, description="Training image side in pixels (multiple of 8).")
-    seed: int = Field(0, ge=0, description="Seed for data order, noise and initialisation.")
+    resolution: int = Field(
+        512,
+        ge=8,
+        le=4096,
+        description="Training image side in pixels (multiple of 8).",
+        json_schema_extra=role("cache_key"),
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed for data order, noise and initialisation.",
+        json_schema_extra=role("reserved", "cache_key", set_by="set it with the top-level `seed`"),
+    )
 
     # --- checkpoints, validation, output ---
-    checkpoint_interval: int = Field(500, ge=1, description="Save a resumable checkpoint every this many steps.")
-    checkpoints_to_keep: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
-    validation_prompts: list[str] = Field(default_factory=list, description="Prompts for sample grids.")
-    validation_interval: int = Field(0, ge=0, description="Sample grids every this many steps; 0 disables.")
-    validation_inference_steps: int = Field(25, ge=1, description="Denoising steps for the validation samples.")
-    output_dir: str = Field("runs/invdpo", min_length=1, description="Where checkpoints and the model go.")
+    checkpoint_interval: int = Field(
+        500,
+        ge=1,
+        description="Save a resumable checkpoint every this many steps.",
+        json_schema_extra=role("resumable"),
+    )
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="Keep only the newest this many checkpoints.", json_schema_extra=role("resumable")
+    )
+    validation_prompts: list[str] = Field(
+        default_factory=list, description="Prompts for sample grids.", json_schema_extra=role("resumable")
+    )
+    validation_interval: int = Field(
+        0, ge=0, description="Sample grids every this many steps; 0 disables.", json_schema_extra=role("resumable")
+    )
+    validation_inference_steps: int = Field(
+        25, ge=1, description="Denoising steps for the validation samples.", json_schema_extra=role("resumable")
+    )
+    output_dir: str = Field(
+        "runs/invdpo",
+        min_length=1,
+        description="Where checkpoints and the model go.",
+        json_schema_extra=role("reserved", "resumable", "local", set_by="chosen by the worker"),
+    )
     resume: bool = Field(
         True,
         description="Continue from the newest complete checkpoint in output_dir/checkpoints (false: start at step 0 "
         "and delete the checkpoints there).",
+        json_schema_extra=role("resumable", "local"),
     )
 
     @model_validator(mode="after")
@@ -118,6 +222,61 @@ class TrainingConfig(_Strict):
                 f"({self.inversion_steps})"
             )
         return self
+
+
+class EvalConfig(_Strict):
+    """The evaluation of a fine-tuned model against its base (invdpo_core/evaluate.py `evaluate`, whose keyword
+    arguments these fields are)."""
+
+    base: str = Field(..., min_length=1, description="The base pipeline the model is compared with.")
+    pairs: str | None = Field(None, description="Held-out preference pairs for the reward-free metrics; none: skip.")
+    prompts: list[str] = Field(..., min_length=1, description="Prompts both models draw images for.")
+    scorers: dict[str, str] = Field(default_factory=dict, description="Scorer name -> local directory of its model.")
+    seed: int = Field(0, ge=0, description="Seed of the drawn noise, the same for both models.")
+    beta: float = Field(5000.0, gt=0, description="DPO temperature of the implicit reward margin.")
+    inference_steps: int = Field(25, ge=1, description="Denoising steps of each image.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance of each image.")
+    resolution: int | None = Field(None, ge=8, description="Image side in pixels; none: the base UNet's own.")
+
+    @classmethod
+    def after_training(
+        cls, config: TrainingConfig, *, default_prompts: Sequence[str], scorers: dict[str, str], guidance_scale: float
+    ) -> EvalConfig:
+        """The evaluation of the model `config` trained: its base, validation set and prompts, seed, beta, steps
+        and resolution; `default_prompts` when it names none."""
+        return cls(
+            base=config.base_model,
+            pairs=config.validation_dataset,
+            prompts=list(config.validation_prompts or default_prompts),
+            scorers=scorers,
+            seed=config.seed,
+            beta=config.beta,
+            inference_steps=config.validation_inference_steps,
+            guidance_scale=guidance_scale,
+            resolution=config.resolution,
+        )
+
+
+def fields_with(name: Role) -> tuple[str, ...]:
+    """The TrainingConfig fields that play role `name`, in declaration order."""
+    return tuple(field for field, info in TrainingConfig.model_fields.items() if name in _roles(info))
+
+
+def _roles(info: FieldInfo) -> list[str]:
+    extra = info.json_schema_extra
+    return list(extra.get("roles", [])) if isinstance(extra, dict) else []  # type: ignore[arg-type]
+
+
+def set_by(field: str) -> str:
+    """Where a reserved field is set instead of a job's hyperparameters."""
+    extra = TrainingConfig.model_fields[field].json_schema_extra
+    return str(extra["set_by"]) if isinstance(extra, dict) and "set_by" in extra else "set by the service"
+
+
+RESERVED_FIELDS = fields_with("reserved")
+RESUMABLE_FIELDS = frozenset(fields_with("resumable"))
+CACHE_KEY_FIELDS = fields_with("cache_key")
+LOCAL_FIELDS = frozenset(fields_with("local"))
 
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from invdpo_core.data import iter_pairs, load_image
+from invdpo_core.data import iter_pairs
 from invdpo_core.inversion import encode_prompts
 from invdpo_core.losses import dpo_loss
 from invdpo_core.methods import diffusion_dpo_points, per_pair, policy_errors
+from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline
 from invdpo_core.toy import toy_image_reward
 
 # External scorers, each run only when given a local path. `toy` is built in and always runs.
@@ -254,30 +255,25 @@ class _Models:
             self.base.enable_lora()
 
 
-def _load_pipeline(uri: str, what: str, device: torch.device) -> Any:
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+def _load_pipeline(uri: str, what: str, device: torch.device, model_cache_dir: str | Path | None) -> Any:
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    from invdpo_core.storage import resolve_model
-
-    path = resolve_model(uri, os.environ.get("INVDPO_CACHE_DIR") or Path.home() / ".cache/invdpo")
     try:
-        pipe = DiffusionPipeline.from_pretrained(path)
-    except Exception as exc:  # diffusers raises OSError, ValueError, KeyError...: all mean "cannot load this"
-        raise EvaluationError(f"{what} {uri}: cannot load: {type(exc).__name__}: {exc}") from None
-    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
-        raise EvaluationError(f"{what} {uri}: {type(pipe).__name__} is not supported")
+        pipe = load_pipeline(uri, model_cache_dir=model_cache_dir, what=what)
+    except PipelineLoadError as exc:
+        raise EvaluationError(str(exc)) from None
     if isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is not None:
         # Blacked-out images would be scored as images; the checker's verdict is for an operator, not a metric.
         pipe = DiffusionPipeline.from_pipe(pipe, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval()
     return pipe.to(device)
 
 
-def load_models(model: str, base: str, device: torch.device) -> _Models:
+def load_models(model: str, base: str, device: torch.device, *, model_cache_dir: str | Path | None = None) -> _Models:
     """The base pipeline and the fine-tuned one: a pipeline (dir, hub id, s3://), or a local LoRA output of
-    train.py (the base with `load_lora_weights`)."""
-    base_pipe = _load_pipeline(base, "base", device)
+    train.py (the base with `load_lora_weights`). Models from s3:// are downloaded into model_cache_dir."""
+    base_pipe = _load_pipeline(base, "base", device, model_cache_dir)
     lora_dir = Path(model)
     if lora_dir.is_dir() and not (lora_dir / "model_index.json").is_file():
         if not (lora_dir / LORA_WEIGHTS).is_file():
@@ -289,7 +285,7 @@ def load_models(model: str, base: str, device: torch.device) -> _Models:
                 f"model {model}: cannot load the LoRA weights: {type(exc).__name__}: {exc}"
             ) from None
         return _Models(base_pipe, base_pipe, "lora")
-    return _Models(base_pipe, _load_pipeline(model, "model", device), "full")
+    return _Models(base_pipe, _load_pipeline(model, "model", device, model_cache_dir), "full")
 
 
 # --- 1. reward-free metrics on held-out pairs ---------------------------------------------------------------------
@@ -319,11 +315,9 @@ def pair_metrics(
     margin: list[float] = []
 
     def run(batch: list) -> None:
-        images = [load_image(im, resolution, source=p.source) for p in batch for im in (p.chosen, p.rejected)]
-        pixels = torch.stack(images).to(device, dtype=vae.dtype)  # (2B, 3, R, R): chosen, rejected, ...
-        z = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor  # the posterior mean, as train
+        z_w, z_l = encode_latents(vae, batch, resolution, device)  # (B, C, h, w) each, as in training
         # (B*D, C, h, w): each pair repeated `draws` times in place, pair-major.
-        z_w, z_l = z[0::2].repeat_interleave(draws, dim=0), z[1::2].repeat_interleave(draws, dim=0)
+        z_w, z_l = z_w.repeat_interleave(draws, dim=0), z_l.repeat_interleave(draws, dim=0)
         with models.as_base() as base_pipe:
             cond = encode_prompts(base_pipe, [p.prompt for p in batch], device=device, resolution=resolution)
             points = diffusion_dpo_points(base_pipe.unet, scheduler, z_w, z_l, cond.repeat(draws), generator=generator)
@@ -435,12 +429,13 @@ def evaluate(
     batch_size: int = 4,
     grid_columns: int = 8,
     confidence: float = 0.95,
+    model_cache_dir: str | Path | None = None,
 ) -> Evaluation:
     """Evaluate `model` (a pipeline or a LoRA output of train.py) against `base`; see the module docstring.
 
     pairs: held-out preference pairs (None: no reward-free metrics). scorers: name -> local directory, for any of
     SCORERS (toy is always run). resolution: default the base UNet's native size. Writes OUT_DIR/grid.png and
-    OUT_DIR/evaluation.json.
+    OUT_DIR/evaluation.json. model_cache_dir: where models from s3:// are downloaded (default ~/.cache/invdpo).
     """
     scorers = dict(scorers or {})
     check_scorers(scorers)  # before any model loads: a typo should cost nothing
@@ -448,7 +443,7 @@ def evaluate(
     if not prompts:
         raise EvaluationError("no prompts")
     device = torch.device(device)
-    models = load_models(model, base, device)
+    models = load_models(model, base, device, model_cache_dir=model_cache_dir)
     with models.as_base() as pipe:
         res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if res % 8:

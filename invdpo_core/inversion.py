@@ -116,6 +116,9 @@ def ddim_invert(
     guidance: float = 1.0,
     uncond: Conditioning | None = None,
     with_point_eps: bool = True,
+    stop_before: torch.Tensor | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Trajectory:
     """Invert clean latents (B, C, h, w) to noise in `num_steps` DDIM steps with the frozen `unet`.
 
@@ -123,32 +126,67 @@ def ddim_invert(
     which is what reconstructs best; the released code uses 2 with an all-zero unconditional embedding.
     with_point_eps: also evaluate the reference at every inverted point (x_k, t_k), N more UNet calls, which
     the loss needs for the reference errors.
+    stop_before: (B,) timesteps, InPO's partial inversion: row b takes only the steps whose label t_k is below
+    stop_before[b], then stays where it is. The loop ends when no row takes a step, so `latents` has one entry per
+    step taken (its last entry is every row's end point) and `query_eps` is 0 where a row took no step.
+    eta: InPO's stochastic inversion: after each step add eta * sigma_k * N(0, I) drawn from `generator`, with
+    sigma_k the DDIM standard deviation (arXiv 2010.02502 eq. 16 at eta 1) of the denoising transition from
+    t_k + step_ratio down to t_k, the transition InPO's released code takes (clamped at the last training timestep,
+    where that code would index past the schedule).
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1.0 needs an unconditional embedding (uncond)")
+    if stop_before is not None and with_point_eps:
+        raise ValueError("with_point_eps needs every row on the whole schedule (stop_before=None)")
+    if eta > 0 and generator is None:
+        raise ValueError("eta > 0 needs a generator")
     inv = inverse_scheduler(scheduler_config, num_steps)
     alphas = inv.alphas_cumprod.to(latents.device)
+    last_t = inv.config.num_train_timesteps - 1
     step_ratio = inv.config.num_train_timesteps // num_steps
     x = latents
-    xs, query_eps = [x], []
+    xs, query_eps, taken = [x], [], []
     for t in inv.timesteps.tolist():
-        t_tensor = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        # Rows that take this step: all, or (InPO) those whose stop lies above t. None means all, without indexing.
+        rows = None if stop_before is None else (stop_before > t).nonzero().squeeze(1)
+        if rows is not None and rows.numel() == 0:
+            break
+        x_in = x if rows is None else x[rows]
+        t_tensor = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
         # 1. Query the model at the previous latent with the next timestep label.
-        eps = _guided_eps(unet, x, t_tensor, cond, uncond, guidance)
+        eps = _guided_eps(
+            unet, x_in, t_tensor, cond if rows is None else cond.index(rows),
+            uncond if rows is None or uncond is None else uncond.index(rows), guidance,
+        )  # fmt: skip
         # 2. Noise levels: abar at the level x sits at (t - step_ratio, or the initial alpha below 0) and at t.
-        t_prev = min(t - step_ratio, inv.config.num_train_timesteps - 1)
+        t_prev = min(t - step_ratio, last_t)
         abar_prev = alphas[t_prev] if t_prev >= 0 else inv.initial_alpha_cumprod.to(x.device)
         abar_t = alphas[t]
         # 3. Predicted clean latent, DDIM eq. 12 of arXiv 2010.02502: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar).
-        x0_pred = (x - (1 - abar_prev) ** 0.5 * eps) / abar_prev**0.5
+        x0_pred = (x_in - (1 - abar_prev) ** 0.5 * eps) / abar_prev**0.5
         # 4. Re-noise to level t with the same eps: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
-        x = abar_t**0.5 * x0_pred + (1 - abar_t) ** 0.5 * eps
+        x_next = abar_t**0.5 * x0_pred + (1 - abar_t) ** 0.5 * eps
+        if eta > 0:
+            # 5. InPO's random term: sigma^2 = (1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t), DDIM eq. 16
+            #    for the transition from t_up = t + step_ratio to t.
+            assert generator is not None
+            abar_up = alphas[min(t + step_ratio, last_t)]
+            sigma = ((1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t)) ** 0.5
+            draw = torch.randn(x_next.shape, generator=generator, device=generator.device, dtype=x_next.dtype)
+            x_next = x_next + eta * sigma * draw.to(x.device)
+        if rows is None:
+            x = x_next
+        else:
+            x = x.index_copy(0, rows, x_next.to(x.dtype))
+            eps = torch.zeros_like(x).index_copy(0, rows, eps.to(x.dtype))
         xs.append(x)
         query_eps.append(eps)
-    timesteps = inv.timesteps.to(latents.device)
+        taken.append(t)
+    timesteps = torch.tensor(taken, dtype=torch.long, device=latents.device)
     trajectory = torch.stack(xs)
     point_eps = eps_at_points(unet, trajectory[1:], timesteps, cond) if with_point_eps else None
-    return Trajectory(timesteps, trajectory, torch.stack(query_eps), point_eps)
+    eps_stack = torch.stack(query_eps) if query_eps else latents.new_zeros((0, *latents.shape))
+    return Trajectory(timesteps, trajectory, eps_stack, point_eps)
 
 
 def eps_at_points(

@@ -11,10 +11,14 @@ ln 2 = 0.693: that is the starting point, not a bug.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+from invdpo_core.config import LossType
+
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def dpo_loss(

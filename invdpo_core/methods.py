@@ -5,17 +5,20 @@
 - inversion_dpo: points, targets and reference errors from the cached DDIM inversion (inversion.py), so the step
   runs no reference UNet. K points per pair are sampled, or all N with a two-pass gradient whose memory does not
   grow with N.
+- inpo: InPO (Lu et al., arXiv 2503.18454): one timestep shared by winner and loser, each image inverted by the
+  CURRENT policy (no grad) through a short stochastic inverse DDIM schedule up to it, each image's own
+  inversion-implied noise as its target; the reference evaluated every step at the same points. Nothing cached.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from invdpo_core.inversion import Conditioning, InvertedPairs
+from invdpo_core.inversion import Conditioning, InvertedPairs, ddim_invert, implied_noise
 from invdpo_core.losses import dpo_loss
 
 EpsModel = Callable[..., Any]  # a UNet (or wrapper) returning an object with `.sample`
@@ -90,9 +93,63 @@ def diffusion_dpo_points(
         cond=cond,
         k=1,
     )
+    return with_reference_errors(ref_unet, points)
+
+
+def with_reference_errors(ref_unet: EpsModel, points: TrainPoints) -> TrainPoints:
+    """The points with the frozen reference's errors at their own (x_t, t) and targets, under no_grad."""
     with torch.no_grad():
-        points.ref_err_w, points.ref_err_l = policy_errors(ref_unet, points)
-    return points
+        ref_err_w, ref_err_l = policy_errors(ref_unet, points)
+    return replace(points, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
+
+
+def inpo_points(
+    inverter: Any,  # a UNet2DConditionModel: the current policy (InPO), or the frozen reference
+    scheduler,  # type: ignore[no-untyped-def]
+    z_w: torch.Tensor,
+    z_l: torch.Tensor,
+    cond: Conditioning,
+    *,
+    inversion_steps: int,
+    eta: float,
+    generator: torch.Generator,
+) -> TrainPoints:
+    """InPO's points, WITHOUT the reference errors (fill them with `with_reference_errors`).
+
+    1. One timestep t ~ U{0..T-1} per pair, shared by winner and loser.
+    2. Each image is inverted by `inverter` under no_grad through the steps of the `inversion_steps`-step inverse
+       DDIM grid whose label is below t, with eta-scaled noise after each step (inversion.ddim_invert); it ends at
+       x, the last grid level below t.
+    3. Its target is its own inversion-implied noise n = (x - sqrt(abar_t) z0) / sqrt(1 - abar_t), so that
+       x = sqrt(abar_t) z0 + sqrt(1 - abar_t) n exactly, and the policy is asked for n at (x, t).
+    The reference errors are a separate call because with LoRA the reference is the policy with its adapters off,
+    which cannot run while the policy inverts. UNet calls per pair: 2m no-grad inversion forwards (m grid steps
+    below t, about N/2 on average) here, then 2 reference forwards and 2 policy forwards with backward.
+    """
+    b = z_w.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
+    t = t.to(z_w.device)
+    z0 = torch.cat([z_w, z_l])  # (2B, C, h, w): winners then losers
+    traj = ddim_invert(
+        inverter, scheduler.config, z0, Conditioning.cat([cond, cond]), num_steps=inversion_steps,
+        with_point_eps=False, stop_before=torch.cat([t, t]), eta=eta, generator=generator,
+    )  # fmt: skip
+    # A copy made outside inference mode: the policy's forward with grad cannot save inference tensors.
+    x = traj.latents[-1].clone()  # (2B, C, h, w): where each image's inversion ended
+    abar = scheduler.alphas_cumprod.to(x.device)[torch.cat([t, t])].view(-1, 1, 1, 1)
+    target = implied_noise(x, z0, abar)
+    return TrainPoints(
+        xt_w=x[:b],
+        xt_l=x[b:],
+        timesteps=t,
+        target_w=target[:b],
+        target_l=target[b:],
+        ref_err_w=torch.empty(0),
+        ref_err_l=torch.empty(0),
+        weights=torch.ones(b, device=z_w.device),
+        cond=cond,
+        k=1,
+    )
 
 
 def inversion_dpo_points(
@@ -131,7 +188,7 @@ def inversion_dpo_points(
 def points_loss(
     unet: EpsModel, points: TrainPoints, *, beta: float, loss_type: str
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DPO loss of a batch of points (diffusion_dpo, or inversion_dpo with K sampled points)."""
+    """The DPO loss of a batch of points (diffusion_dpo, inpo, or inversion_dpo with K sampled points)."""
     err_w, err_l = policy_errors(unet, points)
     return dpo_loss(
         per_pair(err_w, points.weights, points.k),

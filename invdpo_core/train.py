@@ -1,12 +1,13 @@
-"""The training loop: Diffusion-DPO and Inversion-DPO fine-tuning of a Stable Diffusion 1.x/2.x or XL pipeline.
+"""The training loop: Diffusion-DPO, Inversion-DPO and InPO fine-tuning of a Stable Diffusion 1.x/2.x or XL pipeline.
 
 `train(config, callbacks)` is what the CLI and the worker call. One run:
-1. load the base pipeline (local dir, hub id or s3:// prefix, see storage.resolve_model); VAE and text encoders
+1. load the base pipeline (pipeline.load_pipeline: local dir, hub id or s3:// prefix); VAE and text encoders
    frozen; the policy UNet trained in full or through a LoRA adapter; the reference is a frozen copy (full) or the
    same UNet with its adapters disabled (LoRA);
 2. resume from the newest complete checkpoint in output_dir/checkpoints (config.resume);
-3. inversion_dpo with a memory or disk cache: invert the pairs the run will read, in training order, once, and
-   release the reference as soon as the cache covers the whole dataset (the step then needs no reference);
+3. inversion_dpo with a memory or disk cache (inversion_cache.py): invert the pairs the run will read, in training
+   order, once, and release the reference as soon as the cache covers the whole dataset (the step then needs no
+   reference);
 4. optimise through accelerate: micro-batches of pairs, gradient accumulation, clipping, LR schedule, mixed
    precision. The forward goes through the prepared (DDP-wrapped) model, so gradients are synchronised;
 5. write the model (a diffusers pipeline dir, or LoRA weights + base_model.json) and summary.json.
@@ -18,7 +19,7 @@ a memory cache and batch_size > 1 across an epoch boundary the rebuilt cache may
 can change results at float rounding level.
 
 Ties kept by tie_policy=keep train as ordinary pairs (jpg_0 as the chosen image). Models downloaded from s3:// are
-cached under $INVDPO_CACHE_DIR (default ~/.cache/invdpo).
+cached under `model_cache_dir` (default ~/.cache/invdpo).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import gc
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import gather_object, set_seed
-from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -53,44 +60,20 @@ from PIL import Image
 from transformers.optimization import Adafactor
 
 from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from invdpo_core.config import TrainingConfig
-from invdpo_core.data import DatasetError, PreferencePair, iter_pairs, load_image
+from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, TrainingConfig
+from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
+from invdpo_core.inversion_cache import InversionCache, entry_bytes
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
+    inpo_points,
     inversion_dpo_points,
     points_loss,
     timestep_weights,
+    with_reference_errors,
 )
-from invdpo_core.storage import resolve_model
-
-# Settings a resumed run may change: how long, how often, where. Any other difference from the checkpoint's config
-# is an error, or the resumed run would not continue the run that wrote it.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "max_steps",
-        "checkpoint_interval",
-        "checkpoints_to_keep",
-        "validation_prompts",
-        "validation_interval",
-        "validation_inference_steps",
-        "output_dir",
-        "resume",
-        "inversion_cache",
-    }
-)
-# Settings an inversion cache entry depends on; the disk cache directory is named by their hash.
-CACHE_KEYS = (
-    "base_model",
-    "resolution",
-    "inversion_target",
-    "inversion_steps",
-    "inversion_guidance",
-    "empty_prompt_share",
-    "seed",
-    "mixed_precision",
-)
+from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, one_line
 
 
 class TrainError(RuntimeError):
@@ -121,13 +104,23 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint written by this call
 
 
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, the next pair to read (epoch, index), pairs optimised so far."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    pairs_seen: int = 0
+
+
 def _hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
+def _fixed_settings(config: TrainingConfig) -> dict[str, Any]:
+    """The settings a checkpoint is bound to: all but the resumable ones (config.py's field roles)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
 
 
 def _pair_uniform(seed: int, key: str) -> float:
@@ -149,10 +142,115 @@ def _pairs_from(config: TrainingConfig, epoch: int, index: int) -> Generator[tup
         epoch, index = epoch + 1, 0
 
 
-def _map_pairs(pairs: InvertedPairs, fn: Callable[[torch.Tensor], torch.Tensor]) -> InvertedPairs:
-    return InvertedPairs(*(fn(getattr(pairs, f.name)) for f in fields(pairs)))
+def captions(batch: list[PreferencePair], config: TrainingConfig, generator: torch.Generator) -> list[str]:
+    """The batch's prompts, some replaced by '' (config.empty_prompt_share)."""
+    if config.method == "inversion_dpo":
+        empty = [_pair_uniform(config.seed, p.key) < config.empty_prompt_share for p in batch]
+    else:  # drawn afresh every step, as in Diffusion-DPO's training script
+        empty = (torch.rand(len(batch), generator=generator) < config.empty_prompt_share).tolist()
+    return ["" if e else p.prompt for p, e in zip(batch, empty, strict=True)]
 
 
+# --- models ------------------------------------------------------------------------------------------------------
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    if not PartialState().use_distributed:
+        # accelerate keeps its precision in a process-wide singleton that refuses a second value, and a worker
+        # process runs jobs of different precisions one after another. (A distributed launch runs one job.)
+        AcceleratorState._reset_state()
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
+    )
+
+
+class Reference:
+    """The frozen reference: a frozen copy of the UNet (full fine-tune), or the policy with its adapters switched off
+    (LoRA). Released once the inversion cache holds every pair."""
+
+    def __init__(self, policy: UNet2DConditionModel, frozen_copy: UNet2DConditionModel | None):
+        self.policy, self.frozen_copy, self.released = policy, frozen_copy, False
+
+    @contextmanager
+    def use(self) -> Iterator[UNet2DConditionModel]:
+        assert not self.released, "the reference was released; every pair should be in the inversion cache"
+        if self.frozen_copy is not None:
+            yield self.frozen_copy
+            return
+        self.policy.disable_adapters()
+        try:
+            yield self.policy
+        finally:
+            self.policy.enable_adapters()
+
+    def release(self) -> None:
+        self.released, self.frozen_copy = True, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def prepare_models(
+    pipe: Any, config: TrainingConfig, device: torch.device, weight_dtype: torch.dtype
+) -> tuple[UNet2DConditionModel, Reference]:
+    """Frozen VAE and text encoders on the device; the policy (pipe.unet) trainable in full or through a new LoRA
+    adapter, in training mode; and its reference."""
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if isinstance(pipe, StableDiffusionXLPipeline) else [])
+    for encoder in encoders:
+        encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    pipe.vae.requires_grad_(False).eval().to(device)
+    policy = pipe.unet
+    policy.to(device)
+    # Frozen weights in the training precision. (Cast only when it changes something: diffusers warns on any cast.)
+    if weight_dtype != torch.float32 and not pipe.vae.config.force_upcast:  # SD VAEs overflow in fp16: they say so
+        pipe.vae.to(dtype=weight_dtype)
+    frozen_copy = None
+    if config.adapter.type == "full":
+        frozen_copy = copy.deepcopy(policy).requires_grad_(False).eval()
+        if weight_dtype != torch.float32:
+            frozen_copy.to(dtype=weight_dtype)
+        policy.requires_grad_(True)
+    else:
+        policy.requires_grad_(False)
+        if weight_dtype != torch.float32:
+            policy.to(dtype=weight_dtype)
+        lora = LoraConfig(
+            r=config.adapter.rank, lora_alpha=config.adapter.alpha, target_modules=list(config.adapter.target_modules)
+        )
+        try:
+            policy.add_adapter(lora)
+        except ValueError as exc:  # no layer matches target_modules
+            raise TrainError(f"adapter.target_modules: {one_line(exc)}") from None
+        cast_training_params(policy, torch.float32)  # the adapter trains in fp32 whatever the base's dtype
+    if config.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    policy.train()
+    return policy, Reference(policy, frozen_copy)
+
+
+def make_optimizer(policy: UNet2DConditionModel, config: TrainingConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer over the trainable parameters, and its LR scheduler."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    else:  # the Diffusion-DPO SDXL recipe: a fixed learning rate, no parameter-scale adaptation
+        optimizer = Adafactor(
+            params,
+            lr=config.learning_rate,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=config.weight_decay,
+        )
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.max_steps,
+    )
+    return optimizer, lr_scheduler
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple)
@@ -178,19 +276,230 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
 
 
-def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Fine-tune `config.base_model` on `config.dataset` with `config.method`; see the module docstring."""
+def resume(
+    checkpoints: Path,
+    config: TrainingConfig,
+    policy: UNet2DConditionModel,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+) -> Position:
+    """Load the newest complete checkpoint into the policy, optimizer, LR scheduler and RNGs, and return where it
+    stopped; Position() when there is none. A checkpoint written with other fixed settings is a TrainError."""
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        return Position()
+    objects, manifest = load_checkpoint(latest)
+    fixed = _fixed_settings(config)
+    if manifest["config_hash"] != _hash(fixed):
+        old = manifest["meta"].get("config", {})
+        changed = sorted(k for k in fixed if old.get(k) != fixed[k])
+        raise TrainError(
+            f"{latest}: written with different settings ({', '.join(changed) or 'unknown'}); use the same "
+            "config, another output_dir, or resume: false"
+        )
+    if config.adapter.type == "full":
+        policy.load_state_dict(objects["model"])
+    else:
+        set_peft_model_state_dict(policy, objects["model"])
+    optimizer.load_state_dict(objects["optimizer"])
+    lr_scheduler.load_state_dict(objects["lr_scheduler"])
+    if len(objects["rng"]) == accelerator.num_processes:  # another process count cannot continue the same stream
+        _set_rng_state(objects["rng"][accelerator.process_index], generator)
+    return Position(**objects["trainer"])
+
+
+def save(
+    checkpoints: Path,
+    position: Position,
+    config: TrainingConfig,
+    policy: UNet2DConditionModel,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+    on_checkpoint: Callable[[Path, int], None] | None,
+) -> Path | None:
+    """Write a checkpoint of the run at `position` (main process); returns its directory there, None elsewhere."""
+    rng = gather_object([_rng_state(generator)])  # every process's, in rank order
+    path = None
+    if accelerator.is_main_process:
+        model = policy.state_dict() if config.adapter.type == "full" else get_peft_model_state_dict(policy)
+        objects = {
+            "model": model,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "rng": rng,
+            "trainer": asdict(position),
+        }
+        path = save_checkpoint(
+            checkpoints, position.step, objects, config_hash=_hash(_fixed_settings(config)),
+            meta={"config": config.model_dump(mode="json")}, keep=config.checkpoints_to_keep,
+        )  # fmt: skip
+        if on_checkpoint:
+            on_checkpoint(path, position.step)
+    accelerator.wait_for_everyone()
+    return path
+
+
+# --- the inversion cache -----------------------------------------------------------------------------------------
+def invert_pairs(
+    pipe: Any,
+    reference: Reference,
+    config: TrainingConfig,
+    accelerator: Accelerator,
+    batch: list[PreferencePair],
+    caps: list[str],
+) -> InvertedPairs:
+    """DDIM-invert the pairs with the reference under the given captions: (B, N, ...) on the device."""
+    device = accelerator.device
+    z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
+    cond = encode_prompts(pipe, caps, device=device, resolution=config.resolution)
+    uncond = None
+    if config.inversion_guidance != 1.0:
+        uncond = encode_prompts(pipe, [""] * len(batch), device=device, resolution=config.resolution)
+    with reference.use() as ref, accelerator.autocast():
+        return build_inverted_pairs(
+            ref, pipe.scheduler.config, z_w, z_l, cond,
+            target=config.inversion_target, num_steps=config.inversion_steps,
+            guidance=config.inversion_guidance, uncond=uncond,
+            use_winner_noise=pair_coin(config.seed, [p.key for p in batch]),
+        )  # fmt: skip
+
+
+def fill_inversion_cache(
+    cache: InversionCache,
+    config: TrainingConfig,
+    position: Position,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+    on_progress: Callable[[int, int], None] | None,
+) -> bool:
+    """Walk the pairs this run will read, in its micro-batches, and invert those not cached yet. Stop after the
+    run's pairs or one full pass over the data, whichever comes first; True after a full pass."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
+    planned, walked, covers, held = (config.max_steps - position.step) * pairs_per_step, 0, False, 0
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    walk = _pairs_from(config, position.epoch, position.index)
+    while walked < planned and not covers:
+        group: list[PreferencePair] = []  # one micro-batch of every process
+        for e, _i, pair in walk:
+            # A full pass: a whole epoch walked. Resumed mid-epoch (index > 0), the next epoch's first `index`
+            # pairs are other pairs (each epoch has its own order), so only the end of the next epoch is one.
+            if e > position.epoch + 1 or (e == position.epoch + 1 and position.index == 0):
+                covers = True
+                break
+            group.append(pair)
+            if len(group) == config.batch_size * world:
+                break
+        mine = group[rank * config.batch_size : (rank + 1) * config.batch_size]
+        todo = [p for p in mine if p.key not in cache]
+        if todo:
+            held += sum(entry_bytes(entry) for entry in cache.invert(todo, captions(todo, config, generator)))
+        walked += len(group)
+        if config.inversion_cache == "memory" and held > budget:
+            raise TrainError(
+                f"inversion_cache: memory: the cache passed {held / 2**30:.1f} GiB (half the RAM) after {walked} "
+                "pairs; use inversion_cache: disk or none"
+            )
+        if on_progress:
+            on_progress(walked, walked if covers else planned)
+    walk.close()
+    accelerator.wait_for_everyone()
+    return covers
+
+
+# --- validation and output ---------------------------------------------------------------------------------------
+def validation_images(sampler: Any, config: TrainingConfig, accelerator: Accelerator) -> list[Image.Image]:
+    """One image per validation prompt, prompt i from seed + i, with the policy in eval mode meanwhile."""
+    sampler.unet.eval()
+    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(len(config.validation_prompts))]
+    with torch.no_grad(), accelerator.autocast():
+        images = sampler(
+            list(config.validation_prompts),
+            generator=generators,
+            num_inference_steps=config.validation_inference_steps,
+            height=config.resolution,
+            width=config.resolution,
+        ).images
+    sampler.unet.train()
+    return images
+
+
+def save_model(pipe: Any, config: TrainingConfig, out: Path, weight_dtype: torch.dtype) -> Path:
+    """Write out/model: a diffusers pipeline (full) or LoRA weights + base_model.json, renamed into place."""
+    policy, model_out, tmp = pipe.unet, out / "model", out / ".model-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if config.adapter.type == "lora":
+        lora_weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy))
+        type(pipe).save_lora_weights(
+            tmp, unet_lora_layers=lora_weights, unet_lora_adapter_metadata=policy.peft_config["default"].to_dict()
+        )
+        (tmp / "base_model.json").write_text(
+            json.dumps({"base_model": config.base_model, "adapter": config.adapter.model_dump()}, indent=2)
+        )
+    elif weight_dtype == torch.float32:
+        pipe.save_pretrained(tmp)  # pipe.unet is the trained policy
+    else:  # the frozen parts were cast down for training: save them as loaded
+        DiffusionPipeline.from_pretrained(pipe.name_or_path, unet=policy).save_pretrained(tmp)
+    shutil.rmtree(model_out, ignore_errors=True)
+    tmp.rename(model_out)
+    return model_out
+
+
+def step_metrics(
+    micro: list[dict[str, torch.Tensor]], accelerator: Accelerator, *, lr: float, grad_norm: Any
+) -> dict[str, float]:
+    """One optimizer step's metrics: each micro-batch's averaged, then averaged over the processes."""
+    names = list(micro[0])
+    values = torch.stack([torch.stack([m[n].float() for n in names]) for m in micro]).mean(0).to(accelerator.device)
+    values = accelerator.reduce(values, "mean") if accelerator.num_processes > 1 else values
+    metrics = {n: v.item() for n, v in zip(names, values, strict=True)}
+    metrics["lr"] = lr
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def write_summary(
+    result: TrainResult, config: TrainingConfig, position: Position, *, train_s: float, cache_build_s: float
+) -> None:
+    """output_dir/summary.json: what ran, for how long, and the last metrics (written atomically)."""
+    summary = {
+        "method": config.method,
+        "inversion_target": config.inversion_target if config.method == "inversion_dpo" else None,
+        "adapter": config.adapter.type,
+        "steps": result.steps,
+        "max_steps": config.max_steps,
+        "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from,
+        "metrics": result.metrics,
+        "wall_time_s": round(result.wall_time_s, 3),
+        "train_time_s": round(train_s, 3),
+        "cache_build_s": round(cache_build_s, 3),
+        "pairs_per_s": round(result.pairs_per_s, 3),
+        "pairs_seen": position.pairs_seen,
+        "model_path": str(result.model_path) if result.model_path else None,
+    }
+    out = result.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json.part").write_text(json.dumps(summary, indent=2))
+    os.replace(out / "summary.json.part", out / "summary.json")
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+def train(
+    config: TrainingConfig, callbacks: TrainCallbacks | None = None, *, model_cache_dir: str | Path | None = None
+) -> TrainResult:
+    """Fine-tune `config.base_model` on `config.dataset` with `config.method`; see the module docstring.
+    model_cache_dir: where base models from s3:// are downloaded (default ~/.cache/invdpo)."""
     cb = callbacks or TrainCallbacks()
     started = time.perf_counter()
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
-    if not PartialState().use_distributed:
-        # accelerate keeps its precision in a process-wide singleton that refuses a second value, and a worker
-        # process runs jobs of different precisions one after another. (A distributed launch runs one job.)
-        AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
-    )
+    accelerator = make_accelerator(config)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     set_seed(config.seed)  # python, numpy, torch: the LoRA initialisation draws from them
@@ -200,306 +509,56 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
     pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
 
     # --- 1. Models: frozen VAE and text encoders, the policy UNet, the reference ---------------------------------
-    model_path = resolve_model(config.base_model, os.environ.get("INVDPO_CACHE_DIR") or Path.home() / ".cache/invdpo")
     try:
-        pipe = DiffusionPipeline.from_pretrained(model_path)
-    except Exception as exc:  # diffusers raises OSError, ValueError, KeyError...: all mean "cannot load this"
-        raise TrainError(
-            f"base model {config.base_model}: cannot load: {type(exc).__name__}: {_one_line(exc)}"
-        ) from None
-    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
-        raise TrainError(
-            f"base model {config.base_model}: {type(pipe).__name__} is not supported "
-            "(StableDiffusionPipeline or StableDiffusionXLPipeline)"
-        )
-    pipe.set_progress_bar_config(disable=True)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if isinstance(pipe, StableDiffusionXLPipeline) else [])
-    for encoder in encoders:
-        encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    pipe.vae.requires_grad_(False).eval().to(device)
-    base = pipe.unet  # the policy; `unet` below is its accelerate-prepared (possibly DDP-wrapped) form
-    base.to(device)
-    # Frozen weights in the training precision. (Cast only when it changes something: diffusers warns on any cast.)
-    if weight_dtype != torch.float32 and not pipe.vae.config.force_upcast:  # SD VAEs overflow in fp16: they say so
-        pipe.vae.to(dtype=weight_dtype)
-    ref_unet = None
-    if config.adapter.type == "full":
-        ref_unet = copy.deepcopy(base).requires_grad_(False).eval()
-        if weight_dtype != torch.float32:
-            ref_unet.to(dtype=weight_dtype)
-        base.requires_grad_(True)
-    else:
-        base.requires_grad_(False)
-        if weight_dtype != torch.float32:
-            base.to(dtype=weight_dtype)
-        lora = LoraConfig(
-            r=config.adapter.rank, lora_alpha=config.adapter.alpha, target_modules=list(config.adapter.target_modules)
-        )
-        try:
-            base.add_adapter(lora)
-        except ValueError as exc:  # no layer matches target_modules
-            raise TrainError(f"adapter.target_modules: {_one_line(exc)}") from None
-        cast_training_params(base, torch.float32)  # the adapter trains in fp32 whatever the base's dtype
-    if config.gradient_checkpointing:
-        base.enable_gradient_checkpointing()
-    base.train()
-    reference_released = False
-
-    @contextmanager
-    def reference() -> Iterator[Any]:
-        """The frozen reference: the copy (full), or the policy with its adapters switched off (LoRA)."""
-        assert not reference_released, "the reference was released; every pair should be in the inversion cache"
-        if ref_unet is not None:
-            yield ref_unet
-            return
-        base.disable_adapters()
-        try:
-            yield base
-        finally:
-            base.enable_adapters()
-
-    params = [p for p in base.parameters() if p.requires_grad]
-    if config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    else:  # the Diffusion-DPO SDXL recipe: a fixed learning rate, no parameter-scale adaptation
-        optimizer = Adafactor(
-            params,
-            lr=config.learning_rate,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-            weight_decay=config.weight_decay,
-        )
-    lr_scheduler = get_scheduler(
-        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.warmup_steps,
-        num_training_steps=config.max_steps,
-    )
+        pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir)
+    except PipelineLoadError as exc:
+        raise TrainError(str(exc)) from None
+    policy, reference = prepare_models(pipe, config, device, weight_dtype)
+    optimizer, lr_scheduler = make_optimizer(policy, config)
     # The scheduler is stepped here once per optimizer step, so it is not handed to accelerate (which would step
-    # it once per process).
-    unet, optimizer = accelerator.prepare(base, optimizer)
+    # it once per process). `unet` is the policy as prepared (possibly DDP-wrapped): the forward goes through it.
+    unet, optimizer = accelerator.prepare(policy, optimizer)
 
-    # --- 2. Resume ---------------------------------------------------------------------------------------------
-    config_json = config.model_dump(mode="json")
-    fixed = {k: v for k, v in config_json.items() if k not in RESUMABLE_CHANGES}
-    config_hash = _hash(fixed)
-    step = epoch = index = pairs_seen = 0
-    latest = latest_checkpoint(checkpoints) if config.resume else None
-    if not config.resume and main and checkpoints.exists():
-        shutil.rmtree(checkpoints)  # documented: resume=false starts over
-    if latest is not None:
-        objects, manifest = load_checkpoint(latest)
-        if manifest["config_hash"] != config_hash:
-            old = manifest["meta"].get("config", {})
-            changed = sorted(k for k in fixed if old.get(k) != fixed[k])
-            raise TrainError(
-                f"{latest}: written with different settings ({', '.join(changed) or 'unknown'}); use the same "
-                "config, another output_dir, or resume: false"
-            )
-        if config.adapter.type == "full":
-            base.load_state_dict(objects["model"])
-        else:
-            set_peft_model_state_dict(base, objects["model"])
-        optimizer.load_state_dict(objects["optimizer"])
-        lr_scheduler.load_state_dict(objects["lr_scheduler"])
-        if len(objects["rng"]) == world:  # a different process count cannot continue the same random stream
-            _set_rng_state(objects["rng"][rank], generator)
-        trainer = objects["trainer"]
-        step, epoch, index, pairs_seen = trainer["step"], trainer["epoch"], trainer["index"], trainer["pairs_seen"]
-        del objects
-    resumed_from = step
+    # --- 2. Resume -----------------------------------------------------------------------------------------------
+    if config.resume:
+        position = resume(checkpoints, config, policy, optimizer, lr_scheduler, generator, accelerator)
+    else:
+        position = Position()
+        if main and checkpoints.exists():
+            shutil.rmtree(checkpoints)  # documented: resume=false starts over
+    resumed_from = position.step
 
-    # --- 3. Data to tensors, and the inversion cache -------------------------------------------------------------
+    # --- 3. The inversion cache ----------------------------------------------------------------------------------
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     inv_timesteps = inverse_scheduler(pipe.scheduler.config, config.inversion_steps).timesteps
     point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)  # (N,)
 
-    def latents(batch: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [load_image(im, config.resolution, source=p.source) for p in batch for im in (p.chosen, p.rejected)]
-        pixels = torch.stack(images).to(device, dtype=pipe.vae.dtype)  # (2B, 3, R, R): chosen, rejected, ...
-        with torch.no_grad():
-            # The posterior mean, not a sample: deterministic, so a cached inversion stays valid.
-            z = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
-        return z[0::2], z[1::2]  # (B, 4, h, w) winners, losers
-
-    def captions(batch: list[PreferencePair]) -> list[str]:
-        if config.method == "inversion_dpo":
-            empty = [_pair_uniform(config.seed, p.key) < config.empty_prompt_share for p in batch]
-        else:  # drawn afresh every step, as in Diffusion-DPO's training script
-            empty = (torch.rand(len(batch), generator=generator) < config.empty_prompt_share).tolist()
-        return ["" if e else p.prompt for p, e in zip(batch, empty, strict=True)]
-
-    cache: dict[str, InvertedPairs] = {}  # inversion_cache == "memory": pair key -> entry (1, N, ...) on the CPU
-    cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEYS})
-
-    def cache_file(key: str) -> Path:
-        return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-
-    def has(key: str) -> bool:
-        return key in cache if config.inversion_cache == "memory" else cache_file(key).is_file()
-
-    def cached(key: str) -> InvertedPairs | None:
-        if config.inversion_cache == "memory":
-            return cache.get(key)
-        if config.inversion_cache == "disk" and cache_file(key).is_file():
-            try:
-                return InvertedPairs(**torch.load(cache_file(key), map_location="cpu", weights_only=True))
-            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # a torn file: recompute it
-                return None
-        return None
-
-    def invert(batch: list[PreferencePair], caps: list[str]) -> list[InvertedPairs]:
-        """Invert pairs with the reference; one entry (1, N, ...) per pair, stored in the cache when there is one."""
-        z_w, z_l = latents(batch)
-        cond = encode_prompts(pipe, caps, device=device, resolution=config.resolution)
-        uncond = None
-        if config.inversion_guidance != 1.0:
-            uncond = encode_prompts(pipe, [""] * len(batch), device=device, resolution=config.resolution)
-        with reference() as ref, accelerator.autocast():
-            inv = build_inverted_pairs(
-                ref, pipe.scheduler.config, z_w, z_l, cond,
-                target=config.inversion_target, num_steps=config.inversion_steps,
-                guidance=config.inversion_guidance, uncond=uncond,
-                use_winner_noise=pair_coin(config.seed, [p.key for p in batch]),
-            )  # fmt: skip
-        entries = []
-        keep_on = torch.device("cpu") if config.inversion_cache != "none" else device
-        for i, pair in enumerate(batch):
-            # A copy, not a view: a view would keep (and torch.save would write) the whole batch's storage.
-            entry = _map_pairs(inv.select(slice(i, i + 1)), lambda t: t.to(keep_on, copy=True))
-            if config.inversion_cache == "memory":
-                cache[pair.key] = entry
-            elif config.inversion_cache == "disk":
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file(pair.key).with_suffix(f".tmp{rank}")
-                torch.save({f.name: getattr(entry, f.name) for f in fields(entry)}, tmp)
-                os.replace(tmp, cache_file(pair.key))  # atomic: a reader sees a whole entry or none
-            entries.append(entry)
-        return entries
-
-    def inverted(batch: list[PreferencePair], caps: list[str]) -> InvertedPairs:
-        """The batch's inverted pairs (B, N, ...) on the device, from the cache or inverted now."""
-        entries = [cached(p.key) for p in batch]
-        missing = [i for i, e in enumerate(entries) if e is None]
-        if missing:
-            for i, entry in zip(missing, invert([batch[i] for i in missing], [caps[i] for i in missing]), strict=True):
-                entries[i] = entry
-        return _map_pairs(InvertedPairs.cat([e for e in entries if e is not None]), lambda t: t.to(device, copy=True))
-
+    config_json = config.model_dump(mode="json")
+    cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEY_FIELDS})
+    invert = partial(invert_pairs, pipe, reference, config, accelerator)
+    cache = InversionCache(config.inversion_cache, cache_dir, invert, device=device, rank=rank)
     cache_build_s = 0.0
-    if config.method == "inversion_dpo" and config.inversion_cache != "none" and step < config.max_steps:
-        # Walk the pairs this run will read, in its micro-batches, and invert those not cached yet. Stop after the
-        # run's pairs or one full pass over the data, whichever comes first.
+    if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()
-        planned, walked, covers, held = (config.max_steps - step) * pairs_per_step, 0, False, 0
-        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-        walk = _pairs_from(config, epoch, index)
-        while walked < planned and not covers:
-            group: list[PreferencePair] = []  # one micro-batch of every process
-            for e, _i, pair in walk:
-                # A full pass: a whole epoch walked. Resumed mid-epoch (index > 0), the next epoch's first `index`
-                # pairs are other pairs (each epoch has its own order), so only the end of the next epoch is one.
-                if e > epoch + 1 or (e == epoch + 1 and index == 0):
-                    covers = True
-                    break
-                group.append(pair)
-                if len(group) == config.batch_size * world:
-                    break
-            mine = group[rank * config.batch_size : (rank + 1) * config.batch_size]
-            todo = [p for p in mine if not has(p.key)]
-            if todo:
-                for entry in invert(todo, captions(todo)):
-                    held += sum(t.numel() * t.element_size() for t in (getattr(entry, f.name) for f in fields(entry)))
-            walked += len(group)
-            if config.inversion_cache == "memory" and held > budget:
-                raise TrainError(
-                    f"inversion_cache: memory: the cache passed {held / 2**30:.1f} GiB (half the RAM) after {walked} "
-                    "pairs; use inversion_cache: disk or none"
-                )
-            if main and cb.on_cache_progress:
-                cb.on_cache_progress(walked, walked if covers else planned)
-        walk.close()
-        accelerator.wait_for_everyone()
+        covers = fill_inversion_cache(
+            cache, config, position, generator, accelerator, cb.on_cache_progress if main else None
+        )
         # With several processes each holds only its own pairs in memory; a shared disk cache holds them all.
         if covers and (world == 1 or config.inversion_cache == "disk"):
-            reference_released = True
-            ref_unet = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            reference.release()
         cache_build_s = time.perf_counter() - t0
 
     # --- 4. Optimise ---------------------------------------------------------------------------------------------
-    def micro_step(batch: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss and backward of one micro-batch; returns the detached loss and the metrics."""
-        caps = captions(batch)
-        cond = encode_prompts(pipe, caps, device=device, resolution=config.resolution)
-        if config.method == "diffusion_dpo":
-            z_w, z_l = latents(batch)
-            with reference() as ref, accelerator.autocast():
-                points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=generator)
-        else:
-            pairs = inverted(batch, caps)
-            if config.timesteps_per_step == 0:
-                # All N points in two passes: memory flat in N (methods.all_points_backward).
-                return all_points_backward(
-                    unet, pairs, cond, weights=point_weights, beta=config.beta, loss_type=config.loss_type,
-                    backward=accelerator.backward,
-                )  # fmt: skip
-            points = inversion_dpo_points(
-                pairs, cond, k=config.timesteps_per_step, weights=point_weights, generator=generator
-            )
-        loss, metrics = points_loss(unet, points, beta=config.beta, loss_type=config.loss_type)
-        accelerator.backward(loss)
-        return loss.detach(), metrics
-
-    def checkpoint() -> Path | None:
-        rng = gather_object([_rng_state(generator)])  # every process's, in rank order
-        path = None
-        if main:
-            model = base.state_dict() if config.adapter.type == "full" else get_peft_model_state_dict(base)
-            objects = {
-                "model": model,
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "rng": rng,
-                "trainer": {"step": step, "epoch": epoch, "index": index, "pairs_seen": pairs_seen},
-            }
-            path = save_checkpoint(
-                checkpoints, step, objects, config_hash=config_hash, meta={"config": config_json},
-                keep=config.checkpoints_to_keep,
-            )  # fmt: skip
-            if cb.on_checkpoint:
-                cb.on_checkpoint(path, step)
-        accelerator.wait_for_everyone()
-        return path
-
-    sampler = None
-
-    def validate() -> list[Image.Image]:
-        nonlocal sampler
-        if sampler is None:  # the same components; no safety checker (its output is for the operator)
-            has_checker = isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is not None
-            sampler = DiffusionPipeline.from_pipe(pipe, safety_checker=None) if has_checker else pipe
-        base.eval()
-        generators = [torch.Generator().manual_seed(config.seed + i) for i in range(len(config.validation_prompts))]
-        with torch.no_grad(), accelerator.autocast():
-            images = sampler(
-                list(config.validation_prompts),
-                generator=generators,
-                num_inference_steps=config.validation_inference_steps,
-                height=config.resolution,
-                width=config.resolution,
-            ).images
-        base.train()
-        return images
-
+    # Saves `position` as it is when called (the loop advances it in place).
+    checkpoint = partial(
+        save, checkpoints, position, config, policy, optimizer, lr_scheduler, generator, accelerator, cb.on_checkpoint
+    )
     validate_every = config.validation_interval if config.validation_prompts else 0
-    stream = _pairs_from(config, epoch, index)
+    sampler = None
+    stream = _pairs_from(config, position.epoch, position.index)
     metrics: dict[str, float] = {}
-    stopped, last_checkpoint, saved_step, train_s = False, None, step, 0.0
-    while step < config.max_steps:
+    stopped, last_checkpoint, saved_step, train_s = False, None, position.step, 0.0
+    while position.step < config.max_steps:
         stop = bool(cb.should_stop and cb.should_stop())
         if world > 1:
             stop = accelerator.reduce(torch.tensor(float(stop), device=device), "sum").item() > 0
@@ -511,10 +570,44 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
         grad_norm = None
         for _ in range(config.gradient_accumulation_steps):
             chunk = [next(stream) for _ in range(config.batch_size * world)]
-            epoch, index = chunk[-1][0], chunk[-1][1] + 1  # the position of the next pair to read
+            position.epoch, position.index = chunk[-1][0], chunk[-1][1] + 1  # the position of the next pair to read
             batch = [pair for _, _, pair in chunk[rank * config.batch_size : (rank + 1) * config.batch_size]]
             with accelerator.accumulate(unet):
-                loss, batch_metrics = micro_step(batch)
+                # Forward and backward of one micro-batch.
+                caps = captions(batch, config, generator)
+                cond = encode_prompts(pipe, caps, device=device, resolution=config.resolution)
+                if config.method == "inversion_dpo" and config.timesteps_per_step == 0:
+                    # All N points in two passes: memory flat in N (methods.all_points_backward).
+                    loss, batch_metrics = all_points_backward(
+                        unet, cache.batch(batch, caps), cond, weights=point_weights, beta=config.beta,
+                        loss_type=config.loss_type, backward=accelerator.backward,
+                    )  # fmt: skip
+                else:
+                    if config.method == "diffusion_dpo":
+                        z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
+                        with reference.use() as ref, accelerator.autocast():
+                            points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=generator)
+                    elif config.method == "inpo":
+                        # InPO: both images inverted every step by the current policy (or the reference), nothing
+                        # cached; the reference errors after, since with LoRA the reference is the policy with its
+                        # adapters off.
+                        z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
+                        inverter = reference.use() if config.inpo_inverter == "reference" else nullcontext(policy)
+                        with inverter as unet_inverting, accelerator.autocast():
+                            points = inpo_points(
+                                unet_inverting, noise_scheduler, z_w, z_l, cond,
+                                inversion_steps=config.inpo_inversion_steps, eta=config.inpo_eta, generator=generator,
+                            )  # fmt: skip
+                        with reference.use() as ref, accelerator.autocast():
+                            points = with_reference_errors(ref, points)
+                    else:
+                        points = inversion_dpo_points(
+                            cache.batch(batch, caps), cond, k=config.timesteps_per_step, weights=point_weights,
+                            generator=generator,
+                        )  # fmt: skip
+                    loss, batch_metrics = points_loss(unet, points, beta=config.beta, loss_type=config.loss_type)
+                    accelerator.backward(loss)
+                    loss = loss.detach()
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
                 optimizer.step()  # accelerate steps only after the last micro-batch
@@ -522,80 +615,43 @@ def train(config: TrainingConfig, callbacks: TrainCallbacks | None = None) -> Tr
             micro.append({"loss": loss, **batch_metrics})
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips a step
             lr_scheduler.step()
-        step += 1
-        pairs_seen += pairs_per_step
+        position.step += 1
+        position.pairs_seen += pairs_per_step
         train_s += time.perf_counter() - t0
 
-        names = list(micro[0])
-        values = torch.stack([torch.stack([m[n].float() for n in names]) for m in micro]).mean(0).to(device)
-        values = accelerator.reduce(values, "mean") if world > 1 else values
-        metrics = {n: v.item() for n, v in zip(names, values, strict=True)}
-        metrics["lr"] = lr_scheduler.get_last_lr()[0]
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics = step_metrics(micro, accelerator, lr=lr_scheduler.get_last_lr()[0], grad_norm=grad_norm)
         if main and cb.on_step:
-            cb.on_step(step, config.max_steps, metrics)
-        if main and validate_every and step % validate_every == 0:
-            images = validate()
+            cb.on_step(position.step, config.max_steps, metrics)
+        if main and validate_every and position.step % validate_every == 0:
+            if sampler is None:  # the same components; no safety checker (its output is for the operator)
+                has_checker = isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is not None
+                sampler = DiffusionPipeline.from_pipe(pipe, safety_checker=None) if has_checker else pipe
+            images = validation_images(sampler, config, accelerator)
             if cb.on_validation:
-                cb.on_validation(step, images)
-        if step % config.checkpoint_interval == 0 or step == config.max_steps:
-            last_checkpoint, saved_step = checkpoint(), step
+                cb.on_validation(position.step, images)
+        if position.step % config.checkpoint_interval == 0 or position.step == config.max_steps:
+            last_checkpoint, saved_step = checkpoint(), position.step
     stream.close()
-    if stopped and step > saved_step:
+    if stopped and position.step > saved_step:
         last_checkpoint = checkpoint()
 
     # --- 5. Output -----------------------------------------------------------------------------------------------
     model_out = None if stopped else out / "model"
-    if main and model_out is not None:
-        tmp = out / ".model-tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if config.adapter.type == "lora":
-            lora_weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(base))
-            type(pipe).save_lora_weights(
-                tmp, unet_lora_layers=lora_weights, unet_lora_adapter_metadata=base.peft_config["default"].to_dict()
-            )
-            (tmp / "base_model.json").write_text(
-                json.dumps({"base_model": config.base_model, "adapter": config.adapter.model_dump()}, indent=2)
-            )
-        elif weight_dtype == torch.float32:
-            pipe.save_pretrained(tmp)  # pipe.unet is the trained policy
-        else:  # the frozen parts were cast down for training: save them as loaded
-            DiffusionPipeline.from_pretrained(model_path, unet=base).save_pretrained(tmp)
-        shutil.rmtree(model_out, ignore_errors=True)
-        tmp.rename(model_out)
-
+    if main and not stopped:
+        save_model(pipe, config, out, weight_dtype)
     wall = time.perf_counter() - started
     result = TrainResult(
-        steps=step,
+        steps=position.step,
         stopped_early=stopped,
         metrics=metrics,
         wall_time_s=wall,
-        pairs_per_s=(step - resumed_from) * pairs_per_step / train_s if train_s > 0 else 0.0,
+        pairs_per_s=(position.step - resumed_from) * pairs_per_step / train_s if train_s > 0 else 0.0,
         output_dir=out,
         model_path=model_out,
         resumed_from=resumed_from,
         checkpoint=last_checkpoint,
     )
     if main:
-        summary = {
-            "method": config.method,
-            "inversion_target": config.inversion_target if config.method == "inversion_dpo" else None,
-            "adapter": config.adapter.type,
-            "steps": step,
-            "max_steps": config.max_steps,
-            "stopped_early": stopped,
-            "resumed_from": resumed_from,
-            "metrics": metrics,
-            "wall_time_s": round(wall, 3),
-            "train_time_s": round(train_s, 3),
-            "cache_build_s": round(cache_build_s, 3),
-            "pairs_per_s": round(result.pairs_per_s, 3),
-            "pairs_seen": pairs_seen,
-            "model_path": str(model_out) if model_out else None,
-        }
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json.part").write_text(json.dumps(summary, indent=2))
-        os.replace(out / "summary.json.part", out / "summary.json")
+        write_summary(result, config, position, train_s=train_s, cache_build_s=cache_build_s)
     accelerator.wait_for_everyone()
     return result

@@ -17,10 +17,11 @@ import sys
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.models import ApiKey, Project, utcnow
-from services.api.security import generate_key, mask_secrets
+from services.api.security import generate_key
 from services.api.settings import get_settings
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.logs import mask_secrets
+from services.jobs.models import ApiKey, Project, utcnow
 
 
 def create_api_key(session: Session, project: str, name: str | None = None) -> tuple[str, str]:
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 print(f"revoked {args.prefix}")
             elif args.command == "reconcile":
-                from services.api import reconciler
-                from services.queue import make_celery
+                from services.jobs import reconciler
+                from services.jobs.queue import make_celery
 
                 report = reconciler.run_once(factory, settings, make_celery(settings.broker_url))
                 print(

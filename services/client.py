@@ -20,17 +20,20 @@ import os
 import sys
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any, get_args
 
 from invdpo_core.cli import CLIError
-from invdpo_core.config import ConfigError, apply_overrides
-from services.api.security import mask_secrets
+from invdpo_core.config import STATUSES, ConfigError, Method, apply_overrides
+from services.jobs.logs import mask_secrets
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 JOBS = "/v1/fine_tuning/jobs"
 FOLLOW_EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
+# httpx comes with the `service` extra; `pip install invdpo` alone still runs the core's commands.
+MISSING_EXTRA = "the job commands need the service extra: pip install 'invdpo[service]' (httpx is not installed)"
 
 
 def _one_line(text: str) -> str:
@@ -69,6 +72,10 @@ class Api:
         key = key if key is not None else os.environ.get("INVDPO_API_KEY")
         self.url = mask_secrets(url)
         try:
+            import httpx  # imported here, not for `invdpo --help`: it is most of the CLI's start-up time
+        except ModuleNotFoundError:
+            raise CLIError(MISSING_EXTRA) from None
+        try:
             self.http = httpx.Client(
                 base_url=url,
                 headers={"Authorization": f"Bearer {key}"} if key else {},
@@ -90,6 +97,8 @@ class Api:
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """The decoded JSON answer of one request."""
+        import httpx  # loaded by __init__
+
         try:
             response = self.http.request(method, path, **kwargs)
         except (httpx.TransportError, httpx.InvalidURL) as exc:
@@ -105,6 +114,8 @@ class Api:
 
     def stream_events(self, job_id: str, last_event_id: str | None) -> Iterator[tuple[str, str, str | None]]:
         """(event, data, id) of the job's server-sent-events stream until the server closes it."""
+        import httpx  # loaded by __init__
+
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         # The server pings every 15 s while idle, so a minute without a byte means the connection is gone.
         timeout = httpx.Timeout(60.0, connect=10.0)
@@ -398,7 +409,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="base diffusers pipeline: a hub id, a directory or an s3:// prefix")
     p.add_argument("--training-file", required=True, help="preference pairs: parquet file/prefix or JSONL manifest")
     p.add_argument("--validation-file", default=None, help="held-out preference pairs")
-    p.add_argument("--method", choices=["inversion_dpo", "diffusion_dpo"], default="inversion_dpo")
+    p.add_argument("--method", choices=get_args(Method), default="inversion_dpo")
     p.add_argument(
         "--set",
         action="append",
@@ -418,7 +429,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--status",
         default=None,
-        choices=["validating_files", "queued", "running", "cancel_requested", "cancelled", "succeeded", "failed"],
+        choices=STATUSES,
     )
     p.set_defaults(func=cmd_list)
     p = jobs.add_parser("get", parents=[common], help="one job with its progress and result")

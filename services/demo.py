@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 
 from invdpo_core.cli import CLIError
-from services.api.security import mask_secrets
 from services.client import JOBS, Api, follow
+from services.jobs.logs import mask_secrets
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "invdpo-demo"
@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 
 def _environment(out: Path) -> dict[str, str]:
-    """The settings of the API and the worker (services/api/settings.py, services/worker/settings.py)."""
+    """The settings of the API, the worker and the model server (their settings.py)."""
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -169,7 +169,7 @@ def _make_inputs(out: Path) -> tuple[Path, Path, Path]:
 
 def _api_key(env: dict[str, str]) -> str:
     from services.admin import create_api_key
-    from services.api.db import make_engine, make_session_factory
+    from services.jobs.db import make_engine, make_session_factory
 
     engine = make_engine(env["INVDPO_DATABASE_URL"])
     try:

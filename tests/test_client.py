@@ -18,11 +18,11 @@ import uvicorn
 from PIL import Image
 
 from services.admin import create_api_key
-from services.api import jobstore
 from services.api.main import create_app
-from services.api.models import Job
 from services.api.settings import Settings
 from services.cli import main
+from services.jobs import jobstore
+from services.jobs.models import Job
 
 REDIS_URL = "redis://127.0.0.1:6379/13"  # the shared server; DB 13 is this module's
 

@@ -18,7 +18,7 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from services.api.settings import Settings as ApiSettings
-from services.queue import enqueue_training, job_id_of_message, make_celery, ping_broker
+from services.jobs.queue import enqueue_training, job_id_of_message, make_celery, ping_broker
 from services.serving.settings import Settings as ServingSettings
 from services.worker.settings import Settings as WorkerSettings
 

@@ -7,7 +7,7 @@
 #   docker build -f deploy/docker/api.Dockerfile -t invdpo-api:0.1.0 .
 # Commands, the same as outside Docker:
 #   API (default)  uvicorn services.api.main:app --host 0.0.0.0 --port 8000
-#   migrations     python -m services.api.migrate
+#   migrations     python -m services.jobs.migrate
 
 # Python 3.10: the interpreter of the worker image's Ubuntu 22.04 base, so both images run the shared
 # package on the same Python (pyproject requires >= 3.10).

@@ -11,10 +11,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.api import jobstore
-from services.api.models import ApiKey, Job
 from services.api.security import hash_key
 from services.api.settings import Settings
+from services.jobs import jobstore
+from services.jobs.models import ApiKey, Job
 
 
 def get_db(request: Request) -> Iterator[Session]:

@@ -15,15 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from services.api import reconciler
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.logs import configure_logging
 from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from services.api.routes import health, jobs, models
-from services.api.security import mask_secrets
 from services.api.settings import Settings, get_settings
-from services.queue import make_celery
+from services.jobs import reconciler
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.logs import configure_logging, mask_secrets
+from services.jobs.queue import make_celery
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,13 @@ def _json_safe(value: Any) -> Any:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with FastAPI's error list; each `msg` starts with the field's path (method.hyperparameters.beta: ...)."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+    errors = []
+    for error in exc.errors():
+        path = ".".join(str(p) for p in error.get("loc", ())[1:])  # loc starts with where: body, query, header...
+        errors.append({**error, "msg": f"{path}: {error['msg']}" if path else error["msg"]})
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
 
 async def _reconcile_forever(app: FastAPI) -> None:

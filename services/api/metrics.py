@@ -10,8 +10,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
-from services.api.models import STATUSES
+from services.jobs import jobstore
+from services.jobs.models import STATUSES
 
 log = logging.getLogger(__name__)
 

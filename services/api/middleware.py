@@ -12,8 +12,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.logs import request_id_var
 from services.api.metrics import Metrics
+from services.jobs.logs import request_id_var
 
 log = logging.getLogger("invdpo.access")
 # A caller's request id is echoed into logs and headers only if it is short and plain.

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic.json_schema import SkipJsonSchema
 
-from services.api.security import has_credentials
-
-JobStatus = Literal["validating_files", "queued", "running", "cancel_requested", "cancelled", "succeeded", "failed"]
-MethodType = Literal["inversion_dpo", "diffusion_dpo"]
+from invdpo_core.config import RESERVED_FIELDS, TrainingConfig, set_by
+from invdpo_core.config import Method as MethodType
+from services.jobs.logs import has_credentials
+from services.jobs.models import JobStatus
 
 # No NUL characters anywhere: PostgreSQL text and JSONB cannot store them.
 _NO_NUL = r"^[^\x00]*$"
@@ -43,14 +44,39 @@ class ErrorDetail(BaseModel):
 # ---- jobs ----
 
 
+class _FiniteTrainingConfig(TrainingConfig):
+    # The config is stored as JSON, which has no NaN or Infinity.
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _not_here(field: str) -> AfterValidator:
+    def reject(value: Any) -> Any:
+        raise ValueError(f"not allowed here: {set_by(field)}")
+
+    return AfterValidator(reject)
+
+
+# TrainingConfig minus its reserved fields (set from the job's own fields or by the worker): OpenAPI shows every
+# hyperparameter with its bounds, and a value for a reserved field is a 422 saying where it goes instead.
+if TYPE_CHECKING:  # mypy cannot follow create_model
+
+    class Hyperparameters(BaseModel): ...
+
+else:
+    Hyperparameters = create_model(
+        "Hyperparameters",
+        __base__=_FiniteTrainingConfig,
+        __doc__="The TrainingConfig fields a job may set (invdpo_core/config.py); the rest keep their defaults.",
+        **{name: (SkipJsonSchema[Annotated[Any, _not_here(name)]], None) for name in RESERVED_FIELDS},
+    )
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: MethodType = Field(description="inversion_dpo or diffusion_dpo.")
-    hyperparameters: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Any TrainingConfig field except base_model, dataset, validation_dataset, method, seed and "
-        "output_dir (set from the job's own fields or by the worker). Unknown keys are rejected.",
+    type: MethodType = Field(description="inversion_dpo, diffusion_dpo or inpo (docs/method.md).")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Training settings; unknown keys are rejected."
     )
 
 

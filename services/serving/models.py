@@ -72,7 +72,7 @@ def load_version(name: str, version: int, tags: dict[str, str], session: Session
     version is a whole pipeline."""
     import mlflow
 
-    from invdpo_core.evaluate import _load_pipeline as load_pipeline  # becomes invdpo_core.train.load_pipeline
+    from invdpo_core.pipeline import load_pipeline
 
     cache = Path(settings.cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,9 @@ def load_version(name: str, version: int, tags: dict[str, str], session: Session
         pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         config = pyfunc.get("config") or {}
         device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(str(local / pyfunc["artifacts"]["pipeline"]["path"]), "model", torch.device(device))
+        pipe = load_pipeline(str(local / pyfunc["artifacts"]["pipeline"]["path"]), what="model")
+        pipe.unet.eval()
+        pipe.to(torch.device(device))
     finally:
         shutil.rmtree(local, ignore_errors=True)  # the weights are in memory now
     served = ServedModel(
@@ -148,7 +150,7 @@ class Follower:
             self.hold_back(slot, None, "")
             return
         with self.sessions() as session:
-            allowed, reason = access.version_allowed(session, tags)
+            allowed, reason = access.version_allowed(session, tags, self.settings.gate_rule())
             if not allowed:
                 self.hold_back(slot, version, reason)
                 return

@@ -1,7 +1,8 @@
 """Settings of the model server, read from the environment, behind a cached `get_settings()`.
 
-Its own knobs are prefixed INVDPO_SERVING_; the job database and the MLflow server are the control plane's
-(INVDPO_DATABASE_URL, INVDPO_MLFLOW_TRACKING_URI), so one set of variables configures both.
+Its own knobs are prefixed INVDPO_SERVING_; the job database, the MLflow server and the promotion gate are the
+control plane's (INVDPO_DATABASE_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_PROMOTION_GATE), so one set of variables
+configures both.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from invdpo_core.gate import GateRule, parse_gate_setting
 
 # A registered model name as the control plane accepts it, optionally @alias.
 _MODEL_REF = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:@([A-Za-z0-9_-]+))?$")
@@ -34,6 +37,12 @@ class Settings(BaseSettings):
         "sqlite:///./mlflow.db",
         validation_alias="INVDPO_MLFLOW_TRACKING_URI",
         description="The MLflow server whose registry holds the models.",
+    )
+    promotion_gate: str = Field(
+        '{"min_implicit_acc_lower": 0.5}',
+        validation_alias="INVDPO_PROMOTION_GATE",
+        description="The API's promotion gate (JSON GateRule, or none): a version the alias points at is served only "
+        "if its job's evaluation passes it, or its promotion was forced. Set it as the API's.",
     )
     poll_seconds: float = Field(10.0, gt=0, description="How often each model's alias is looked up in MLflow.")
     max_batch_size: int = Field(8, ge=1, description="Most images one pipeline call generates; 1 turns batching off.")
@@ -70,6 +79,12 @@ class Settings(BaseSettings):
             raise ValueError("a model is listed twice")
         return value
 
+    @field_validator("promotion_gate")
+    @classmethod
+    def _check_gate(cls, value: str) -> str:
+        parse_gate_setting(value)
+        return value
+
     @model_validator(mode="after")
     def _n_fits_a_batch(self) -> Settings:
         if self.max_images_per_request > self.max_batch_size:
@@ -78,6 +93,10 @@ class Settings(BaseSettings):
                 f"({self.max_batch_size}): a request's images are generated in one call"
             )
         return self
+
+    def gate_rule(self) -> GateRule | None:
+        """The promotion gate's rule, or None when it is off."""
+        return parse_gate_setting(self.promotion_gate)
 
     def model_refs(self) -> dict[str, str]:
         """{registered model name: alias followed}, in the order listed."""

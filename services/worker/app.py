@@ -1,13 +1,13 @@
 """The GPU worker: `celery -A services.worker.app worker -Q gpu,default --concurrency 1 --prefetch-multiplier 1`.
 
 Tasks: `invdpo.train_job(job_id)` on the `gpu` queue, `invdpo.reconcile()` on `default` (one reconciler pass, as
-the API runs periodically). The Celery configuration is services.queue's, shared with the API.
+the API runs periodically). The Celery configuration is services.jobs.queue's, shared with the API.
 
 The database, not Celery, decides whether a job runs. The task claims the job with an atomic conditional UPDATE
 (`jobstore.claim_job`): a duplicate or redelivered message finds the job taken and returns; a message for a job
 whose worker died (heartbeat older than INVDPO_HEARTBEAT_TIMEOUT_SECONDS) takes it over and resumes it.
 
-The Redis visibility-timeout trap: messages are acknowledged early (`task_acks_late=False`, services.queue), so
+The Redis visibility-timeout trap: messages are acknowledged early (`task_acks_late=False`, services.jobs.queue), so
 Redis never redelivers a job that trains for longer than the visibility timeout. A message lost with a dead
 worker is not lost work: the job's database heartbeat goes stale, the reconciler (the API's loop, or
 invdpo.reconcile) sends it again, and the next claim resumes it from its last checkpoint.
@@ -41,10 +41,11 @@ from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory
-from services.api.logs import configure_logging
-from services.queue import RECONCILE_TASK, TRAIN_TASK, make_celery
+from invdpo_core.config import TrainingConfig
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory
+from services.jobs.logs import configure_logging
+from services.jobs.queue import RECONCILE_TASK, TRAIN_TASK, make_celery
 from services.worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ def train_job(job_id: str) -> None:
         log.info("job not claimable: running elsewhere, finished or cancelled", extra={"job_id": job_id})
         return
     processes = settings.num_processes or max(1, visible_gpus())
-    cmd = launch_command(job_id, worker_id, processes, str(job.config.get("mixed_precision", "no")))
+    config = TrainingConfig.model_validate(job.config)  # validated when the job was created
+    cmd = launch_command(job_id, worker_id, processes, config.mixed_precision)
     log.info("training started", extra={"job_id": job_id, "worker_id": worker_id, "processes": processes})
     # SIGTERM is ignored while the launcher starts, so that it inherits the ignore: a SIGTERM to the whole process
     # group must reach the training process (run_job installs its own handler: checkpoint, then requeue) and not
@@ -227,12 +229,10 @@ def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, interval: 
 def _after_exit(job_id: str, worker_id: str, returncode: int) -> None:
     """If the training process ended without ending the job (killed, out of memory), end it here."""
     with sessions()() as session:
-        job = jobstore.get_job(session, job_id)
-        if job is None or job.claimed_by != worker_id or job.status not in ("running", "cancel_requested"):
+        if not jobstore.owns(jobstore.get_job(session, job_id), worker_id):
             log.info("training process done", extra={"job_id": job_id, "returncode": returncode})
             return
-        if job.status == "cancel_requested":
-            jobstore.finish_job(session, job_id, "cancelled", worker_id=worker_id)
+        if jobstore.settle_cancel(session, job_id, worker_id):
             return
         error: jobstore.JobErrorInfo = {
             "code": "training_process_died",
@@ -249,6 +249,6 @@ def _after_exit(job_id: str, worker_id: str, returncode: int) -> None:
 @app.task(name=RECONCILE_TASK)
 def reconcile() -> None:
     """One reconciler pass (re-send lost messages, resume jobs of dead workers, re-validate stuck jobs)."""
-    from services.api.reconciler import run_once
+    from services.jobs.reconciler import run_once
 
     run_once(sessions(), get_settings(), celery=app)

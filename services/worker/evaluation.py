@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from invdpo_core.config import TrainingConfig
-from services.api.security import mask_secrets
+from invdpo_core.config import EvalConfig, TrainingConfig
+from services.jobs.logs import mask_secrets
 from services.worker.settings import Settings
 
 GRID_ARTIFACT = "evaluation/grid.png"
@@ -26,13 +26,17 @@ def evaluate_job(config: TrainingConfig, model_path: Path, out_dir: Path, settin
 
     from invdpo_core.evaluate import DEFAULT_PROMPTS, evaluate
 
+    eval_config = EvalConfig.after_training(
+        config,
+        default_prompts=DEFAULT_PROMPTS,
+        scorers=settings.eval_scorers,
+        guidance_scale=settings.eval_guidance_scale,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         result = evaluate(
-            str(model_path), config.base_model, config.validation_dataset,
-            config.validation_prompts or DEFAULT_PROMPTS, out_dir=out_dir, scorers=settings.eval_scorers,
-            device="cuda" if torch.cuda.is_available() else "cpu", seed=config.seed, beta=config.beta,
-            inference_steps=config.validation_inference_steps, guidance_scale=settings.eval_guidance_scale,
-            resolution=config.resolution,
+            str(model_path), **eval_config.model_dump(), out_dir=out_dir, device=device,
+            model_cache_dir=settings.cache_dir,
         )  # fmt: skip
     except Exception as exc:  # out of memory, a scorer that will not load, an unreadable validation file...
         text = mask_secrets(f"{type(exc).__name__}: {' '.join(str(exc).split())}")

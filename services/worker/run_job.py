@@ -31,11 +31,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory
-from services.api.logs import adopt_library_loggers, configure_logging
-from services.api.models import Checkpoint, Job
-from services.api.security import mask_secrets
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory
+from services.jobs.logs import adopt_library_loggers, configure_logging, mask_secrets
+from services.jobs.models import Checkpoint, Job
 from services.worker.settings import Settings, get_settings
 
 log = logging.getLogger("services.worker.run_job")
@@ -106,14 +105,11 @@ def job_error(exc: BaseException) -> jobstore.JobErrorInfo:
     return {"code": code, "message": text if len(text) <= 300 else text[:297] + "...", "param": param}
 
 
-def merge_lora(base_model: str, lora_dir: Path, dest: Path) -> Path:
+def merge_lora(base_model: str, lora_dir: Path, dest: Path, *, model_cache_dir: str | None = None) -> Path:
     """A full pipeline directory with the LoRA fused into the base UNet: what the served model loads."""
-    from diffusers import DiffusionPipeline
+    from invdpo_core.pipeline import load_pipeline
 
-    from invdpo_core.storage import resolve_model
-
-    cache = os.environ.get("INVDPO_CACHE_DIR") or Path.home() / ".cache/invdpo"
-    pipe = DiffusionPipeline.from_pretrained(resolve_model(base_model, cache))
+    pipe = load_pipeline(base_model, model_cache_dir=model_cache_dir)
     pipe.load_lora_weights(str(lora_dir))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -231,7 +227,7 @@ class JobRunner:
         state = PartialState()
         with self.sessions() as session:
             job = jobstore.get_job(session, self.job_id)
-        if job is None or job.status not in ("running", "cancel_requested") or job.claimed_by != self.worker_id:
+        if not jobstore.owns(job, self.worker_id):
             log.warning("the job is not this worker's to run", extra={"job_id": self.job_id})
             return 0
         try:
@@ -247,7 +243,7 @@ class JobRunner:
             if self.main:
                 callbacks.on_checkpoint = self.on_checkpoint
                 callbacks.on_validation = self.on_validation
-            result = train(config, callbacks)
+            result = train(config, callbacks, model_cache_dir=self.settings.cache_dir)
             if not self.main:
                 return 0
             if result.stopped_early:
@@ -276,31 +272,29 @@ class JobRunner:
             jobstore.set_run_info(session, self.job_id, mlflow_run_id=self.run_id)
 
     def stopped(self) -> int:
-        """The trainer stopped early: after SIGTERM requeue, after a cancel request finish as cancelled, and if
-        the job was taken over by another worker leave it alone."""
+        """The trainer stopped early: after SIGTERM requeue, after a cancel request settle it as cancelled, and if
+        the job is no longer this worker's (taken over by another) leave it alone."""
         import mlflow
 
         with self.sessions() as session:
             job = jobstore.get_job(session, self.job_id)
-            status, owner = (job.status, job.claimed_by) if job is not None else (None, None)
-            if owner != self.worker_id:
-                log.warning("the job was taken over; stopping", extra={"job_id": self.job_id})
+            if not jobstore.owns(job, self.worker_id):
+                log.warning("the job is no longer this worker's; stopping", extra={"job_id": self.job_id})
                 mlflow.end_run("RUNNING")  # the run is the new owner's now (not FINISHED by the atexit hook)
                 return 0
-            if status == "running" and self.stop_signal is not None:
-                if jobstore.requeue_job(session, self.job_id, self.worker_id):
-                    mlflow.end_run("SCHEDULED")
-                    self.enqueue()
-                    return 0
+            if self.stop_signal is not None and jobstore.requeue_job(session, self.job_id, self.worker_id):
+                mlflow.end_run("SCHEDULED")
+                self.enqueue()
+                return 0
             # The run first: once the job is final, whoever reads it may read the run too.
             mlflow.end_run("KILLED")
-            jobstore.finish_job(session, self.job_id, "cancelled", worker_id=self.worker_id)
+            jobstore.settle_cancel(session, self.job_id, self.worker_id)
         self.cleanup()
         return 0
 
     def enqueue(self) -> None:
         """Send the job's message again. If the broker is down, the API's reconciler re-sends the queued job."""
-        from services.queue import enqueue_training, make_celery
+        from services.jobs.queue import enqueue_training, make_celery
 
         try:
             enqueue_training(self.job_id, make_celery(self.settings.broker_url))
@@ -323,7 +317,9 @@ class JobRunner:
         pipeline = (
             model_path
             if config.adapter.type == "full"
-            else merge_lora(config.base_model, model_path, self.out / "merged")
+            else merge_lora(
+                config.base_model, model_path, self.out / "merged", model_cache_dir=self.settings.cache_dir
+            )
         )
         upload_dir(pipeline, job_uri(self.settings, self.job_id, "model"))
         name = job.registered_model_name or default_model_name(self.job_id, job.suffix)
@@ -377,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     if not jobstore.is_job_id(args.job_id):
         log.error("not a job id", extra={"job_id": args.job_id[:64]})
         return 2
-    if settings.cache_dir:
-        os.environ["INVDPO_CACHE_DIR"] = settings.cache_dir  # read by the trainer
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow writes run URLs to stdout and logs through handlers of its own: neither would be masked.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.jobs.settings import JobSettings
 
 
-class Settings(BaseSettings):
-    """The worker's settings. Environment variables (all prefixed INVDPO_):
-
-    INVDPO_DATABASE_URL, INVDPO_BROKER_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_MLFLOW_EXPERIMENT,
-    INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE, INVDPO_HEARTBEAT_INTERVAL_SECONDS,
-    INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
-    INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS,
-    INVDPO_VALIDATION_SAMPLE, INVDPO_LOG_LEVEL, INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE.
+class Settings(JobSettings):
+    """The worker's settings. Environment variables (all prefixed INVDPO_): shared with the API (JobSettings):
+    INVDPO_DATABASE_URL, INVDPO_BROKER_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL,
+    INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE;
+    the worker's own:
+    INVDPO_MLFLOW_EXPERIMENT, INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE,
+    INVDPO_HEARTBEAT_INTERVAL_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
+    INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE.
     """
 
-    model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
-
-    database_url: str = Field("sqlite:///./invdpo.db", description="SQLAlchemy URL of the job database (the API's).")
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker the worker consumes from.")
-    mlflow_tracking_uri: str = Field("sqlite:///./mlflow.db", description="MLflow tracking server and registry.")
     mlflow_experiment: str = Field("invdpo", min_length=1, description="MLflow experiment the job runs go to.")
     artifact_uri: str = Field(
         "./artifacts",
@@ -43,12 +38,6 @@ class Settings(BaseSettings):
     heartbeat_interval_seconds: float = Field(
         30.0, gt=0, description="How often the heartbeat file and the running job's database heartbeat are renewed."
     )
-    heartbeat_timeout_seconds: float = Field(
-        300.0,
-        gt=0,
-        description="A running job whose heartbeat is older than this may be claimed by another worker (its own "
-        "worker is presumed dead). Keep it equal to the API's and several times heartbeat_interval_seconds.",
-    )
     progress_interval_seconds: float = Field(
         2.0, ge=0, description="At most one progress write (step, metrics event) per this many seconds."
     )
@@ -59,12 +48,6 @@ class Settings(BaseSettings):
         None, ge=1, description="Training processes per job; default: one per visible GPU (one on a CPU)."
     )
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics to the MLflow run.")
-    reconcile_after_seconds: float = Field(
-        120.0, gt=0, description="invdpo.reconcile: a queued job untouched this long is re-dispatched."
-    )
-    max_attempts: int = Field(3, ge=1, description="invdpo.reconcile: worker deaths tolerated per job.")
-    validation_sample: int = Field(8, ge=1, description="invdpo.reconcile: records read to re-check a training file.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
     eval_scorers: dict[str, str] = Field(
         {},
         description="Scorers the evaluation after training uses, as JSON {name: local directory} (pickscore, hpsv2, "

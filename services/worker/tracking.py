@@ -24,15 +24,12 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from invdpo_core import __version__ as core_version
-from invdpo_core.config import TrainingConfig
+from invdpo_core.config import LOCAL_FIELDS, TrainingConfig
 from invdpo_core.storage import is_s3, s3_client, split_s3
-from services.api.security import mask_secrets
+from services.jobs.logs import mask_secrets
 
 CANDIDATE_ALIAS = "candidate"
 SERVING_CODE = Path(__file__).with_name("serving.py")
-# Settings that describe where this worker put things, not the training: not run params (they differ between the
-# workers a job runs on, and MLflow refuses to change a logged param).
-_NOT_PARAMS = {"output_dir", "resume"}
 # seed and steps are doubles so that a request may leave them out (pandas turns a missing int into NaN).
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -102,7 +99,8 @@ def dataset_fingerprint(uri: str) -> str:
 
 
 def flat_params(config: TrainingConfig) -> dict[str, str]:
-    """The hyperparameters as MLflow params: nested fields dotted (adapter.rank), lists as JSON."""
+    """The hyperparameters as MLflow params (every field but the local ones): nested fields dotted (adapter.rank),
+    lists as JSON."""
     params: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -113,7 +111,7 @@ def flat_params(config: TrainingConfig) -> dict[str, str]:
             text = json.dumps(value) if isinstance(value, list) else str(value)
             params[prefix[:-1]] = mask_secrets(text)[:6000]  # MLflow's param value limit
 
-    walk("", {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_PARAMS})
+    walk("", {k: v for k, v in config.model_dump(mode="json").items() if k not in LOCAL_FIELDS})
     return params
 
 

@@ -20,9 +20,9 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from services.admin import create_api_key
-from services.api.db import make_engine, migrate
 from services.api.main import create_app
 from services.api.settings import Settings
+from services.jobs.db import make_engine, migrate
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TABLES = ("checkpoints", "job_events", "jobs", "api_keys", "projects")
@@ -203,7 +203,7 @@ def job_body(tiny_model: str, toy_dataset: str) -> Callable[..., dict[str, Any]]
 @pytest.fixture
 def gpu_messages(broker: redis.Redis) -> Callable[[], list[str]]:
     """gpu_messages() -> job ids of the train_job messages really waiting in the Redis `gpu` list, oldest first."""
-    from services.queue import job_id_of_message
+    from services.jobs.queue import job_id_of_message
 
     def read() -> list[str]:
         raws = reversed(broker.lrange("gpu", 0, -1))  # kombu LPUSHes: the newest message is at the head

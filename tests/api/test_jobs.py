@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from services.api import jobstore
-from services.api.models import Job, Project
-from services.api.validation import validate_job_files
+from services.jobs import jobstore
+from services.jobs.models import Job, Project
+from services.jobs.validation import validate_job_files
 
 JOBS = "/v1/fine_tuning/jobs"
 
@@ -40,6 +40,17 @@ def test_create_validates_files_then_queues_and_enqueues(
     assert got["status"] == "queued"
     assert got["error"] is None
     assert gpu_messages() == [job["id"]]  # enqueued after the commit, by name, to the gpu queue
+
+
+def test_an_inpo_job_is_accepted_with_the_released_defaults(
+    client: TestClient, auth: dict[str, str], job_body: Callable[..., dict[str, Any]]
+) -> None:
+    r = client.post(JOBS, json=job_body(method={"type": "inpo", "hyperparameters": {"max_steps": 10}}), headers=auth)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    hp = job["method"]["hyperparameters"]
+    assert job["method"]["type"] == "inpo"
+    assert (hp["inpo_inversion_steps"], hp["inpo_eta"], hp["inpo_inverter"]) == (10, 0.1, "policy")
 
 
 def test_seed_is_chosen_when_omitted(
@@ -94,6 +105,7 @@ def test_missing_model_and_bad_validation_file_fail_with_their_param(
         ({"base_model": "other"}, "method.hyperparameters.base_model", "top-level `model`"),
         ({"seed": 3}, "method.hyperparameters.seed", "top-level `seed`"),
         ({"output_dir": "/etc"}, "method.hyperparameters.output_dir", "worker"),
+        ({"inpo_eta": 2}, "method.hyperparameters.inpo_eta", "less than or equal"),
     ],
 )
 def test_invalid_hyperparameter_is_a_422_naming_the_field_path(
@@ -262,7 +274,6 @@ def _job_row(project_id: int, body: dict[str, Any]) -> Job:
         model=body["model"],
         training_file=body["training_file"],
         method_type=body["method"]["type"],
-        hyperparameters={},
         config={},
         seed=0,
         attempt=0,

@@ -10,8 +10,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from services.api.logs import JsonFormatter
 from services.api.settings import Settings, get_settings
+from services.jobs.logs import JsonFormatter
 
 JOBS = "/v1/fine_tuning/jobs"
 

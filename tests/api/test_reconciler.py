@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from services.api import jobstore, reconciler
-from services.api.models import Job, utcnow
+from services.jobs import jobstore, reconciler
+from services.jobs.models import Job, utcnow
 
 JOBS = "/v1/fine_tuning/jobs"
 

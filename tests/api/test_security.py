@@ -17,10 +17,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from services.api import jobstore
-from services.api.logs import JsonFormatter
-from services.api.models import ApiKey
-from services.api.security import mask_secrets
+from services.jobs import jobstore
+from services.jobs.logs import JsonFormatter, mask_secrets
+from services.jobs.models import ApiKey
 
 JOBS = "/v1/fine_tuning/jobs"
 UNAUTHORIZED = {"detail": "missing or invalid API key"}
@@ -241,7 +240,7 @@ def test_mlflow_loggers_go_through_the_masking_json_handler(caplog):
 
     import mlflow  # noqa: F401  (installs handlers of its own on the "mlflow" logger)
 
-    from services.api.logs import adopt_library_loggers
+    from services.jobs.logs import adopt_library_loggers
 
     adopt_library_loggers()
     logger = logging.getLogger("mlflow")

@@ -53,6 +53,7 @@ RUNS = {
     "diffusion_dpo": {"method": "diffusion_dpo"},
     "inversion_k1": {"method": "inversion_dpo", "timesteps_per_step": 1},
     "inversion_all": {"method": "inversion_dpo", "timesteps_per_step": 0},
+    "inpo": {"method": "inpo"},
 }
 
 
@@ -74,7 +75,7 @@ def test_full_fine_tune_changes_every_weight_and_loads_as_a_pipeline(config, mod
     assert steps[0][2]["loss"] == pytest.approx(np.log(2), abs=1e-4)
     assert {"loss", "implicit_acc", "lr", "grad_norm"} <= set(result.metrics)
     assert all(np.isfinite(v) for v in result.metrics.values())
-    if run != "diffusion_dpo":  # the cache was built once, for the 6 pairs the run reads, before step 1
+    if run.startswith("inversion"):  # the cache was built once, for the 6 pairs the run reads, before step 1
         assert cache[-1] == (6, 6)
     assert [(s, len(images), images[0].size) for s, images in validations] == [(3, 1, (64, 64))]
 
@@ -92,7 +93,7 @@ def test_full_fine_tune_changes_every_weight_and_loads_as_a_pipeline(config, mod
     assert image.size == (64, 64)
 
 
-@pytest.mark.parametrize("run", ["diffusion_dpo", "inversion_all"])
+@pytest.mark.parametrize("run", ["diffusion_dpo", "inversion_all", "inpo"])
 def test_lora_changes_every_adapter_weight_and_loads_with_load_lora_weights(config, model_dir, run):
     adapter = {"type": "lora", "rank": 4, "alpha": 8.0}
     result = train(config(**RUNS[run], adapter=adapter, checkpoint_interval=1, checkpoints_to_keep=3))
@@ -121,12 +122,13 @@ def test_lora_changes_every_adapter_weight_and_loads_with_load_lora_weights(conf
     assert adapted.shape == (1, 64, 64, 3) and not np.array_equal(plain, adapted)
 
 
-def test_sdxl_lora_with_gradient_checkpointing(config, tmp_path_factory, dataset):
+@pytest.mark.parametrize("method", ["inversion_dpo", "inpo"])
+def test_sdxl_lora_with_gradient_checkpointing(config, tmp_path_factory, dataset, method):
     model = tmp_path_factory.mktemp("sdxl")
     build_tiny_pipeline("sdxl", seed=0).save_pretrained(model)
     cfg = config(
         base_model=str(model),
-        method="inversion_dpo",
+        method=method,
         adapter={"type": "lora"},
         gradient_checkpointing=True,
         max_steps=2,
@@ -172,6 +174,13 @@ RESUME_RUNS = {
         "inversion_target": "x0",
         "timestep_weighting": "inverse_alpha",
         "inversion_guidance": 2.0,
+        "lr_scheduler": "constant",
+    },
+    # InPO: the inversion's noise and timesteps come from the checkpointed generator; LoRA policy as inverter.
+    "inpo_lora": {
+        "method": "inpo",
+        "adapter": {"type": "lora"},
+        "inpo_eta": 0.2,
         "lr_scheduler": "constant",
     },
 }

@@ -17,7 +17,7 @@ DOCKER = ROOT / "deploy" / "docker"
 # The entry commands, the same inside and outside Docker (the end-to-end tests run them without containers).
 COMMANDS = {
     "api": ["uvicorn", "services.api.main:app", "--host", "0.0.0.0", "--port", "8000"],
-    "migrate": ["python", "-m", "services.api.migrate"],
+    "migrate": ["python", "-m", "services.jobs.migrate"],
     "worker": [
         "celery", "-A", "services.worker.app", "worker", "-Q", "gpu,default",
         "--concurrency", "1", "--prefetch-multiplier", "1", "-n", "worker@%h",

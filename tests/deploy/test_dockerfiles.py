@@ -97,7 +97,7 @@ def test_mlflow_image_version_is_the_chart_default_tag() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["services.api.main", "services.api.migrate", "services.worker.app", "services.serving.__main__"]
+    "module", ["services.api.main", "services.jobs.migrate", "services.worker.app", "services.serving.__main__"]
 )
 def test_entry_commands_name_modules_that_exist(module: str) -> None:
     assert importlib.util.find_spec(module) is not None, f"{module} is named by an entry command but missing"

@@ -15,9 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.admin import create_api_key
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.models import Job, Project
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.models import Job, Project
 
 # What the default promotion gate (implicit accuracy's lower bound above 0.5) passes and refuses.
 PASSING = {"eval/implicit_acc": 0.7, "eval/implicit_acc_lower": 0.6}
@@ -65,7 +65,7 @@ class Registry:
         with self.sessions() as session:
             session.add(
                 Job(id=job_id, project_id=project_id, status="succeeded", model="org/model", training_file="s3://b/d",
-                    method_type="inversion_dpo", hyperparameters={}, config={}, seed=0, attempt=0)
+                    method_type="inversion_dpo", config={}, seed=0, attempt=0)
             )  # fmt: skip
             session.commit()
             if metrics is not None:

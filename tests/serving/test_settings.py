@@ -26,3 +26,18 @@ def test_models_are_names_with_an_optional_alias() -> None:
 def test_bad_settings_name_the_problem(overrides: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**overrides)
+
+
+def test_the_promotion_gate_is_the_apis_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server checks versions against the rule the API promotes with: the same INVDPO_PROMOTION_GATE."""
+    from services.api.settings import Settings as ApiSettings
+
+    monkeypatch.setenv("INVDPO_PROMOTION_GATE", '{"min_implicit_acc_lower": null, "win_rate_scorer": "toy"}')
+    rule = Settings(models="cats").gate_rule()
+    assert rule is not None and rule.win_rate_scorer == "toy" and rule.min_implicit_acc_lower is None
+    assert rule == ApiSettings().gate_rule()
+    monkeypatch.setenv("INVDPO_PROMOTION_GATE", "none")
+    assert Settings(models="cats").gate_rule() is None
+    monkeypatch.setenv("INVDPO_PROMOTION_GATE", '{"min_win_rate": 2}')
+    with pytest.raises(ValidationError, match="INVDPO_PROMOTION_GATE"):
+        Settings(models="cats")

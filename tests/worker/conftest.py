@@ -102,7 +102,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A new, migrated PostgreSQL database of our own; dropped afterwards."""
-    from services.api.db import make_engine, migrate
+    from services.jobs.db import make_engine, migrate
 
     name = f"invdpo_worker_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")

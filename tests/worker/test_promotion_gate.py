@@ -29,8 +29,8 @@ from invdpo_core.config import parse_config
 from invdpo_core.evaluate import SCORERS
 from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import TOY_PROMPTS, TOY_STEPS, make_toy_dataset
-from services.api import jobstore
-from services.api.models import Job, Project
+from services.jobs import jobstore
+from services.jobs.models import Job, Project
 
 PASSING = {"eval/implicit_acc": 0.7, "eval/implicit_acc_lower": 0.6, "eval/win_rate/toy": 0.8}
 FAILING = {"eval/implicit_acc": 0.55, "eval/implicit_acc_lower": 0.45, "eval/win_rate/toy": 0.8}
@@ -42,7 +42,7 @@ def _job(factory: sessionmaker[Session], project_id: int, metrics: dict[str, flo
         config = {"base_model": "org/model", "dataset": "s3://b/d/manifest.jsonl"}
         session.add(
             Job(id=job_id, project_id=project_id, status="succeeded", model="org/model", training_file="s3://b/d",
-                method_type="diffusion_dpo", hyperparameters={}, config=config, seed=0, attempt=0)
+                method_type="diffusion_dpo", config=config, seed=0, attempt=0)
         )  # fmt: skip
         session.commit()
         if metrics is not None:

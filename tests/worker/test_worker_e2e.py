@@ -239,7 +239,7 @@ def test_redis_restart_while_a_job_is_queued_the_job_still_runs(
 
 
 def _queued_in_redis(server: RedisServer, job_id: str) -> bool:
-    from services.queue import pending_job_ids
+    from services.jobs.queue import pending_job_ids
 
     return job_id in (pending_job_ids(server.url) or set())
 

@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from invdpo_core.checkpoint import read_manifest, save_checkpoint
 from invdpo_core.testing import build_tiny_pipeline
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory, migrate
-from services.api.models import Job, Project
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory, migrate
+from services.jobs.models import Job, Project
 from services.worker import app as worker_app
 from services.worker.run_job import JobRunner, job_error, merge_lora
 from services.worker.settings import Settings
@@ -52,7 +52,7 @@ def make_job(sessions: sessionmaker[Session], project: str = "alpha", status: st
         full = {"base_model": "org/model", "dataset": "s3://b/d/manifest.jsonl", "max_steps": 10, **config}
         session.add(
             Job(id=job_id, project_id=row.id, status=status, model="org/model", training_file=full["dataset"],
-                method_type="inversion_dpo", hyperparameters={}, config=full, seed=0, attempt=0)
+                method_type="inversion_dpo", config=full, seed=0, attempt=0)
         )  # fmt: skip
         session.commit()
     return job_id
@@ -120,8 +120,8 @@ def test_reconcile_task_resends_a_queued_job_whose_message_was_lost(
 ) -> None:
     from datetime import timedelta
 
-    from services.api.models import utcnow
-    from services.queue import make_celery, pending_job_ids
+    from services.jobs.models import utcnow
+    from services.jobs.queue import make_celery, pending_job_ids
 
     job_id = make_job(sessions)
     with sessions() as session:

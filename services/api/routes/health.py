@@ -8,7 +8,7 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from services.api import schemas
-from services.queue import ping_broker
+from services.jobs.queue import ping_broker
 
 router = APIRouter(tags=["operations"])
 

@@ -22,35 +22,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from invdpo_core.config import ConfigError, parse_config
-from services.api import jobstore, schemas
+from invdpo_core.config import RESERVED_FIELDS, TrainingConfig
+from services.api import schemas
 from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
-from services.api.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
-from services.api.security import mask_secrets
-from services.api.validation import validate_job_files
+from services.jobs import jobstore
+from services.jobs.logs import mask_secrets
+from services.jobs.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent
+from services.jobs.validation import validate_job_files
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
-# TrainingConfig fields a request may not set in method.hyperparameters, and where they come from instead.
-RESERVED = {
-    "base_model": "set it with the top-level `model`",
-    "dataset": "set it with the top-level `training_file`",
-    "validation_dataset": "set it with the top-level `validation_file`",
-    "method": "set it with `method.type`",
-    "seed": "set it with the top-level `seed`",
-    "output_dir": "chosen by the worker",
-}
-# Where each TrainingConfig field lives in the request body, for 422 locations.
-_FIELD_LOC = {
-    "base_model": ("model",),
-    "dataset": ("training_file",),
-    "validation_dataset": ("validation_file",),
-    "method": ("method", "type"),
-    "seed": ("seed",),
-    "config": ("method", "hyperparameters"),
-}
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _MAX_JSON_INT = 2**53  # larger integers lose precision in JSON clients and overflow BIGINT columns
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -61,8 +44,7 @@ _CURSOR_ERROR: dict[int | str, dict[str, Any]] = {400: {"model": schemas.ErrorDe
 
 
 def _error(loc: Sequence[str | int], message: str, value: Any) -> dict[str, Any]:
-    path = ".".join(str(p) for p in loc)
-    return {"type": "value_error", "loc": ["body", *loc], "msg": f"{path}: {message}", "input": value}
+    return {"type": "value_error", "loc": ["body", *loc], "msg": message, "input": value}
 
 
 def _storable_errors(value: Any, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
@@ -97,33 +79,21 @@ def _storable_text(text: str) -> bool:
     return True
 
 
-def training_config(body: schemas.JobCreate, seed: int) -> dict[str, Any]:
-    """The job's full TrainingConfig as JSON, or a 422 whose `loc`/`msg` name the request field at fault."""
-    hyperparameters = body.method.hyperparameters
-    where = ("method", "hyperparameters")
-    errors = [
-        _error((*where, k), f"not allowed here: {RESERVED[k]}", v) for k, v in hyperparameters.items() if k in RESERVED
-    ]
-    errors += _storable_errors(hyperparameters, where)
+def training_config(body: schemas.JobCreate, seed: int) -> TrainingConfig:
+    """The job's full TrainingConfig: the hyperparameters the request set (validated with the body) and the
+    job's own fields. A 422 if a value cannot be stored."""
+    hyperparameters = body.method.hyperparameters.model_dump(exclude_unset=True)
+    errors = _storable_errors(hyperparameters, ("method", "hyperparameters"))
     if errors:
         raise RequestValidationError(errors)
-    data = {
+    return TrainingConfig(
         **hyperparameters,
-        "base_model": body.model,
-        "dataset": body.training_file,
-        "validation_dataset": body.validation_file,
-        "method": body.method.type,
-        "seed": seed,
-    }
-    try:
-        return parse_config(data).model_dump(mode="json")
-    except ConfigError as exc:
-        raise RequestValidationError(
-            [
-                _error(_FIELD_LOC.get(e["field"]) or (*where, *e["field"].split(".")), e["message"], e["value"])
-                for e in exc.errors
-            ]
-        ) from None
+        base_model=body.model,
+        dataset=body.training_file,
+        validation_dataset=body.validation_file,
+        method=body.method.type,
+        seed=seed,
+    )
 
 
 def _check_local_files(body: schemas.JobCreate) -> None:
@@ -153,7 +123,7 @@ def job_out(job: Job) -> schemas.Job:
         validation_file=job.validation_file,
         method=schemas.Method(
             type=job.method_type,  # type: ignore[arg-type]
-            hyperparameters={k: v for k, v in job.config.items() if k not in RESERVED},
+            hyperparameters={k: v for k, v in job.config.items() if k not in RESERVED_FIELDS},
         ),
         seed=job.seed,
         suffix=job.suffix,
@@ -205,7 +175,7 @@ def _parse_cursor(value: str | None, prefix: str) -> int | None:
 
 
 def _request_hash(body: schemas.JobCreate) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -271,15 +241,14 @@ def create_job(
         training_file=body.training_file,
         validation_file=body.validation_file,
         method_type=body.method.type,
-        hyperparameters=body.method.hyperparameters,
-        config=config,
+        config=config.model_dump(mode="json"),
         seed=seed,
         suffix=body.suffix,
         registered_model_name=body.registered_model_name,
         metadata_=body.metadata,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
-        total_steps=config["max_steps"],
+        total_steps=config.max_steps,
         attempt=0,
     )
     try:

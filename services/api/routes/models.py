@@ -18,9 +18,10 @@ from fastapi import APIRouter, HTTPException, Path
 from pydantic import BaseModel, Field
 
 from invdpo_core.gate import evaluate_gate
-from services.api import jobstore, schemas
+from services.api import schemas
 from services.api.deps import CallerDep, SessionDep, SettingsDep
-from services.api.logs import adopt_library_loggers
+from services.jobs import jobstore
+from services.jobs.logs import adopt_library_loggers
 
 log = logging.getLogger(__name__)
 

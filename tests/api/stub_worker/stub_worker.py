@@ -7,9 +7,9 @@ import os
 import socket
 import time
 
-from services.api import jobstore
-from services.api.db import make_engine, make_session_factory
-from services.queue import TRAIN_TASK, make_celery
+from services.jobs import jobstore
+from services.jobs.db import make_engine, make_session_factory
+from services.jobs.queue import TRAIN_TASK, make_celery
 
 app = make_celery(os.environ["INVDPO_BROKER_URL"])
 sessions = make_session_factory(make_engine(os.environ["INVDPO_DATABASE_URL"]))
@@ -28,7 +28,7 @@ def train_job(job_id: str) -> None:
         jobstore.set_run_info(session, job_id, mlflow_run_id=f"run-{job_id[-6:]}")
         for step in range(1, total + 1):
             if jobstore.is_cancel_requested(session, job_id, WORKER_ID):
-                jobstore.finish_job(session, job_id, "cancelled", worker_id=WORKER_ID)
+                jobstore.settle_cancel(session, job_id, WORKER_ID)
                 return
             time.sleep(0.02)
             jobstore.record_progress(session, job_id, step, total, {"loss": 1.0 / step}, worker_id=WORKER_ID)

@@ -6,7 +6,7 @@ Acknowledgement choice (the Redis visibility-timeout trap): with `task_acks_late
 task still unacknowledged after `visibility_timeout` (1 h), so every hour-long training would start a second
 copy. We acknowledge early (`task_acks_late=False`): a message is gone once a worker starts it. If that worker
 dies, nothing is redelivered by Redis; instead the job's heartbeat goes stale in the database and the API's
-reconciler re-sends it (`services.api.reconciler`), and the worker's atomic `jobstore.claim_job` takes it over.
+reconciler re-sends it (`services.jobs.reconciler`), and the worker's atomic `jobstore.claim_job` takes it over.
 A duplicate message is harmless for the same reason: the second claim fails and the task returns at once.
 `worker_disable_prefetch` keeps a busy GPU worker from holding the next job's message while it trains.
 """
@@ -22,8 +22,6 @@ from urllib.parse import urlsplit
 import redis
 from celery import Celery
 from kombu import Queue
-
-from services.api.settings import get_settings
 
 TRAIN_TASK = "invdpo.train_job"
 RECONCILE_TASK = "invdpo.reconcile"
@@ -44,6 +42,7 @@ def _transport_options(broker_url: str) -> dict[str, Any]:
 
 
 def make_celery(broker_url: str) -> Celery:
+    """The Celery app of the API (which only sends) and of the worker (which consumes): one configuration."""
     app = Celery("invdpo", broker=broker_url, set_as_current=False)
     app.conf.update(
         task_acks_late=False,
@@ -64,15 +63,12 @@ def make_celery(broker_url: str) -> Celery:
     return app
 
 
-celery_app = make_celery(get_settings().broker_url)
-
-
-def enqueue_training(job_id: str, app: Celery | None = None) -> None:
+def enqueue_training(job_id: str, app: Celery) -> None:
     """Send `invdpo.train_job(job_id)` to the gpu queue by name (the API never imports the worker's torch code).
 
     Call only after the job is committed as `queued`.
     """
-    (app or celery_app).send_task(TRAIN_TASK, args=[job_id], queue=GPU_QUEUE)
+    app.send_task(TRAIN_TASK, args=[job_id], queue=GPU_QUEUE)
 
 
 def job_id_of_message(raw: bytes | str) -> str | None:
@@ -107,7 +103,7 @@ def pending_job_ids(broker_url: str) -> set[str] | None:
     return {job_id for raw in raws if (job_id := job_id_of_message(raw)) is not None}
 
 
-def ping_broker(broker_url: str, app: Celery | None = None) -> bool:
+def ping_broker(broker_url: str, app: Celery) -> bool:
     """True if the broker answers (used by /readyz)."""
     try:
         if broker_url.startswith(("redis://", "rediss://")):
@@ -116,7 +112,7 @@ def ping_broker(broker_url: str, app: Celery | None = None) -> bool:
                 return bool(client.ping())
             finally:
                 client.close()
-        with (app or celery_app).connection_for_write() as conn:
+        with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         return True
     except Exception:

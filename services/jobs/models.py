@@ -1,6 +1,7 @@
 """Database tables (SQLAlchemy 2). The database, not the broker, is the source of truth for a job's state.
 
-The worker imports these models and `services.api.db` for its sessions; state changes go through `jobstore`.
+The API and the worker import these models and `services.jobs.db` for their sessions; state changes go through
+`jobstore`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-# Statuses a job moves through. Active ones count against the project's cap.
-ACTIVE_STATUSES = ("validating_files", "queued", "running", "cancel_requested")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
+from invdpo_core.config import (  # noqa: F401  (re-exported: the job layer's names for the statuses)
+    ACTIVE_STATUSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+    ActiveStatus,
+    JobStatus,
+    TerminalStatus,
+)
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -90,7 +95,6 @@ class Job(Base):
     training_file: Mapped[str] = mapped_column(Text)
     validation_file: Mapped[str | None] = mapped_column(Text)
     method_type: Mapped[str] = mapped_column(String(32))
-    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the full validated TrainingConfig
     seed: Mapped[int] = mapped_column(BigInteger)
     suffix: Mapped[str | None] = mapped_column(String(64))

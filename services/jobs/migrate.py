@@ -1,4 +1,4 @@
-"""`python -m services.api.migrate`: `alembic upgrade head` on INVDPO_DATABASE_URL, then exit (the one-shot
+"""`python -m services.jobs.migrate`: `alembic upgrade head` on INVDPO_DATABASE_URL, then exit (the one-shot
 migration job of docker-compose.yml and the Helm chart; concurrent runs take turns, see db.migrate)."""
 
 from __future__ import annotations
@@ -6,16 +6,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from services.api.db import make_engine, migrate
-from services.api.logs import configure_logging
-from services.api.security import mask_secrets
-from services.api.settings import get_settings
+from services.jobs.db import make_engine, migrate
+from services.jobs.logs import configure_logging, mask_secrets
+from services.jobs.settings import JobSettings
 
-log = logging.getLogger("services.api.migrate")
+log = logging.getLogger("services.jobs.migrate")
 
 
 def main() -> int:
-    settings = get_settings()
+    settings = JobSettings()
     configure_logging(settings.log_level)
     engine = make_engine(settings.database_url)
     try:

@@ -1,4 +1,5 @@
-"""The reconciler: the database says what should be happening, the broker may have lost it. Runs in the API.
+"""The reconciler: the database says what should be happening, the broker may have lost it. Runs in the API (a
+periodic loop) and in the worker (the `invdpo.reconcile` task).
 
 A job is never committed without being enqueued: if a `queued` job's message was lost (Redis restarted, a send
 failed after the commit), or its worker died while running it, the job is sent again. Re-sending a job that is
@@ -12,17 +13,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
 
 from celery import Celery
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
-from services.api.models import Job, utcnow
-from services.api.settings import get_settings
-from services.api.validation import validate_job_files
-from services.queue import enqueue_training, pending_job_ids
+from services.jobs import jobstore
+from services.jobs.models import Job, utcnow
+from services.jobs.queue import enqueue_training, pending_job_ids
+from services.jobs.settings import JobSettings
+from services.jobs.validation import validate_job_files
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,15 @@ def reconcile_queued_jobs(
     session: Session,
     older_than_seconds: float,
     *,
-    broker_url: str | None = None,
-    celery: Celery | None = None,
+    broker_url: str,
+    celery: Celery,
     heartbeat_timeout_seconds: float = 300.0,
     max_attempts: int = 3,
 ) -> ReconcileReport:
     """One pass: re-send queued jobs (dispatched more than `older_than_seconds` ago) that have no message in the
     broker, re-send running jobs whose heartbeat is stale (failing them after `max_attempts`), finish
     cancel_requested jobs whose worker is gone, and claim stale validating_files jobs for re-validation (returned
-    in `revalidate`; the caller runs the validation). The broker defaults to INVDPO_BROKER_URL and `services.queue`'s
-    Celery app."""
+    in `revalidate`; the caller runs the validation)."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_seconds)
     stale_heartbeat = now - timedelta(seconds=heartbeat_timeout_seconds)
@@ -84,10 +83,10 @@ def reconcile_queued_jobs(
         return report
     # With a Redis broker we can see which messages are still waiting, so a job that is merely waiting its turn
     # behind long trainings is not sent again (which would inflate the queue length autoscalers read).
-    waiting = pending_job_ids(broker_url or get_settings().broker_url) or set()
+    waiting = pending_job_ids(broker_url) or set()
     for job in candidates:
         if job.status == "cancel_requested":
-            if jobstore.finish_job(session, job.id, "cancelled"):
+            if jobstore.settle_cancel(session, job.id):
                 report.cancelled.append(job.id)
         elif job.status == "validating_files":
             if _redispatch(session, job, now):
@@ -118,19 +117,7 @@ def reconcile_queued_jobs(
     return report
 
 
-class ReconcileSettings(Protocol):
-    """The settings a pass reads: the API's and the worker's Settings both have them."""
-
-    reconcile_after_seconds: float
-    broker_url: str
-    heartbeat_timeout_seconds: float
-    max_attempts: int
-    validation_sample: int
-
-
-def run_once(
-    session_factory: sessionmaker[Session], settings: ReconcileSettings, celery: Celery | None = None
-) -> ReconcileReport:
+def run_once(session_factory: sessionmaker[Session], settings: JobSettings, celery: Celery) -> ReconcileReport:
     """A full pass including the re-validation of stale validating_files jobs (the API's periodic loop and the
     worker's `invdpo.reconcile` task)."""
     with session_factory() as session:

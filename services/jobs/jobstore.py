@@ -17,9 +17,11 @@ For the worker, in order of use:
     set_run_info(session, job_id, mlflow_run_id=..., registered_model_version=..., fine_tuned_model=...)
     set_evaluation(session, job_id, evaluation)              the evaluation after training (the gate reads it)
     is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
+    owns(job, worker_id) -> bool                             is the job still this worker's to run and report?
+    settle_cancel(session, job_id, worker_id=None) -> bool   cancel_requested -> cancelled once the worker stopped
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
     requeue_job(session, job_id, worker_id) -> bool          running -> queued (graceful shutdown, checkpointed)
-The job's validated TrainingConfig is `invdpo_core.config.parse_config(get_job(session, job_id).config)`.
+The job's validated TrainingConfig is `TrainingConfig.model_validate(get_job(session, job_id).config)`.
 """
 
 from __future__ import annotations
@@ -27,16 +29,16 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, TypeGuard
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.api.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, utcnow
-from services.api.security import mask_secrets
+from services.jobs.logs import mask_secrets
+from services.jobs.models import ACTIVE_STATUSES, Checkpoint, Job, JobEvent, Project, TerminalStatus, utcnow
 
-FinalStatus = Literal["succeeded", "failed", "cancelled"]
+FinalStatus = TerminalStatus
 
 
 class JobErrorInfo(TypedDict, total=False):
@@ -231,9 +233,19 @@ def _owned(worker_id: str | None) -> tuple[Any, ...]:
     return () if worker_id is None else (Job.claimed_by == worker_id,)
 
 
+# A claimed job is its worker's while it trains or is asked to stop.
+WORKER_STATUSES = ("running", "cancel_requested")
+
+
+def owns(job: Job | None, worker_id: str) -> TypeGuard[Job]:
+    """True while `worker_id` is the job's worker: it claimed the job, which has neither ended nor been taken over
+    by another worker (after a stale heartbeat). Only the owner trains, reports and ends the job."""
+    return job is not None and job.claimed_by == worker_id and job.status in WORKER_STATUSES
+
+
 def heartbeat(session: Session, job_id: str, worker_id: str | None = None) -> bool:
     """Mark the job alive. False if the job is no longer this worker's to run (finished, or taken over)."""
-    done = _transition(session, job_id, ("running", "cancel_requested"), *_owned(worker_id), heartbeat_at=utcnow())
+    done = _transition(session, job_id, WORKER_STATUSES, *_owned(worker_id), heartbeat_at=utcnow())
     session.commit()
     return done
 
@@ -257,7 +269,7 @@ def record_progress(
     done = _transition(
         session,
         job_id,
-        ("running", "cancel_requested"),
+        WORKER_STATUSES,
         *_owned(worker_id),
         step=step,
         total_steps=total_steps,
@@ -406,6 +418,26 @@ def finish_job(
         level, message = _FINAL_EVENTS[status]
         if error:
             message = f"{message}: {error.get('message')}"
+        session.add(_event(job_id, message, level=level))
+    session.commit()
+    return done
+
+
+def settle_cancel(session: Session, job_id: str, worker_id: str | None = None) -> bool:
+    """cancel_requested -> cancelled: the job's worker stopped after the request (worker_id given: only if it is
+    still that worker's), or is gone (the reconciler, no worker_id). False if the job was not waiting for its cancel:
+    still running, already ended, or another worker's."""
+    done = _transition(
+        session,
+        job_id,
+        ("cancel_requested",),
+        *_owned(worker_id),
+        status="cancelled",
+        finished_at=utcnow(),
+        estimated_finish=None,
+    )
+    if done:
+        level, message = _FINAL_EVENTS["cancelled"]
         session.add(_event(job_id, message, level=level))
     session.commit()
     return done

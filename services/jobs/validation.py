@@ -1,8 +1,9 @@
 """File validation before any GPU is spent: the base model must resolve and the datasets must exist and look right.
 
-Runs in the API process after the create request has answered (the API image has no torch; the checks in
-invdpo_core.storage and invdpo_core.data read only metadata and a few records). On success the job becomes
-`queued` and only then is it enqueued; on failure it becomes `failed` with a user-facing {code, message, param}.
+Runs in the API process after the create request has answered, and in a reconciler pass for a job left
+`validating_files` (the API image has no torch; the checks in invdpo_core.storage and invdpo_core.data read only
+metadata and a few records). On success the job becomes `queued` and only then is it enqueued; on failure it
+becomes `failed` with a user-facing {code, message, param}.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Callable
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api import jobstore
-from services.api.security import mask_secrets
-from services.queue import enqueue_training
+from services.jobs import jobstore
+from services.jobs.logs import mask_secrets
+from services.jobs.queue import enqueue_training
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def check_files(
 
 
 def validate_job_files(
-    session_factory: sessionmaker[Session], job_id: str, *, celery: Celery | None = None, sample: int = 8
+    session_factory: sessionmaker[Session], job_id: str, *, celery: Celery, sample: int = 8
 ) -> None:
     """Validate one `validating_files` job, then queue and enqueue it, or fail it. Never raises."""
     try:

@@ -1,4 +1,4 @@
-"""Alembic environment: uses the connection handed over by `services.api.db.migrate`, else INVDPO_DATABASE_URL."""
+"""Alembic environment: uses the connection handed over by `services.jobs.db.migrate`, else INVDPO_DATABASE_URL."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from services.api.models import Base
+from services.jobs.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -23,18 +23,18 @@ connection = config.attributes.get("connection")
 if connection is not None:
     _run(connection)
 else:
-    # Command-line use: alembic -c services/api/alembic.ini upgrade head
-    from services.api.db import make_engine
-    from services.api.settings import get_settings
+    # Command-line use: alembic -c services/jobs/alembic.ini upgrade head
+    from services.jobs.db import make_engine
+    from services.jobs.settings import JobSettings
 
     if config.config_file_name is not None:
         fileConfig(config.config_file_name)
     if context.is_offline_mode():
-        context.configure(url=get_settings().database_url, target_metadata=target_metadata, literal_binds=True)
+        context.configure(url=JobSettings().database_url, target_metadata=target_metadata, literal_binds=True)
         with context.begin_transaction():
             context.run_migrations()
     else:
-        engine = make_engine(get_settings().database_url)
+        engine = make_engine(JobSettings().database_url)
         with engine.connect() as conn:
             _run(conn)
             conn.commit()

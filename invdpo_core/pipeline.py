@@ -1,0 +1,61 @@
+"""The Stable Diffusion pipeline: loading one (train, evaluate and the worker's LoRA merge) and encoding preference
+pairs to latents with its VAE (train and evaluate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from invdpo_core.data import PreferencePair, load_image
+from invdpo_core.storage import resolve_model
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+# Where base models downloaded from s3:// are kept when the caller names no directory.
+DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache/invdpo"
+
+
+class PipelineLoadError(RuntimeError):
+    """The model cannot be loaded as a Stable Diffusion 1.x/2.x or XL pipeline; one-line message naming it."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line, at most 200 characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def load_pipeline(
+    uri: str, *, model_cache_dir: str | Path | None = None, what: str = "base model"
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The pipeline at `uri` (a local directory, a hub id or an s3:// prefix, downloaded once into `model_cache_dir`,
+    see storage.resolve_model), on the CPU, progress bars off. `what` names the model in errors."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = resolve_model(uri, model_cache_dir or DEFAULT_MODEL_CACHE_DIR)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path)
+    except Exception as exc:  # diffusers raises OSError, ValueError, KeyError...: all mean "cannot load this"
+        raise PipelineLoadError(f"{what} {uri}: cannot load: {type(exc).__name__}: {one_line(exc)}") from None
+    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
+        raise PipelineLoadError(
+            f"{what} {uri}: {type(pipe).__name__} is not supported "
+            "(StableDiffusionPipeline or StableDiffusionXLPipeline)"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_latents(
+    vae: AutoencoderKL, batch: list[PreferencePair], resolution: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs' images as scaled VAE latents: (B, 4, h, w) winners, (B, 4, h, w) losers, in float32."""
+    images = [load_image(im, resolution, source=p.source) for p in batch for im in (p.chosen, p.rejected)]
+    pixels = torch.stack(images).to(device, dtype=vae.dtype)  # (2B, 3, R, R): chosen, rejected, ...
+    with torch.no_grad():
+        # The posterior mean, not a sample: deterministic, so a cached inversion stays valid.
+        z = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+    return z[0::2], z[1::2]
