@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/inversion.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/alignment.py --quick
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) demo-out runs

@@ -7,6 +7,7 @@ run) fails: an absent measurement is never evidence.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,18 @@ def parse_gate_rule(data: Mapping[str, Any]) -> GateRule:
                 for e in exc.errors()
             ]
         ) from None
+
+
+def parse_gate_setting(value: str) -> GateRule | None:
+    """The rule of an INVDPO_PROMOTION_GATE value (a JSON object, or none: the gate is off; None).
+
+    A JSONDecodeError is a ValueError, so a pydantic validator calling this reports it against its field."""
+    if value.strip().lower() == "none":
+        return None
+    data = json.loads(value)
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object or none")
+    return parse_gate_rule(data)
 
 
 def evaluate_gate(metrics: Mapping[str, float], rule: GateRule) -> tuple[bool, list[str]]:

@@ -4,8 +4,9 @@ Everything lives under demo-out/: the job database (SQLite), an embedded broker 
 one file per message), MLflow (SQLite, local artifacts) and the object store (a local directory). The API runs
 under uvicorn and a Celery worker in its own process, both on loopback. The demo makes the tiny model and a toy
 "redder is better" preference set, submits an Inversion-DPO job over REST, follows it live, promotes the
-registered version to `champion` through the API, generates one image with it through MLflow, and prints where
-everything is. Child processes are stopped on exit, Ctrl-C included. Their logs: demo-out/api.log, worker.log.
+registered version to `champion` through the API, generates one image with it through the model server
+(services/serving, which follows the promotion), and prints where everything is. Child processes are stopped on
+exit, Ctrl-C included. Their logs: demo-out/api.log, worker.log, serving.log.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _free_port() -> int:
 
 
 def _environment(out: Path) -> dict[str, str]:
-    """The settings of the API and the worker (services/api/settings.py, services/worker/settings.py)."""
+    """The settings of the API, the worker and the model server (their settings.py)."""
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -73,12 +74,18 @@ def _environment(out: Path) -> dict[str, str]:
         # model's images beat the base's under it. (The default rule, the implicit accuracy's interval on held-out
         # pairs above 0.5, needs more held-out pairs than a demo can afford to make.)
         "INVDPO_PROMOTION_GATE": json.dumps(GATE),
+        # The model server (services/serving/settings.py): the demo model's champion, looked up every second.
+        "INVDPO_SERVING_MODELS": MODEL_NAME,
+        "INVDPO_SERVING_POLL_SECONDS": "1",
+        "INVDPO_SERVING_HOST": "127.0.0.1",
+        "INVDPO_SERVING_CACHE_DIR": str(out / "serving-cache"),
+        "INVDPO_SERVING_LOG_LEVEL": "WARNING",
     }
 
 
 class Children:
-    """The API and the worker, each in a session of its own so Ctrl-C reaches only the demo, which then stops
-    them (and the training process the worker started) in order."""
+    """The API, the worker and the model server, each in a session of its own so Ctrl-C reaches only the demo,
+    which then stops them (and the training process the worker started) in order."""
 
     def __init__(self, out: Path, env: dict[str, str]):
         self.out, self.env = out, env
@@ -133,7 +140,7 @@ class Children:
                 proc.wait()
 
 
-def _wait_ready(url: str, children: Children) -> None:
+def _wait_ready(url: str, children: Children, what: str = "the API") -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if (failure := children.dead()) is not None:
@@ -144,7 +151,7 @@ def _wait_ready(url: str, children: Children) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise DemoError(f"the API at {url} was not ready after {READY_TIMEOUT_S:.0f} s")
+    raise DemoError(f"{what} at {url} was not ready after {READY_TIMEOUT_S:.0f} s")
 
 
 def _make_inputs(out: Path) -> tuple[Path, Path, Path]:
@@ -171,6 +178,20 @@ def _api_key(env: dict[str, str]) -> str:
     finally:
         engine.dispose()
     return key
+
+
+def _served_sample(url: str, key: str, path: Path) -> int:
+    """One image from the model server's Images API; returns the version that generated it."""
+    answer = httpx.post(
+        f"{url}/v1/images/generations",
+        json={"model": MODEL_NAME, "prompt": PROMPTS[0], "response_format": "b64_json", "seed": 0},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+    if answer.status_code != 200:
+        raise DemoError(f"the model server answered {answer.status_code}: {answer.json()['error']['message']}")
+    path.write_bytes(base64.b64decode(answer.json()["data"][0]["b64_json"]))
+    return int(answer.headers["x-model-version"])
 
 
 def _sample_image(tracking_uri: str, model_uri: str, path: Path) -> None:
@@ -215,9 +236,13 @@ def run_demo(out: Path, steps: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
     env = _environment(out)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    print(f"invdpo demo: everything under {out}/ (API {url}, Celery worker, SQLite, MLflow, filesystem broker)")
+    port, serving_port = _free_port(), _free_port()
+    url, serving_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{serving_port}"
+    env["INVDPO_SERVING_PORT"] = str(serving_port)
+    print(
+        f"invdpo demo: everything under {out}/ (API {url}, Celery worker, model server {serving_url}, SQLite, "
+        "MLflow, filesystem broker)"
+    )
     with _children(out, env) as children:
         # The servers boot while this process builds the model and the data (both import torch: seconds each).
         children.start(
@@ -231,6 +256,8 @@ def run_demo(out: Path, steps: int) -> None:
             [sys.executable, "-m", "uvicorn", "services.api.main:app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "warning", "--no-access-log"],
         )  # fmt: skip
+        # It has nothing to serve until the promotion; it finds the champion by itself.
+        children.start("serving", [sys.executable, "-m", "services.serving"])
         print(
             f"[1/5] tiny model and toy 'redder is better' preference pairs ({TOY_PAIRS} + {TOY_PAIRS // 2} held out)"
         )
@@ -262,7 +289,8 @@ def run_demo(out: Path, steps: int) -> None:
             "registered_model_name": MODEL_NAME,
             "metadata": {"source": "make demo"},
         }
-        with Api(url, _api_key(env)) as api:
+        key = _api_key(env)
+        with Api(url, key) as api:
             job = api.call("POST", JOBS, json=body, headers={"Idempotency-Key": "make-demo"})
             print(f"[3/5] job {job['id']} submitted over REST: inversion_dpo, {steps} steps at 64 px")
             job = follow(api, job["id"])
@@ -285,9 +313,17 @@ def run_demo(out: Path, steps: int) -> None:
                     raise
                 alias = "candidate"
                 print(f"      the promotion gate refused it: {exc}; keeping alias candidate")
-        print(f"[5/5] generating a sample with the {alias}, loaded through mlflow.pyfunc")
         sample = out / "sample.png"
-        _sample_image(env["INVDPO_MLFLOW_TRACKING_URI"], f"models:/{MODEL_NAME}@{alias}", sample)
+        if alias == "champion":
+            print(f"[5/5] generating a sample through the model server ({serving_url}), which follows the champion")
+            _wait_ready(serving_url, children, "the model server")
+            served = _served_sample(serving_url, key, sample)
+            print(f"      POST /v1/images/generations answered by version {served}")
+        else:
+            # The model server serves only versions the gate passed: it has nothing to serve here.
+            print(f"[5/5] generating a sample with the {alias}, loaded through mlflow.pyfunc (the model server "
+                  "serves only versions the promotion gate passed)")  # fmt: skip
+            _sample_image(env["INVDPO_MLFLOW_TRACKING_URI"], f"models:/{MODEL_NAME}@{alias}", sample)
 
     print()
     print(f"registered model:  models:/{MODEL_NAME}/{version}")
@@ -324,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_demo(out, args.steps)
     except KeyboardInterrupt:
-        print("demo interrupted; the API and the worker are stopped", file=sys.stderr)
+        print("demo interrupted; the API, the worker and the model server are stopped", file=sys.stderr)
         return 130
     except Exception as exc:  # one line; the details are in the logs
         reason = str(exc) if isinstance(exc, DemoError | CLIError) else f"{type(exc).__name__}: {exc}"
-        logs = [str(log) for log in (out / "api.log", out / "worker.log") if log.exists()]
+        logs = [str(log) for log in (out / "api.log", out / "worker.log", out / "serving.log") if log.exists()]
         where = f" (logs: {', '.join(logs)})" if logs else ""
         print(f"demo failed: {mask_secrets(' '.join(reason.split()))}{where}", file=sys.stderr)
         return 1

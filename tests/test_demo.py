@@ -14,10 +14,12 @@ import psutil
 import pytest
 from PIL import Image
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from services.api.settings import Settings as ApiSettings
 from services.jobs.queue import enqueue_training, job_id_of_message, make_celery, ping_broker
+from services.serving.settings import Settings as ServingSettings
 from services.worker.settings import Settings as WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +60,7 @@ def _demo(out: Path) -> subprocess.Popen[str]:
     )
 
 
-def test_ctrl_c_stops_the_api_and_the_worker(tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_api_the_worker_and_the_model_server(tmp_path: Path) -> None:
     out = tmp_path / "demo-out"
     demo = _demo(out)
     try:
@@ -67,8 +69,8 @@ def test_ctrl_c_stops_the_api_and_the_worker(tmp_path: Path) -> None:
             if line.startswith("[1/5]"):
                 break
         deadline = time.monotonic() + 60
-        while len(_children_of(out)) < 2:
-            assert time.monotonic() < deadline and demo.poll() is None, "the API and the worker did not start"
+        while len(_children_of(out)) < 3:
+            assert time.monotonic() < deadline and demo.poll() is None, "the children did not start"
             time.sleep(0.1)
         demo.send_signal(signal.SIGINT)
         _, err = demo.communicate(timeout=60)
@@ -76,7 +78,7 @@ def test_ctrl_c_stops_the_api_and_the_worker(tmp_path: Path) -> None:
         if demo.poll() is None:
             demo.kill()
     assert demo.returncode == 130
-    assert err.strip().splitlines()[-1] == "demo interrupted; the API and the worker are stopped"
+    assert err.strip().splitlines()[-1] == "demo interrupted; the API, the worker and the model server are stopped"
     assert _children_of(out) == []
 
 
@@ -101,6 +103,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert alias.startswith("champion") or (
         alias.startswith("candidate (not promoted") and "the promotion gate refused it: 409" in result.stdout
     ), result.stdout
+    if alias.startswith("champion"):
+        assert "POST /v1/images/generations answered by version 1" in result.stdout, result.stdout
     sample = Path(lines["sample image"].strip())
     assert sample == out / "sample.png"
     with Image.open(sample) as image:
@@ -113,15 +117,25 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
 def _default(field: FieldInfo) -> str:
     value = field.default
+    if value is PydanticUndefined:
+        return "required"
     return "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@pytest.mark.parametrize(("title", "settings"), [("API", ApiSettings), ("Worker", WorkerSettings)])
-def test_readme_configuration_is_the_settings(title: str, settings: type[BaseSettings]) -> None:
+def _variable(settings: type[BaseSettings], name: str, field: FieldInfo) -> str:
+    alias = field.validation_alias
+    return alias if isinstance(alias, str) else f"{settings.model_config.get('env_prefix', '')}{name}".upper()
+
+
+@pytest.mark.parametrize(
+    ("title", "package", "settings"),
+    [("API", "api", ApiSettings), ("Worker", "worker", WorkerSettings), ("Model server", "serving", ServingSettings)],
+)
+def test_readme_configuration_is_the_settings(title: str, package: str, settings: type[BaseSettings]) -> None:
     """The README's Configuration tables list every setting with its exact environment variable and default."""
     readme = (REPO / "README.md").read_text()
-    section = readme.split(f"\n{title} (`services/{title.lower()}/settings.py`):\n", 1)[1].split("\n\n", 1)[0]
+    section = readme.split(f"\n{title} (`services/{package}/settings.py`):\n", 1)[1].split("\n\n", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
-    expected = [f"| `INVDPO_{name.upper()}` | `{_default(f)}` |" for name, f in settings.model_fields.items()]
+    expected = [f"| `{_variable(settings, name, f)}` | `{_default(f)}` |" for name, f in settings.model_fields.items()]
     assert [row[: len(prefix)] for row, prefix in zip(rows, expected, strict=False)] == expected
     assert len(rows) == len(expected)

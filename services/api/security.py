@@ -1,15 +1,12 @@
-"""API keys: only their sha256 is stored. (Masking credentials in what we print or return: services.jobs.logs.)"""
+"""API keys: only their sha256 is stored (services.jobs.keys, shared with the model server). (Masking credentials in
+what we print or return: services.jobs.logs.)"""
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 
+from services.jobs.keys import hash_key
 from services.jobs.logs import KEY_PREFIX
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def generate_key() -> tuple[str, str, str]:

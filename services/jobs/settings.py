@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from invdpo_core.gate import GateRule, parse_gate_rule
+from invdpo_core.gate import GateRule, parse_gate_setting
 
 
 class JobSettings(BaseSettings):
@@ -82,18 +81,9 @@ class JobSettings(BaseSettings):
     @field_validator("promotion_gate")
     @classmethod
     def _check_gate(cls, value: str) -> str:
-        _gate_rule(value)
+        parse_gate_setting(value)
         return value
 
     def gate_rule(self) -> GateRule | None:
         """The promotion gate's rule, or None when it is off."""
-        return _gate_rule(self.promotion_gate)
-
-
-def _gate_rule(value: str) -> GateRule | None:
-    if value.strip().lower() == "none":
-        return None
-    data = json.loads(value)  # a JSONDecodeError is a ValueError: pydantic reports it against the field
-    if not isinstance(data, dict):
-        raise ValueError("must be a JSON object or none")
-    return parse_gate_rule(data)
+        return parse_gate_setting(self.promotion_gate)

@@ -22,6 +22,7 @@ COMMANDS = {
         "celery", "-A", "services.worker.app", "worker", "-Q", "gpu,default",
         "--concurrency", "1", "--prefetch-multiplier", "1", "-n", "worker@%h",
     ],
+    "serving": ["python", "-m", "services.serving"],
 }  # fmt: skip
 
 # Which Settings class reads the INVDPO_* variables of each of our containers.
@@ -30,6 +31,7 @@ SETTINGS_MODULES = {
     "migrate": "services.api.settings",
     "test": "services.api.settings",
     "worker": "services.worker.settings",
+    "serving": "services.serving.settings",
 }
 
 # Variables a library reads itself; a deployment may set them on any container. Anything else must be an INVDPO_*

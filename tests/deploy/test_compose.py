@@ -36,7 +36,7 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|ACCESS_KEY")
 # the URL check below asserts).
 NOT_SECRET = {"MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_DATABASE_URI"}
 # Our services' compose names -> the component whose Settings reads their INVDPO_* variables.
-OUR_SERVICES = {"api": "api", "migrate": "migrate", "worker": "worker", "mlflow-users": "api"}
+OUR_SERVICES = {"api": "api", "migrate": "migrate", "worker": "worker", "mlflow-users": "api", "serving": "serving"}
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -82,16 +82,8 @@ def strings(node: object):
 
 def test_the_expected_services_are_there(services: dict) -> None:
     assert set(services) == {
-        "postgres",
-        "redis",
-        "s3",
-        "createbuckets",
-        "mlflow",
-        "mlflow-users",
-        "migrate",
-        "api",
-        "worker",
-    }
+        "postgres", "redis", "s3", "createbuckets", "mlflow", "mlflow-users", "migrate", "api", "worker", "serving"
+    }  # fmt: skip
 
 
 def test_every_long_running_service_has_a_healthcheck(services: dict) -> None:
@@ -184,7 +176,7 @@ def test_our_services_settings_accept_the_compose_values(
 
 
 def test_commands_are_the_documented_entry_commands(services: dict) -> None:
-    for name in ("api", "migrate", "worker"):
+    for name in ("api", "migrate", "worker", "serving"):
         assert services[name]["command"] == COMMANDS[name], name
 
 
@@ -230,14 +222,15 @@ def test_published_ports_are_on_loopback_only(services: dict) -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
-def test_cpu_override_drops_the_gpu_and_builds_the_cpu_worker(services: dict) -> None:
+@pytest.mark.parametrize("name", ["worker", "serving"])
+def test_cpu_override_drops_the_gpu_and_builds_cpu_images(services: dict, name: str) -> None:
     override = yaml.load(CPU_OVERRIDE.read_text(), Loader=ComposeLoader)
-    assert set(override["services"]) == {"worker"}
-    worker = override["services"]["worker"]
-    assert worker["deploy"] == {"!reset": True}
-    assert worker["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
-    assert worker["build"]["args"]["BASE_IMAGE"] == "ubuntu:22.04"
-    assert worker["image"] != services["worker"]["image"], "the CPU image must not overwrite the CUDA one"
+    assert set(override["services"]) == {"worker", "serving"}
+    service = override["services"][name]
+    assert service["deploy"] == {"!reset": True}
+    assert service["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert service["build"]["args"]["BASE_IMAGE"] == "ubuntu:22.04"
+    assert service["image"] != services[name]["image"], "the CPU image must not overwrite the CUDA one"
 
 
 # A secret in a command is readable by any process on the host (/proc/PID/cmdline, `ps`, docker inspect): a
@@ -274,3 +267,12 @@ def test_no_secret_in_any_process_argv(services: dict) -> None:
     assert not secret_in_args("printf '%s' \"$$AWS_SECRET_ACCESS_KEY\" > /tmp/s3.json && exec weed server")
     redis_script = services["redis"]["command"][-1]
     assert redis_script.startswith("exec redis-server - <<EOF") and "requirepass $$REDISCLI_AUTH" in redis_script
+
+
+def test_the_model_server_reserves_a_gpu_and_its_healthcheck_calls_healthz(services: dict) -> None:
+    serving = services["serving"]
+    assert serving["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "http://127.0.0.1:8080/healthz" in " ".join(serving["healthcheck"]["test"])
+    assert serving["ports"] == ["127.0.0.1:8080:8080"]
+    assert environment(serving)["INVDPO_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert serving["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

@@ -44,7 +44,9 @@ def build_args(dockerfile: str) -> dict[str, str]:
     return args
 
 
-@pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "worker.Dockerfile", "mlflow.Dockerfile"])
+@pytest.mark.parametrize(
+    "dockerfile", ["api.Dockerfile", "worker.Dockerfile", "mlflow.Dockerfile", "serving.Dockerfile"]
+)
 def test_images_run_as_a_fixed_non_root_user_with_a_healthcheck(dockerfile: str) -> None:
     assert one(dockerfile, "USER") == "10001:10001"
     healthcheck = one(dockerfile, "HEALTHCHECK")
@@ -52,7 +54,10 @@ def test_images_run_as_a_fixed_non_root_user_with_a_healthcheck(dockerfile: str)
     assert (DOCKER / f"{dockerfile}.dockerignore").is_file(), "the build context is the repository root"
 
 
-@pytest.mark.parametrize("dockerfile, component", [("api.Dockerfile", "api"), ("worker.Dockerfile", "worker")])
+@pytest.mark.parametrize(
+    "dockerfile, component",
+    [("api.Dockerfile", "api"), ("worker.Dockerfile", "worker"), ("serving.Dockerfile", "serving")],
+)
 def test_default_commands_are_the_documented_entry_commands(dockerfile: str, component: str) -> None:
     assert json.loads(one(dockerfile, "CMD")) == COMMANDS[component]
 
@@ -70,14 +75,19 @@ def test_api_image_is_slim_python_without_torch() -> None:
     assert {"fastapi", "uvicorn", "alembic", "celery", "boto3", "pydantic-settings", "pyarrow"} <= names
 
 
-def test_worker_image_pairs_a_cuda_12_runtime_with_the_matching_torch_build() -> None:
-    args = build_args("worker.Dockerfile")
+@pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "serving.Dockerfile"])
+def test_gpu_images_pair_a_cuda_12_runtime_with_the_matching_torch_build(dockerfile: str) -> None:
+    args = build_args(dockerfile)
     base = re.fullmatch(r"nvidia/cuda:12\.(\d+)\.\d+-cudnn-runtime-ubuntu22\.04", args["BASE_IMAGE"])
     assert base, args["BASE_IMAGE"]
     assert args["TORCH_INDEX_URL"] == f"https://download.pytorch.org/whl/cu12{base.group(1)}"
     makefile_pin = re.search(r"torch==([0-9.]+)", (ROOT / "Makefile").read_text()).group(1)
     assert args["TORCH_VERSION"] == makefile_pin, "the image and the development environment pin the same torch"
+
+
+def test_worker_and_serving_healthchecks() -> None:
     assert "INVDPO_HEARTBEAT_FILE" in one("worker.Dockerfile", "HEALTHCHECK")
+    assert "127.0.0.1:8080/healthz" in one("serving.Dockerfile", "HEALTHCHECK")
 
 
 def test_mlflow_image_version_is_the_chart_default_tag() -> None:
@@ -86,6 +96,8 @@ def test_mlflow_image_version_is_the_chart_default_tag() -> None:
     assert "/health" in one("mlflow.Dockerfile", "HEALTHCHECK")
 
 
-@pytest.mark.parametrize("module", ["services.api.main", "services.jobs.migrate", "services.worker.app"])
+@pytest.mark.parametrize(
+    "module", ["services.api.main", "services.jobs.migrate", "services.worker.app", "services.serving.__main__"]
+)
 def test_entry_commands_name_modules_that_exist(module: str) -> None:
     assert importlib.util.find_spec(module) is not None, f"{module} is named by an entry command but missing"

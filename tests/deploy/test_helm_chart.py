@@ -159,6 +159,8 @@ def test_each_optional_feature_has_a_ci_values_file_turning_it_on() -> None:
         "worker.podDisruptionBudget",
         "worker.keda",
         "worker.trainJob",
+        "serving",
+        "serving.keda",
     }
     ci = [load_values(path) for path in VALUES_FILES[1:]]
     for switch in off_by_default:
@@ -221,6 +223,71 @@ def test_worker_pdb_selects_the_workers(renders: dict) -> None:
     worker = the(documents, "Deployment", "worker")
     assert pdb["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
     assert pdb["spec"]["maxUnavailable"] == 0
+
+
+# The model servers.
+
+
+def servers(documents: list[dict], kind: str) -> dict[str, dict]:
+    """The model server resources of one kind, by deployment entry name (component serving-<name>)."""
+    return {
+        doc["metadata"]["labels"]["app.kubernetes.io/component"].removeprefix("serving-"): doc
+        for doc in documents
+        if doc["kind"] == kind and doc["metadata"]["labels"]["app.kubernetes.io/component"].startswith("serving-")
+    }
+
+
+def test_model_servers_are_off_by_default_and_one_per_entry_when_on(renders: dict) -> None:
+    assert not servers(renders["default"], "Deployment")
+    documents = renders["serving-values.yaml"]
+    deployments = servers(documents, "Deployment")
+    assert set(deployments) == {"cats", "dogs"}
+    cats = deployments["cats"]
+    assert cats["spec"]["replicas"] == 2
+    assert cats["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    server = container(cats)
+    assert server["command"] == COMMANDS["serving"]
+    assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert server["resources"]["limits"] == {"nvidia.com/gpu": "1"}, "a GPU by default"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(cats)["tolerations"]
+    env = env_of(cats)
+    assert env["INVDPO_SERVING_MODELS"]["value"] == "cats,cats-sdxl@staging"
+    assert env_of(deployments["dogs"])["INVDPO_SERVING_MODELS"]["value"] == "dogs"
+    assert (env["INVDPO_SERVING_POLL_SECONDS"]["value"], env["INVDPO_SERVING_MAX_WAIT_MS"]["value"]) == ("5", "25")
+    assert "INVDPO_SERVING_REQUEST_TIMEOUT_SECONDS" not in env, "null keeps the server's default"
+    assert "secretKeyRef" in env["INVDPO_DATABASE_URL"]["valueFrom"], "API keys are checked in the job database"
+    for name, deployment in deployments.items():
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert servers(documents, "Service")[name]["spec"]["selector"] == selector
+        assert servers(documents, "PodDisruptionBudget")[name]["spec"]["selector"]["matchLabels"] == selector
+    assert not find(documents, "ScaledObject")
+
+
+def test_model_server_variables_are_its_settings(renders: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    for deployment in servers(renders["serving-values.yaml"], "Deployment").values():
+        env = env_of(deployment)
+        assert check_env_names(set(env), SETTINGS_MODULES["serving"]) == []
+        literal = {name: item.get("value", "postgresql+psycopg://u:p@h:5432/d") for name, item in env.items()}
+        settings = validate_settings(SETTINGS_MODULES["serving"], literal, monkeypatch)
+        assert settings.model_refs()  # type: ignore[attr-defined]
+
+
+def test_keda_scales_each_model_server_on_its_queue_depth(renders: dict) -> None:
+    documents = renders["serving-keda-values.yaml"]
+    (deployment,) = servers(documents, "Deployment").values()
+    (scaled,) = servers(documents, "ScaledObject").values()
+    name = deployment["metadata"]["name"]
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == name
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 6)
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "4"
+    assert (
+        trigger["metadata"]["query"] == f'sum(invdpo_serving_queue_depth{{namespace="{NAMESPACE}",pod=~"{name}-.*"}})'
+    )
+    with pytest.raises(helm.HelmRenderError, match="prometheusAddress is required"):
+        render({"serving": {"enabled": True, "keda": {"enabled": True}}})
 
 
 # The API, MLflow, hooks.
@@ -406,6 +473,7 @@ def test_container_variables_are_settings_fields_or_library_variables(
         ({"worker": {"resources": {"limit": {"memory": "1Gi"}}}}, "limit"),
         ({"mlflow": {"backendstore": {}}}, "backendstore"),
         ({"networkPolicy": {"enable": True}}, "enable"),
+        ({"serving": {"deployments": [{"name": "a", "models": ["m"], "replicaCount": 1, "replicas": 2}]}}, "replicas"),
     ],
 )
 def test_a_misspelled_values_key_fails_the_render(values: dict, key: str) -> None:
