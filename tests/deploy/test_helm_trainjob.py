@@ -80,8 +80,9 @@ def test_the_rendered_worker_builds_a_trainjob_the_crd_accepts_without_secret_va
     assert template["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     # The NetworkPolicy in front of MLflow admits the TrainJob pods (rank 0 logs the run there).
     (mlflow_policy,) = [p for p in find(documents, "NetworkPolicy") if p["metadata"]["name"].endswith("mlflow")]
-    (allowed,) = mlflow_policy["spec"]["ingress"][0]["from"]
-    assert allowed["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    allowed = mlflow_policy["spec"]["ingress"][0]["from"]  # the API, the workers, the model servers, ...
+    labels = template["metadata"]["labels"].items()
+    assert any("podSelector" in a and a["podSelector"]["matchLabels"].items() <= labels for a in allowed), allowed
     assert template["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
 
