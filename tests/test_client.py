@@ -258,7 +258,7 @@ def test_events_follow_ends_with_the_job(
         assert out.splitlines()[-1] == f"{job['id']} failed: out_of_memory: CUDA out of memory"
     # Following the finished job again replays its messages without a progress bar (no rate, no "running").
     code, out, err = run(capsys, "jobs", "events", job["id"], "--follow")
-    assert code == exit_code and "Training started on worker test-worker" in out
+    assert code == exit_code and "Training started (attempt 1)" in out
     assert out.splitlines()[-1].startswith(f"{job['id']} {outcome}")
     assert "step/s" not in err and "running" not in err
 

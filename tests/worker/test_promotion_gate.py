@@ -166,6 +166,8 @@ def test_evaluate_job_logs_to_the_run_and_returns_the_record(tiny: dict[str, Pat
          "resolution": 64, "validation_prompts": ["a red circle", "a blue square"], "validation_inference_steps": 2}
     )  # fmt: skip
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # An experiment of this store: another test in the process may have left its own experiment active.
+    mlflow.set_experiment("evaluate-job")
     with mlflow.start_run() as run:
         record = evaluate_job(config, tiny["base"], tmp_path / "eval", Settings())
         # A model that will not load: recorded, not raised.
