@@ -23,19 +23,19 @@ LORA = {"type": "lora", "rank": 4, "alpha": 8.0}
 RUNS = {
     "inversion_dpo_full": (
         {"method": "inversion_dpo"},
-        "0e38c93ecafae1fb8ea8a07d196e5bc14dd4bd051a25e9d836dd8b50f0f1512f",
+        "7b75868e2256a0d1290f8ea48becec787048c8db93502f7ed589cd0ff7af645b",
     ),
     "inversion_dpo_lora": (
         {"method": "inversion_dpo", "adapter": LORA},
-        "140dd80f7c04e6259271375b1e18f1ed8e08c5b53401b51a405caf3b9fa903ae",
+        "47c9d1c4e9fd0a3e236265a8593e4b21cae39b6f29f195d55a4213b6bb847384",
     ),
     "diffusion_dpo_full": (
         {"method": "diffusion_dpo"},
-        "a839d1c68e73ed3f352e23ca45abac65dda910a3a21f9e9d3866dc6552e390c0",
+        "e424c05ccd3e4c6b129457303925680cbea2881b8bdba0838c0e46f770905d22",
     ),
     "diffusion_dpo_lora": (
         {"method": "diffusion_dpo", "adapter": LORA},
-        "48d15f59de76229a4a3a053cfc27f2d01591e86fbab7e9d2c2183b1cffff591a",
+        "346113062eb99d8276634424e1b1921087e442ca63af4915762ce549930f9b6d",
     ),
     # The two other inversion caches and all N points (the two-pass gradient).
     "inversion_dpo_disk_all_points": (
@@ -45,7 +45,7 @@ RUNS = {
     # No cache recomputes the same inversion every step: the same weights as the memory cache.
     "inversion_dpo_no_cache_lora": (
         {"method": "inversion_dpo", "inversion_cache": "none", "adapter": LORA},
-        "140dd80f7c04e6259271375b1e18f1ed8e08c5b53401b51a405caf3b9fa903ae",
+        "47c9d1c4e9fd0a3e236265a8593e4b21cae39b6f29f195d55a4213b6bb847384",
     ),
 }
 
