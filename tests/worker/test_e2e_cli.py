@@ -208,6 +208,8 @@ def _run(
         "INVDPO_BROKER_URL": redis_server.url,
         "INVDPO_MLFLOW_TRACKING_URI": mlflow_server,
         "INVDPO_LOG_LEVEL": "INFO",
+        # The worker records each version's verdict under this rule and the API promotes by it: one rule for both.
+        "INVDPO_PROMOTION_GATE": json.dumps(GATE),
     }
 
     # The servers boot while this process makes the inputs.
@@ -220,7 +222,6 @@ def _run(
             "INVDPO_ALLOW_LOCAL_FILES": "false",  # deployed: s3:// URIs only
             "INVDPO_MIGRATE_ON_STARTUP": "false",  # the pg_url fixture migrated the database
             "INVDPO_EVENTS_POLL_SECONDS": "0.2",
-            "INVDPO_PROMOTION_GATE": json.dumps(GATE),
         },
     )
     workers = Workers(
