@@ -57,7 +57,7 @@ def policy_errors(unet: EpsModel, points: TrainPoints) -> tuple[torch.Tensor, to
     """Per-point policy MSE for winners and losers, one UNet forward over (2*B*K) rows: winners then losers."""
     x = torch.cat([points.xt_w, points.xt_l])
     t = torch.cat([points.timesteps, points.timesteps])
-    eps = unet(x, t, **Conditioning.cat([points.cond, points.cond]).unet_kwargs()).sample
+    eps = unet(x, t, **points.cond.both().unet_kwargs()).sample
     eps_w, eps_l = eps.chunk(2)
     return _mse(eps_w, points.target_w), _mse(eps_l, points.target_l)
 
@@ -134,7 +134,7 @@ def inpo_points(
     t = t.to(z_w.device)
     z0 = torch.cat([z_w, z_l])  # (2B, C, h, w): winners then losers
     traj = ddim_invert(
-        inverter, scheduler.config, z0, Conditioning.cat([cond, cond]), num_steps=inversion_steps,
+        inverter, scheduler.config, z0, cond.both(), num_steps=inversion_steps,
         with_point_eps=False, stop_before=torch.cat([t, t]), eta=eta, generator=generator,
     )  # fmt: skip
     # A copy made outside inference mode: the policy's forward with grad cannot save inference tensors.

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from invdpo_core.data import PreferencePair, load_image
+from invdpo_core.data import PreferencePair, image_time_ids, load_image
 from invdpo_core.storage import resolve_model
 
 if TYPE_CHECKING:
@@ -61,3 +61,10 @@ def encode_latents(
     # Contiguous: on the CPU the VAE returns channels-last, and bf16 UNet kernels give other numbers on it than on
     # the contiguous copies other code paths make, which puts offsets between the policy and the reference.
     return z[0::2].contiguous(), z[1::2].contiguous()
+
+
+def pair_time_ids(batch: list[PreferencePair], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's time ids of the crops encode_latents takes: (B, 6) winners', (B, 6) losers' (for encode_prompts)."""
+    winners = [image_time_ids(p.chosen, resolution, source=p.source) for p in batch]
+    losers = [image_time_ids(p.rejected, resolution, source=p.source) for p in batch]
+    return torch.tensor(winners, dtype=torch.float32), torch.tensor(losers, dtype=torch.float32)
