@@ -29,15 +29,23 @@ def one_line(exc: BaseException) -> str:
 
 
 def load_pipeline(
-    uri: str, *, model_cache_dir: str | Path | None = None, what: str = "base model"
+    uri: str,
+    *,
+    model_cache_dir: str | Path | None = None,
+    what: str = "base model",
+    unet_dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """The pipeline at `uri` (a local directory, a hub id or an s3:// prefix, downloaded once into `model_cache_dir`,
-    see storage.resolve_model), on the CPU, progress bars off. `what` names the model in errors."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    see storage.resolve_model), on the CPU, progress bars off. `what` names the model in errors. unet_dtype: load
+    the UNet in it (diffusers otherwise loads float32 whatever the files hold: 10 GB for an SDXL UNet)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     path = resolve_model(uri, model_cache_dir or DEFAULT_MODEL_CACHE_DIR)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path)
+        parts = {}
+        if unet_dtype is not None:
+            parts["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, **parts)
     except Exception as exc:  # diffusers raises OSError, ValueError, KeyError...: all mean "cannot load this"
         raise PipelineLoadError(f"{what} {uri}: cannot load: {type(exc).__name__}: {one_line(exc)}") from None
     if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):

@@ -561,7 +561,10 @@ def train(
     # --- 1. Models: frozen VAE and text encoders, the policy UNet, the reference ---------------------------------
     phase("loading_model")
     try:
-        pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir)
+        # LoRA keeps the base UNet frozen in the training precision: load it so, not in float32 first.
+        lora_low_precision = config.adapter.type == "lora" and weight_dtype != torch.float32
+        unet_dtype = weight_dtype if lora_low_precision else None
+        pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir, unet_dtype=unet_dtype)
     except PipelineLoadError as exc:
         raise TrainError(str(exc)) from None
     problem = schedule_problem(dict(pipe.scheduler.config), config.method)
