@@ -166,7 +166,7 @@ def ddim_invert(
     with_point_eps: bool = True,
     stop_before: torch.Tensor | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Trajectory:
     """Invert clean latents (B, C, h, w) to noise in `num_steps` DDIM steps with the frozen `unet`.
 
@@ -177,7 +177,8 @@ def ddim_invert(
     stop_before: (B,) timesteps, InPO's partial inversion: row b takes only the steps whose label t_k is below
     stop_before[b], then stays where it is. The loop ends when no row takes a step, so `latents` has one entry per
     step taken (its last entry is every row's end point) and `query_eps` is 0 where a row took no step.
-    eta: InPO's stochastic inversion: after each step add eta * sigma_k * N(0, I) drawn from `generator`, with
+    eta: InPO's stochastic inversion: after each step add eta * sigma_k * N(0, I) drawn from `generator` (one for
+    the batch, or one per row so that a row's draws do not depend on the other rows), with
     sigma_k the DDIM standard deviation (arXiv 2010.02502 eq. 16 at eta 1) of the denoising transition from
     t_k + step_ratio down to t_k, the transition InPO's released code takes (clamped at the last training timestep,
     where that code would index past the schedule).
@@ -220,7 +221,13 @@ def ddim_invert(
             assert generator is not None
             abar_up = alphas[min(t + step_ratio, last_t)]
             sigma = ((1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t)) ** 0.5
-            draw = torch.randn(x_next.shape, generator=generator, device=generator.device, dtype=x_next.dtype)
+            if isinstance(generator, torch.Generator):
+                draw = torch.randn(x_next.shape, generator=generator, device=generator.device, dtype=x_next.dtype)
+            else:
+                taking = range(x.shape[0]) if rows is None else rows.tolist()
+                draw = torch.stack(
+                    [torch.randn(x_next.shape[1:], generator=generator[r], dtype=x_next.dtype) for r in taking]
+                )
             x_next = x_next + eta * sigma * draw.to(x.device)
         if rows is None:
             x = x_next

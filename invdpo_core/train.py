@@ -12,11 +12,12 @@
    precision. The forward goes through the prepared (DDP-wrapped) model, so gradients are synchronised;
 5. write the model (a diffusers pipeline dir, or LoRA weights + base_model.json) and summary.json.
 
-Exact resume: a checkpoint holds the trainable weights, the optimizer, the LR scheduler, every RNG (python, numpy,
-torch, CUDA and `generator`, which draws noise, timesteps, points and Diffusion-DPO's empty captions), the step and
-the position in the data (epoch, index). 2N steps straight equal N + resume + N (tests/core/test_train.py); with
-a memory cache and batch_size > 1 across an epoch boundary the rebuilt cache may batch pairs differently, which
-can change results at float rounding level.
+Exact resume: a checkpoint holds the trainable weights, the optimizer, the LR scheduler, the global RNGs (python,
+numpy, torch, CUDA), the step and the position in the data (epoch, index). Noise, timesteps, points and empty
+captions are drawn from per-visit generators (`pair_generators`), so they follow from the position alone, and N
+processes draw what one process draws on the same global batch. 2N steps straight equal N + resume + N
+(tests/core/test_train.py); with a memory cache and batch_size > 1 across an epoch boundary the rebuilt cache may
+batch pairs differently, which can change results at float rounding level.
 
 Ties kept by tie_policy=keep train as ordinary pairs (jpg_0 as the chosen image). Models downloaded from s3:// are
 cached under `model_cache_dir` (default ~/.cache/invdpo).
@@ -67,6 +68,7 @@ from invdpo_core.inversion_cache import InversionCache, entry_bytes
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
+    draw_uniform,
     inpo_points,
     inversion_dpo_points,
     points_loss,
@@ -145,12 +147,26 @@ def _pairs_from(config: TrainingConfig, epoch: int, index: int) -> Generator[tup
         epoch, index = epoch + 1, 0
 
 
-def captions(batch: list[PreferencePair], config: TrainingConfig, generator: torch.Generator) -> list[str]:
-    """The batch's prompts, some replaced by '' (config.empty_prompt_share)."""
+def pair_generators(seed: int, visits: list[tuple[int, int, PreferencePair]]) -> list[torch.Generator]:
+    """One generator per visit (epoch, index, pair), seeded by the seed and that visit alone: every random draw of a
+    pair (empty caption, timestep, noise, points) is then the same whichever process and micro-batch it lands in,
+    so N processes train what one process trains on the same global batch, and a resumed run draws what the
+    uninterrupted one drew. On the CPU, so a seed gives the same numbers on any device."""
+    generators = []
+    for epoch, index, pair in visits:
+        digest = hashlib.sha256(f"{seed}:{epoch}:{index}:{pair.key}".encode()).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "big")))
+    return generators
+
+
+def captions(batch: list[PreferencePair], config: TrainingConfig, draws: list[torch.Generator] | None) -> list[str]:
+    """The batch's prompts, some replaced by '' (config.empty_prompt_share). inversion_dpo's choice is fixed per
+    pair (no draws needed); the other methods draw afresh every visit, as Diffusion-DPO's training script does."""
     if config.method == "inversion_dpo":
         empty = [_pair_uniform(config.seed, p.key) < config.empty_prompt_share for p in batch]
-    else:  # drawn afresh every step, as in Diffusion-DPO's training script
-        empty = (torch.rand(len(batch), generator=generator) < config.empty_prompt_share).tolist()
+    else:
+        assert draws is not None, "diffusion_dpo and inpo draw their empty captions per visit"
+        empty = (draw_uniform((len(batch),), draws) < config.empty_prompt_share).tolist()
     return ["" if e else p.prompt for p, e in zip(batch, empty, strict=True)]
 
 
@@ -268,7 +284,7 @@ def make_optimizer(policy: UNet2DConditionModel, config: TrainingConfig) -> tupl
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple)
     name, keys, pos, has_gauss, cached = np_state
@@ -278,11 +294,10 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generator": generator.get_state(),
     }
 
 
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -290,7 +305,6 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["generator"])
 
 
 def resume(
@@ -299,7 +313,6 @@ def resume(
     policy: UNet2DConditionModel,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    generator: torch.Generator,
     accelerator: Accelerator,
     ema: EMAModel | None = None,
 ) -> Position:
@@ -329,7 +342,7 @@ def resume(
         ema.load_state_dict(objects["ema"])
         ema.to(accelerator.device)
     if len(objects["rng"]) == accelerator.num_processes:  # another process count cannot continue the same stream
-        _set_rng_state(objects["rng"][accelerator.process_index], generator)
+        _set_rng_state(objects["rng"][accelerator.process_index])
     return Position(**objects["trainer"])
 
 
@@ -340,13 +353,12 @@ def save(
     policy: UNet2DConditionModel,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    generator: torch.Generator,
     accelerator: Accelerator,
     on_checkpoint: Callable[[Path, int], None] | None,
     ema: EMAModel | None = None,
 ) -> Path | None:
     """Write a checkpoint of the run at `position` (main process); returns its directory there, None elsewhere."""
-    rng = gather_object([_rng_state(generator)])  # every process's, in rank order
+    rng = gather_object([_rng_state()])  # every process's, in rank order
     path = None
     if accelerator.is_main_process:
         model = policy.state_dict() if config.adapter.type == "full" else get_peft_model_state_dict(policy)
@@ -403,7 +415,6 @@ def fill_inversion_cache(
     cache: InversionCache,
     config: TrainingConfig,
     position: Position,
-    generator: torch.Generator,
     accelerator: Accelerator,
     on_progress: Callable[[int, int], None] | None,
 ) -> bool:
@@ -428,7 +439,7 @@ def fill_inversion_cache(
         mine = group[rank * config.batch_size : (rank + 1) * config.batch_size]
         todo = [p for p in mine if p.key not in cache]
         if todo:
-            held += sum(entry_bytes(entry) for entry in cache.invert(todo, captions(todo, config, generator)))
+            held += sum(entry_bytes(entry) for entry in cache.invert(todo, captions(todo, config, None)))
         walked += len(group)
         if config.inversion_cache == "memory" and held > budget:
             raise TrainError(
@@ -550,8 +561,6 @@ def train(
     main = accelerator.is_main_process
     set_seed(config.seed)  # python, numpy, torch: the LoRA initialisation draws from them
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    # Draws noise, timesteps, points and empty captions. On the CPU, so a seed gives the same numbers on any device.
-    generator = torch.Generator().manual_seed(config.seed + rank)
     pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
 
     def phase(name: str) -> None:
@@ -584,7 +593,7 @@ def train(
 
     # --- 2. Resume -----------------------------------------------------------------------------------------------
     if config.resume:
-        position = resume(checkpoints, config, policy, optimizer, lr_scheduler, generator, accelerator, ema)
+        position = resume(checkpoints, config, policy, optimizer, lr_scheduler, accelerator, ema)
     else:
         position = Position()
         if main and checkpoints.exists():
@@ -608,9 +617,7 @@ def train(
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()
         phase("building_cache")
-        covers = fill_inversion_cache(
-            cache, config, position, generator, accelerator, cb.on_cache_progress if main else None
-        )
+        covers = fill_inversion_cache(cache, config, position, accelerator, cb.on_cache_progress if main else None)
         # With several processes each holds only its own pairs in memory; a shared disk cache holds them all.
         if covers and (world == 1 or config.inversion_cache == "disk"):
             reference.release()
@@ -619,9 +626,8 @@ def train(
     # --- 4. Optimise ---------------------------------------------------------------------------------------------
     # Saves `position` as it is when called (the loop advances it in place).
     checkpoint = partial(
-        save, checkpoints, position, config, policy, optimizer, lr_scheduler, generator, accelerator, cb.on_checkpoint,
-        ema,
-    )  # fmt: skip
+        save, checkpoints, position, config, policy, optimizer, lr_scheduler, accelerator, cb.on_checkpoint, ema
+    )
     validate_every = config.validation_interval if config.validation_prompts else 0
     sampler = None
     stream = _pairs_from(config, position.epoch, position.index)
@@ -635,21 +641,22 @@ def train(
         t0 = time.perf_counter()
         micro: list[dict[str, torch.Tensor]] = []
         grad_norm = None
-        step_start = (position.epoch, position.index, generator.get_state())
+        step_start = (position.epoch, position.index)
         for micro_step in range(config.gradient_accumulation_steps):
             # A huge step (many micro-batches) honours a stop too: it is undone, the checkpoint is of the step before.
             if micro_step > 0 and stop_requested(cb, accelerator):
-                position.epoch, position.index = step_start[0], step_start[1]
-                generator.set_state(step_start[2])
+                position.epoch, position.index = step_start
                 optimizer.zero_grad(set_to_none=True)
                 stopped = True
                 break
             chunk = [next(stream) for _ in range(config.batch_size * world)]
             position.epoch, position.index = chunk[-1][0], chunk[-1][1] + 1  # the position of the next pair to read
-            batch = [pair for _, _, pair in chunk[rank * config.batch_size : (rank + 1) * config.batch_size]]
+            mine = chunk[rank * config.batch_size : (rank + 1) * config.batch_size]
+            batch = [pair for _, _, pair in mine]
+            draws = pair_generators(config.seed, mine)
             with accelerator.accumulate(unet):
                 # Forward and backward of one micro-batch.
-                caps = captions(batch, config, generator)
+                caps = captions(batch, config, draws)
                 cond = encode_prompts(
                     pipe, caps, device=device, resolution=resolution, time_ids=pair_time_ids(batch, resolution),
                     cache=text_cache,
@@ -664,7 +671,7 @@ def train(
                     if config.method == "diffusion_dpo":
                         z_w, z_l = encode_latents(pipe.vae, batch, resolution, device)
                         with reference.use() as ref, accelerator.autocast():
-                            points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=generator)
+                            points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=draws)
                     elif config.method == "inpo":
                         # InPO: both images inverted every step by the current policy (or the reference), nothing
                         # cached; the reference errors after, since with LoRA the reference is the policy with its
@@ -674,14 +681,14 @@ def train(
                         with inverter as unet_inverting, accelerator.autocast():
                             points = inpo_points(
                                 unet_inverting, noise_scheduler, z_w, z_l, cond,
-                                inversion_steps=config.inpo_inversion_steps, eta=config.inpo_eta, generator=generator,
+                                inversion_steps=config.inpo_inversion_steps, eta=config.inpo_eta, generator=draws,
                             )  # fmt: skip
                         with reference.use() as ref, accelerator.autocast():
                             points = with_reference_errors(ref, points)
                     else:
                         points = inversion_dpo_points(
                             cache.batch(batch, caps), cond, k=config.timesteps_per_step, weights=point_weights,
-                            generator=generator,
+                            generator=draws,
                         )  # fmt: skip
                     loss, batch_metrics = points_loss(unet, points, beta=config.beta, loss_type=config.loss_type)
                     accelerator.backward(loss)

@@ -38,8 +38,9 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 RUNS = {
-    # Deterministic given the pairs (the inversion, the per-pair coin and caption): every rank's share of the global
-    # batch is the same computation as in one process, so only the gradient all-reduce differs.
+    # Every random draw comes from the pair's visit (train.pair_generators) and the inversion is deterministic, so
+    # every rank's share of the global batch is the same computation as in one process: only the all-reduce differs.
+    "diffusion_dpo_full": {"method": "diffusion_dpo", "empty_prompt_share": 0.5},
     "inversion_all_full": {"method": "inversion_dpo", "timesteps_per_step": 0},
     "inversion_all_lora_checkpointing": {
         "method": "inversion_dpo",
@@ -51,7 +52,7 @@ RUNS = {
 }
 
 
-@pytest.mark.slow  # about 30 s each on a quiet 2-core machine
+@pytest.mark.slow  # 30 s to 2 min each on a shared 2-core machine
 @pytest.mark.parametrize("run", list(RUNS))
 def test_two_cpu_processes_train_what_one_process_trains(tmp_path, model_dir, run):
     dataset = make_toy_dataset(tmp_path / "data", 8, model_dir=model_dir)

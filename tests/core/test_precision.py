@@ -135,12 +135,12 @@ def test_fp16_checkpoint_holds_the_grad_scaler_state_and_resume_restores_it(conf
     accelerator.scaler.scale(torch.ones(()))  # the lazy state a run's first backward creates
     accelerator.scaler.update(new_scale=256.0)  # a state a run reaches after overflows
     checkpoints = tmp_path / "checkpoints"
-    save(checkpoints, Position(step=5), cfg, policy, optimizer, lr_scheduler, torch.Generator(), accelerator, None)
+    save(checkpoints, Position(step=5), cfg, policy, optimizer, lr_scheduler, accelerator, None)
     objects, _ = load_checkpoint(latest_checkpoint(checkpoints))
     assert objects["scaler"]["scale"] == 256.0 and objects["scaler"]["growth_interval"] == 3
 
     accelerator.scaler = torch.amp.GradScaler("cpu")  # a fresh process: the default scale 65536
-    position = resume(checkpoints, cfg, policy, optimizer, lr_scheduler, torch.Generator(), accelerator)
+    position = resume(checkpoints, cfg, policy, optimizer, lr_scheduler, accelerator)
     assert position.step == 5 and accelerator.scaler.get_scale() == 256.0
     assert accelerator.scaler.state_dict() == objects["scaler"]
 
