@@ -543,17 +543,9 @@ def train(
     if config.use_8bit_adam:  # before anything is loaded: a worker image without it fails the job at once
         try:
             import bitsandbytes  # noqa: F401
-        except Exception as exc:  # not installed, or its native library does not load here
-            raise ConfigError(
-                [
-                    {
-                        "field": "use_8bit_adam",
-                        "message": f"bitsandbytes cannot be imported on this worker "
-                        f"({type(exc).__name__}: {one_line(exc)}); set it to false",
-                        "value": True,
-                    }
-                ]
-            ) from None
+        except Exception as exc:  # not installed, or its native library does not load on this machine
+            reason = f"bitsandbytes cannot be imported on this worker ({type(exc).__name__}); set it to false"
+            raise ConfigError([{"field": "use_8bit_adam", "message": reason, "value": True}]) from None
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
     accelerator = make_accelerator(config)
