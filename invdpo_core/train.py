@@ -544,7 +544,7 @@ def train(
         try:
             import bitsandbytes  # noqa: F401
         except Exception as exc:  # not installed, or its native library does not load on this machine
-            reason = f"bitsandbytes cannot be imported on this worker ({type(exc).__name__}); set it to false"
+            reason = f"bitsandbytes cannot be imported on this machine ({type(exc).__name__}); set it to false"
             raise ConfigError([{"field": "use_8bit_adam", "message": reason, "value": True}]) from None
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
