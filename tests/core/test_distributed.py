@@ -86,7 +86,8 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, model_dir, ru
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["pairs_seen"] == 8  # 2 processes x 2 pairs x 2 steps
-    assert summary["metrics"]["loss"] == pytest.approx(losses[-1], rel=1e-5)
+    # beta (500) scales the rounding of the errors into the loss: 1e-5 apart here.
+    assert summary["metrics"]["loss"] == pytest.approx(losses[-1], rel=1e-4)
 
     one, _ = load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints"))
     two, _ = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints"))
@@ -94,12 +95,13 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, model_dir, ru
     state_one, state_two = one["optimizer"]["state"], two["optimizer"]["state"]
     assert state_one.keys() == state_two.keys() and len(state_one) > 0
     for name in ("exp_avg", "exp_avg_sq"):
-        scale = max(s[name].abs().max().item() for s in state_one.values())
-        assert scale > 0  # the runs had gradients
-        for i in state_one:
-            torch.testing.assert_close(
-                state_two[i][name], state_one[i][name], rtol=1e-3, atol=1e-5 * scale, msg=f"{name} of parameter {i}"
-            )
+        a = torch.cat([state_one[i][name].flatten() for i in state_one])
+        b = torch.cat([state_two[i][name].flatten() for i in state_one])
+        assert a.abs().max() > 0  # the runs had gradients
+        # Rounding, scaled by beta: 2e-5 apart (relative norm) for diffusion_dpo, less for the others. A gradient
+        # that is not all-reduced, or pairs on the wrong rank, is O(1) apart.
+        assert (a - b).norm() <= 1e-3 * a.norm(), f"{name}: {((a - b).norm() / a.norm()).item():.2e} apart"
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-4 * a.abs().max().item(), msg=name)
     # The weights: at most a step apart per element (see the docstring).
     for k, w in one["model"].items():
         torch.testing.assert_close(two["model"][k], w, rtol=0, atol=2.5 * settings["learning_rate"], msg=k)
