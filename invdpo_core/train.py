@@ -239,7 +239,7 @@ def prepare_models(
         policy.requires_grad_(True)
     else:
         policy.requires_grad_(False)
-        if weight_dtype != torch.float32:
+        if policy.dtype != weight_dtype:  # loaded in it already when low precision (train's load_pipeline call)
             policy.to(dtype=weight_dtype)
         lora = LoraConfig(
             r=config.adapter.rank, lora_alpha=config.adapter.alpha, target_modules=list(config.adapter.target_modules)

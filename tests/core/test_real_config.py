@@ -64,7 +64,7 @@ CLIP_L = {  # openai/clip-vit-large-patch14's text tower: SD1.5's encoder and SD
     "projection_dim": 768,
     "vocab_size": 49408,
 }
-SCHEDULER = {  # both ship these betas (SD1.5 a PNDMScheduler, SDXL an EulerDiscreteScheduler)
+SD15_SCHEDULER = {  # a PNDMScheduler
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
@@ -102,6 +102,14 @@ SDXL_UNET = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
 }
+SDXL_SCHEDULER = {  # an EulerDiscreteScheduler, the same betas
+    **SD15_SCHEDULER,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
 SDXL_VAE = {**SD_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025}
 OPENCLIP_BIGG = {  # laion CLIP-ViT-bigG-14's text tower: SDXL's second encoder
     "hidden_act": "gelu",
@@ -120,7 +128,8 @@ def build_real(kind: str, out):
     """The pipeline of `kind` with its real configs and random bf16 weights, saved to `out` and freed."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -143,14 +152,13 @@ def build_real(kind: str, out):
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: the SDXL UNet never exists in float32 here
     try:
         tok = tokenizer("tokenizer")
-        scheduler = DDIMScheduler(**SCHEDULER)
         if kind == "sd15":
             pipe = StableDiffusionPipeline(
                 vae=AutoencoderKL(**SD_VAE),
                 text_encoder=CLIPTextModel(text(CLIP_L, tok)),
                 tokenizer=tok,
                 unet=UNet2DConditionModel(**SD15_UNET),
-                scheduler=scheduler,
+                scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -164,7 +172,7 @@ def build_real(kind: str, out):
                 tokenizer=tok,
                 tokenizer_2=tok_2,
                 unet=UNet2DConditionModel(**SDXL_UNET),
-                scheduler=scheduler,
+                scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
                 force_zeros_for_empty_prompt=True,
             )
     finally:
