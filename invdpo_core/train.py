@@ -3,21 +3,23 @@
 `train(config, callbacks)` is what the CLI and the worker call. One run:
 1. load the base pipeline (pipeline.load_pipeline: local dir, hub id or s3:// prefix); VAE and text encoders
    frozen; the policy UNet trained in full or through a LoRA adapter; the reference is a frozen copy (full) or the
-   same UNet with its adapters disabled (LoRA);
+   same UNet with its adapters disabled (LoRA); the resolution is the model's own unless config.resolution says;
 2. resume from the newest complete checkpoint in output_dir/checkpoints (config.resume);
 3. inversion_dpo with a memory or disk cache (inversion_cache.py): invert the pairs the run will read, in training
    order, once, and release the reference as soon as the cache covers the whole dataset (the step then needs no
    reference);
 4. optimise through accelerate: micro-batches of pairs, gradient accumulation, clipping, LR schedule, mixed
-   precision. The forward goes through the prepared (DDP-wrapped) model, so gradients are synchronised;
-5. write the model (a diffusers pipeline dir, or LoRA weights + base_model.json) and summary.json.
+   precision, the EMA of the weights (ema_decay). The forward goes through the prepared (DDP-wrapped) model, so
+   gradients are synchronised;
+5. write the model (a diffusers pipeline dir, or LoRA weights + base_model.json; the EMA weights with ema_decay)
+   and summary.json.
 
-Exact resume: a checkpoint holds the trainable weights, the optimizer, the LR scheduler, the global RNGs (python,
-numpy, torch, CUDA), the step and the position in the data (epoch, index). Noise, timesteps, points and empty
-captions are drawn from per-visit generators (`pair_generators`), so they follow from the position alone, and N
-processes draw what one process draws on the same global batch. 2N steps straight equal N + resume + N
-(tests/core/test_train.py); with a memory cache and batch_size > 1 across an epoch boundary the rebuilt cache may
-batch pairs differently, which can change results at float rounding level.
+Exact resume: a checkpoint holds the trainable weights, the optimizer, the LR scheduler, the fp16 loss scaler, the
+EMA, the global RNGs (python, numpy, torch, CUDA), the step and the position in the data (epoch, index). Noise,
+timesteps, points and empty captions are drawn from per-visit generators (`pair_generators`), so they follow from
+the position alone, and N processes draw what one process draws on the same global batch. 2N steps straight equal
+N + resume + N (tests/core/test_train.py); with a memory cache and batch_size > 1 across an epoch boundary the
+rebuilt cache may batch pairs differently, which can change results at float rounding level.
 
 Ties kept by tie_policy=keep train as ordinary pairs (jpg_0 as the chosen image). Models downloaded from s3:// are
 cached under `model_cache_dir` (default ~/.cache/invdpo).
