@@ -85,7 +85,7 @@ def policy_errors(unet: EpsModel, points: TrainPoints) -> tuple[torch.Tensor, to
     """Per-point policy MSE for winners and losers, one UNet forward over (2*B*K) rows: winners then losers."""
     x = torch.cat([points.xt_w, points.xt_l])
     t = torch.cat([points.timesteps, points.timesteps])
-    eps = unet(x, t, **Conditioning.cat([points.cond, points.cond]).unet_kwargs()).sample
+    eps = unet(x, t, **points.cond.both().unet_kwargs()).sample
     eps_w, eps_l = eps.chunk(2)
     return _mse(eps_w, points.target_w), _mse(eps_l, points.target_l)
 
@@ -162,7 +162,7 @@ def inpo_points(
     # Per-pair generators: a pair's winner and loser rows draw from the pair's generator.
     row_draws = generator if isinstance(generator, torch.Generator) else [*generator, *generator]
     traj = ddim_invert(
-        inverter, scheduler.config, z0, Conditioning.cat([cond, cond]), num_steps=inversion_steps,
+        inverter, scheduler.config, z0, cond.both(), num_steps=inversion_steps,
         with_point_eps=False, stop_before=torch.cat([t, t]), eta=eta, generator=row_draws,
     )  # fmt: skip
     # A copy made outside inference mode: the policy's forward with grad cannot save inference tensors.
