@@ -176,7 +176,7 @@ def test_worker_asks_for_a_gpu_and_tolerates_gpu_nodes_by_default(renders: dict)
     assert container(worker)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert spec["terminationGracePeriodSeconds"] >= 3600, "a scale-down must leave a running job time to finish"
+    assert spec["terminationGracePeriodSeconds"] >= 3600, "a scale-down must leave a job time to upload a checkpoint"
     assert worker["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     assert worker["spec"]["template"]["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"]
     assert container(worker)["command"] == COMMANDS["worker"]
