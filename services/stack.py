@@ -53,6 +53,18 @@ READY_TIMEOUT_S = 600.0  # cold imports of torch, diffusers and MLflow's migrati
 STOP_TIMEOUT_S = 60.0  # the worker checkpoints a running job and requeues it before it exits
 
 
+# What `source .stack/env` sets, in this order (the README's table describes each).
+ENV_VARIABLES = (
+    "INVDPO_API_URL", "INVDPO_API_KEY", "INVDPO_SERVING_URL",
+    "INVDPO_DATABASE_URL", "INVDPO_BROKER_URL", "INVDPO_MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "S3_BUCKET",
+    "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI", "MLFLOW_AUTH_CONFIG_PATH",
+    "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+)  # fmt: skip
+
+
 class StackError(Exception):
     """A failure explained in one line."""
 
@@ -208,22 +220,23 @@ class Stack:
 
 
 def _processes_of(entry: dict[str, Any]) -> list[Any]:
-    """The live processes of one started component: its main process (if it is still the one we started: same
-    start time) with all its descendants, and every process left in its process group."""
+    """The live processes of one started component: its main process with all its descendants and every process
+    left in its process group. A pid now held by another process (its start time differs) is not ours, nor is
+    its group."""
     import psutil
 
     found: dict[int, psutil.Process] = {}
     pid = entry["pid"]
     try:
         main = psutil.Process(pid)
-        if abs(main.create_time() - entry["create_time"]) < 1:
-            found[pid] = main
-            found.update({p.pid: p for p in main.children(recursive=True)})
+        if abs(main.create_time() - entry["create_time"]) >= 1:
+            return []
+        found[pid] = main
+        found.update({p.pid: p for p in main.children(recursive=True)})
     except psutil.NoSuchProcess:
-        pass
+        pass  # gone; what it left in its group is still ours
     for proc in psutil.process_iter(["create_time"]):
         try:
-            # Same group and not older than the main process: a reused group id would be older or elsewhere.
             if os.getpgid(proc.pid) == pid and proc.info["create_time"] >= entry["create_time"] - 1:
                 found.setdefault(proc.pid, proc)
         except (ProcessLookupError, psutil.Error, OSError):
@@ -468,14 +481,7 @@ def up(directory: Path, serve: str, project: str, postgres_url: str | None) -> i
         stack.env.update(shared)
         _say("[3/6] database migrations")
         stack.run("migrate", [sys.executable, "-m", "services.jobs.migrate"])
-        _say("[4/6] API and worker")
-        api_port = _port("api")
-        stack.start(
-            "api",
-            [sys.executable, "-m", "uvicorn", "services.api.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
-            # As compose: migrated above; jobs name s3:// URIs, never the API host's files.
-            env={"INVDPO_MIGRATE_ON_STARTUP": "false", "INVDPO_ALLOW_LOCAL_FILES": "false"},
-        )
+        _say("[4/6] worker, MLflow's service user, API")
         heartbeat = directory / "worker-heartbeat"
         stack.start(
             "worker",
@@ -490,16 +496,23 @@ def up(directory: Path, serve: str, project: str, postgres_url: str | None) -> i
             },
             stop="main-term",
         )  # fmt: skip
-        api_url = f"http://127.0.0.1:{api_port}"
-        state.urls["api"] = api_url
-        state.save()
+        # The API and the model server talk to MLflow from their start: its service user must exist first.
         stack.wait("mlflow", lambda: _http_ok(f"{mlflow_url}/health"))
-        _say(f"      MLflow {mlflow_url} is up; making its service user")
         stack.run(
             "mlflow-users",
             [sys.executable, "-m", "services.admin", "mlflow-service-user"],
             env={"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": secrets_["admin"]},
         )
+        api_port = _port("api")
+        stack.start(
+            "api",
+            [sys.executable, "-m", "uvicorn", "services.api.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
+            # As compose: migrated above; jobs name s3:// URIs, never the API host's files.
+            env={"INVDPO_MIGRATE_ON_STARTUP": "false", "INVDPO_ALLOW_LOCAL_FILES": "false"},
+        )
+        api_url = f"http://127.0.0.1:{api_port}"
+        state.urls["api"] = api_url
+        state.save()
         _say("[5/6] model server")
         serving_port = _port("serving")
         stack.start(
@@ -543,12 +556,13 @@ def up(directory: Path, serve: str, project: str, postgres_url: str | None) -> i
         "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
         "MLFLOW_AUTH_ADMIN_PASSWORD": secrets_["admin"],
     }
+    assert set(env) == set(ENV_VARIABLES), set(env) ^ set(ENV_VARIABLES)
     env_file = directory / "env"
-    env_file.touch(mode=0o600)
+    env_file.touch(mode=0o600)  # passwords and keys
     env_file.write_text(
         "# Written by `make stack` (services/stack.py): `source` it to use this stack from a shell. The README's\n"
-        "# section 'Run the stack without Docker' says what each variable is.\n"
-        + "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+        "# section 'The whole service on this machine, without Docker' says what each variable is.\n"
+        + "".join(f"export {name}={shlex.quote(env[name])}\n" for name in ENV_VARIABLES)
     )
     _say("")
     _say(f"API:           {api_url}   (docs {api_url}/docs)")
@@ -579,9 +593,10 @@ def down(directory: Path, quiet: bool = False) -> int:
     # The servers last: the worker may write to the database, MLflow and S3 while it checkpoints.
     order = ["serving", "api", "worker", "mlflow", "s3", "redis", "postgres"]
     for name in sorted(state.processes, key=lambda n: order.index(n) if n in order else -1):
+        t0 = time.monotonic()
         count = _stop(name, state.processes[name], STOP_TIMEOUT_S)
         if count and not quiet:
-            _say(f"stopped the {name} ({count} process{'es' if count > 1 else ''})")
+            _say(f"stopped the {name} ({count} process{'es' if count > 1 else ''}, {time.monotonic() - t0:.0f} s)")
         stopped += count
     _drop_data(state)
     left = [p.pid for entry in state.processes.values() for p in _processes_of(entry)]
