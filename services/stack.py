@@ -330,7 +330,7 @@ def _redis(stack: Stack) -> str:
     if _answers(*SHARED_REDIS):
         client = redis.Redis(*SHARED_REDIS, socket_timeout=5)
         try:
-            count = int(client.config_get("databases").get("databases", 16))
+            count = int(client.config_get("databases").get("databases") or 16)
         except redis.RedisError:  # CONFIG may be disabled
             count = 16
         used = {int(name[2:]) for name in client.info("keyspace")}
@@ -350,7 +350,9 @@ def _redis(stack: Stack) -> str:
     if shutil.which("redis-server") is None:
         raise StackError("no Redis answers at 127.0.0.1:6379 and redis-server is not installed: install Redis")
     port = _port("redis")
-    stack.start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    stack.start(
+        "redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    )
     stack.wait("redis", lambda: _answers("127.0.0.1", port), 60)
     return f"redis://127.0.0.1:{port}/0"
 
