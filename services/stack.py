@@ -509,8 +509,13 @@ def up(directory: Path, serve: str, project: str, postgres_url: str | None) -> i
         stack.start(
             "api",
             [sys.executable, "-m", "uvicorn", "services.api.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
-            # As compose: migrated above; jobs name s3:// URIs, never the API host's files.
-            env={"INVDPO_MIGRATE_ON_STARTUP": "false", "INVDPO_ALLOW_LOCAL_FILES": "false"},
+            # As compose: migrated above; jobs name s3:// URIs, never the API host's files. An events stream stays
+            # open for an hour, not 10 minutes: a toy job on a busy laptop's CPU outlasts that (README walkthrough).
+            env={
+                "INVDPO_MIGRATE_ON_STARTUP": "false",
+                "INVDPO_ALLOW_LOCAL_FILES": "false",
+                "INVDPO_EVENTS_STREAM_MAX_SECONDS": "3600",
+            },
         )
         api_url = f"http://127.0.0.1:{api_port}"
         state.urls["api"] = api_url
