@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         result = train(config, callbacks, model_cache_dir=args.model_cache_dir)
-    except (DatasetError, ModelReferenceError, TrainError, CheckpointError, OSError) as exc:
+    except (ConfigError, DatasetError, ModelReferenceError, TrainError, CheckpointError, OSError) as exc:
         raise CLIError(" ".join(str(exc).split())) from None
     finally:
         signal.signal(signal.SIGINT, previous)

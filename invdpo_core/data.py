@@ -551,11 +551,27 @@ def load_image(data: bytes, resolution: int, *, source: str = "image") -> torch.
             rgb = im.convert("RGB")
     except Exception as exc:  # any decoder failure means the bytes are not a usable image
         raise DatasetError("unreadable_image", f"{source}: unreadable image ({_image_error(exc)})") from None
-    w, h = rgb.size
-    # torchvision Resize(int): the shorter side becomes R, the longer one int(R * long / short).
-    size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    size, left, top = _resize_and_crop(*rgb.size, resolution)
     rgb = rgb.resize(size, Image.Resampling.BILINEAR)
-    left, top = int(round((size[0] - resolution) / 2.0)), int(round((size[1] - resolution) / 2.0))
     rgb = rgb.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8))  # (R, R, 3) uint8
     return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, R, R) in [-1, 1]
+
+
+def _resize_and_crop(w: int, h: int, resolution: int) -> tuple[tuple[int, int], int, int]:
+    """What load_image does to a w x h image: the resized (width, height), then the crop's left and top."""
+    # torchvision Resize(int): the shorter side becomes R, the longer one int(R * long / short).
+    size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    return size, int(round((size[0] - resolution) / 2.0)), int(round((size[1] - resolution) / 2.0))
+
+
+def image_time_ids(data: bytes, resolution: int, *, source: str = "image") -> tuple[int, int, int, int, int, int]:
+    """SDXL's added time ids of the crop load_image takes from an encoded image, as SDXL's training script builds
+    them: (original height, original width, crop top, crop left, R, R). Reads only the image header."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception as exc:  # any decoder failure means the bytes are not a usable image
+        raise DatasetError("unreadable_image", f"{source}: unreadable image ({_image_error(exc)})") from None
+    _, left, top = _resize_and_crop(w, h, resolution)
+    return h, w, top, left, resolution, resolution

@@ -45,7 +45,7 @@ from invdpo_core.data import iter_pairs
 from invdpo_core.inversion import encode_prompts
 from invdpo_core.losses import dpo_loss
 from invdpo_core.methods import diffusion_dpo_points, per_pair, policy_errors
-from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline
+from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, pair_time_ids
 from invdpo_core.toy import toy_image_reward
 
 # External scorers, each run only when given a local path. `toy` is built in and always runs.
@@ -321,7 +321,10 @@ def pair_metrics(
         # (B*D, C, h, w): each pair repeated `draws` times in place, pair-major.
         z_w, z_l = z_w.repeat_interleave(draws, dim=0), z_l.repeat_interleave(draws, dim=0)
         with models.as_base() as base_pipe:
-            cond = encode_prompts(base_pipe, [p.prompt for p in batch], device=device, resolution=resolution)
+            cond = encode_prompts(
+                base_pipe, [p.prompt for p in batch], device=device, resolution=resolution,
+                time_ids=pair_time_ids(batch, resolution),
+            )  # fmt: skip
             points = diffusion_dpo_points(base_pipe.unet, scheduler, z_w, z_l, cond.repeat(draws), generator=generator)
         err_w, err_l = policy_errors(models.tuned.unet, points)  # (B*D,) each
         # (B,) each: the errors averaged over a pair's draws, then the DPO margin per pair.

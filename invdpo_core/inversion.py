@@ -20,13 +20,19 @@ from diffusers import DDIMInverseScheduler, UNet2DConditionModel
 
 @dataclass
 class Conditioning:
-    """What the UNet is conditioned on: text hidden states, plus SDXL's pooled embeddings and time ids."""
+    """What the UNet is conditioned on: text hidden states, plus SDXL's pooled embeddings and time ids.
+
+    A row is one image, or one pair (encode_prompts with time_ids): its two images share the text but, in SDXL,
+    each has its own time ids, the winner's in `time_ids` and the loser's in `time_ids_l`. `both()` and `pick()`
+    turn rows of pairs into rows of images before a UNet call."""
 
     hidden_states: torch.Tensor  # (B, L, D)
     text_embeds: torch.Tensor | None = None  # (B, D_pooled), SDXL only
-    time_ids: torch.Tensor | None = None  # (B, 6), SDXL only
+    time_ids: torch.Tensor | None = None  # (B, 6), SDXL only: (orig_h, orig_w, crop_top, crop_left, h, w)
+    time_ids_l: torch.Tensor | None = None  # (B, 6), SDXL rows of pairs only: the losers' time ids
 
     def unet_kwargs(self) -> dict[str, Any]:
+        assert self.time_ids_l is None, "rows of pairs: call both() or pick() for rows of images first"
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden_states}
         if self.text_embeds is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
@@ -37,6 +43,22 @@ class Conditioning:
 
     def index(self, idx: torch.Tensor | slice) -> Conditioning:
         return self.map(lambda t: t[idx])
+
+    def both(self) -> Conditioning:
+        """Rows of pairs -> rows of images, (2B, ...): the winners, then the losers."""
+        doubled = Conditioning.cat([self, self])
+        if self.time_ids_l is None:
+            return doubled
+        assert self.time_ids is not None
+        return replace(doubled, time_ids=torch.cat([self.time_ids, self.time_ids_l]), time_ids_l=None)
+
+    def pick(self, winner: torch.Tensor) -> Conditioning:
+        """Rows of pairs -> one image per pair, (B, ...): the winner where `winner` (B,) is true, else the loser."""
+        if self.time_ids_l is None:
+            return self
+        assert self.time_ids is not None
+        take_w = winner.to(self.time_ids.device).view(-1, 1)
+        return replace(self, time_ids=torch.where(take_w, self.time_ids, self.time_ids_l), time_ids_l=None)
 
     def repeat(self, k: int) -> Conditioning:
         """Each row repeated k times in place: (B, ...) -> (B*k, ...)."""
@@ -56,19 +78,45 @@ class Conditioning:
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Any, prompts: Sequence[str], *, device: torch.device, resolution: int) -> Conditioning:
-    """Encode prompts with the pipeline's own text encoder(s); SDXL also gets pooled embeddings and time ids."""
-    if hasattr(pipe, "text_encoder_2"):
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        # (orig_h, orig_w, crop_top, crop_left, target_h, target_w): training images are resized, not cropped.
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=embeds.dtype)
-        return Conditioning(embeds, pooled, time_ids.to(device).expand(len(prompts), 6).clone())
-    embeds, _ = pipe.encode_prompt(
-        list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-    )
-    return Conditioning(embeds)
+def encode_prompts(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    device: torch.device,
+    resolution: int,
+    time_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+) -> Conditioning:
+    """Encode prompts with the pipeline's own text encoder(s); SDXL also gets pooled embeddings and time ids.
+
+    time_ids: (B, 6) each, the winners' and the losers' (pipeline.pair_time_ids: the size and crop each image
+    really had), making the rows pairs (see Conditioning); None: images of `resolution`, uncropped.
+    cache: caption -> (hidden states (L, D), pooled (D_pooled,) or None), kept on the CPU; only captions not in it
+    go through the text encoders (once each), and are added."""
+    sdxl = hasattr(pipe, "text_encoder_2")
+
+    def run(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return out[0], out[2] if sdxl else None  # SDXL: (embeds, negative, pooled, negative pooled)
+
+    if cache is None:
+        embeds, pooled = run(list(prompts))
+    else:
+        todo = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if todo:
+            new, new_pooled = run(todo)
+            for i, text in enumerate(todo):
+                cache[text] = (new[i].cpu(), None if new_pooled is None else new_pooled[i].cpu())
+        embeds = torch.stack([cache[p][0] for p in prompts]).to(device)
+        pooled = torch.stack([cache[p][1] for p in prompts]).to(device) if sdxl else None  # type: ignore[misc]
+    if not sdxl:
+        return Conditioning(embeds)
+    # In float32: the UNet embeds them in float32 anyway, and a bf16 1023 would be 1024.
+    if time_ids is None:
+        side = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
+        return Conditioning(embeds, pooled, side.to(device).expand(len(prompts), 6).clone())
+    ids_w, ids_l = (ids.to(device, torch.float32) for ids in time_ids)
+    return Conditioning(embeds, pooled, ids_w, ids_l)
 
 
 @dataclass
@@ -118,7 +166,7 @@ def ddim_invert(
     with_point_eps: bool = True,
     stop_before: torch.Tensor | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Trajectory:
     """Invert clean latents (B, C, h, w) to noise in `num_steps` DDIM steps with the frozen `unet`.
 
@@ -129,7 +177,8 @@ def ddim_invert(
     stop_before: (B,) timesteps, InPO's partial inversion: row b takes only the steps whose label t_k is below
     stop_before[b], then stays where it is. The loop ends when no row takes a step, so `latents` has one entry per
     step taken (its last entry is every row's end point) and `query_eps` is 0 where a row took no step.
-    eta: InPO's stochastic inversion: after each step add eta * sigma_k * N(0, I) drawn from `generator`, with
+    eta: InPO's stochastic inversion: after each step add eta * sigma_k * N(0, I) drawn from `generator` (one for
+    the batch, or one per row so that a row's draws do not depend on the other rows), with
     sigma_k the DDIM standard deviation (arXiv 2010.02502 eq. 16 at eta 1) of the denoising transition from
     t_k + step_ratio down to t_k, the transition InPO's released code takes (clamped at the last training timestep,
     where that code would index past the schedule).
@@ -172,7 +221,13 @@ def ddim_invert(
             assert generator is not None
             abar_up = alphas[min(t + step_ratio, last_t)]
             sigma = ((1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t)) ** 0.5
-            draw = torch.randn(x_next.shape, generator=generator, device=generator.device, dtype=x_next.dtype)
+            if isinstance(generator, torch.Generator):
+                draw = torch.randn(x_next.shape, generator=generator, device=generator.device, dtype=x_next.dtype)
+            else:
+                taking = range(x.shape[0]) if rows is None else rows.tolist()
+                draw = torch.stack(
+                    [torch.randn(x_next.shape[1:], generator=generator[r], dtype=x_next.dtype) for r in taking]
+                )
             x_next = x_next + eta * sigma * draw.to(x.device)
         if rows is None:
             x = x_next
@@ -318,12 +373,15 @@ def build_inverted_pairs(
             use_winner_noise = pair_coin(0, [str(i) for i in range(b)])
         pick = use_winner_noise.to(z_w.device).view(b, 1, 1, 1)
         z_src, z_other = torch.where(pick, z_w, z_l), torch.where(pick, z_l, z_w)
-        traj = ddim_invert(unet, scheduler_config, z_src, cond, num_steps=num_steps, guidance=guidance, uncond=uncond)
+        src_cond, src_uncond = cond.pick(use_winner_noise), None if uncond is None else uncond.pick(use_winner_noise)
+        traj = ddim_invert(
+            unet, scheduler_config, z_src, src_cond, num_steps=num_steps, guidance=guidance, uncond=src_uncond
+        )
         assert traj.point_eps is not None
         noise = implied_noise(traj.latents[1:], z_src, abar)  # (N, B, C, h, w)
         xt_src = traj.latents[1:]  # the source image's own inverted points
         xt_other = abar**0.5 * z_other + (1 - abar) ** 0.5 * noise  # the other image, forward-noised with it
-        eps_other = eps_at_points(unet, xt_other, timesteps, cond)
+        eps_other = eps_at_points(unet, xt_other, timesteps, cond.pick(~use_winner_noise))
         err_src, err_other = _mse(bn(noise), bn(traj.point_eps)), _mse(bn(noise), bn(eps_other))
         p5 = pick.view(b, 1, 1, 1, 1)
         p2 = pick.view(b, 1)
@@ -339,9 +397,8 @@ def build_inverted_pairs(
 
     # Unpaired targets: each image on its own inverted points.
     traj = ddim_invert(
-        unet, scheduler_config, torch.cat([z_w, z_l]), Conditioning.cat([cond, cond]),
-        num_steps=num_steps, guidance=guidance,
-        uncond=None if uncond is None else Conditioning.cat([uncond, uncond]),
+        unet, scheduler_config, torch.cat([z_w, z_l]), cond.both(),
+        num_steps=num_steps, guidance=guidance, uncond=None if uncond is None else uncond.both(),
     )  # fmt: skip
     assert traj.point_eps is not None
     xt = traj.latents[1:]  # (N, 2B, C, h, w): winners then losers

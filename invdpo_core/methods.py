@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +22,34 @@ from invdpo_core.inversion import Conditioning, InvertedPairs, ddim_invert, impl
 from invdpo_core.losses import dpo_loss
 
 EpsModel = Callable[..., Any]  # a UNet (or wrapper) returning an object with `.sample`
+# Where the random draws of a batch come from: one generator for the whole batch, or one per pair. Per-pair
+# generators (train.pair_generators) make a pair's draws independent of which process and which batch it lands in,
+# so N processes of B pairs draw what one process of N*B pairs draws.
+Draws = torch.Generator | Sequence[torch.Generator]
+
+
+def draw_timesteps(high: int, b: int, draws: Draws) -> torch.Tensor:
+    """(b,) timesteps uniform in [0, high), on the CPU."""
+    if isinstance(draws, torch.Generator):
+        return torch.randint(0, high, (b,), generator=draws, device=draws.device).cpu()
+    assert len(draws) == b, f"{len(draws)} generators for {b} pairs"
+    return torch.cat([torch.randint(0, high, (1,), generator=g, device=g.device).cpu() for g in draws])
+
+
+def draw_normal(shape: torch.Size, draws: Draws, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal draws of `shape` (rows first), on the CPU."""
+    if isinstance(draws, torch.Generator):
+        return torch.randn(shape, generator=draws, device=draws.device, dtype=dtype).cpu()
+    assert len(draws) == shape[0], f"{len(draws)} generators for {shape[0]} rows"
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).cpu() for g in draws])
+
+
+def draw_uniform(shape: tuple[int, ...], draws: Draws) -> torch.Tensor:
+    """Uniform [0, 1) draws of `shape` (rows first), on the CPU."""
+    if isinstance(draws, torch.Generator):
+        return torch.rand(shape, generator=draws, device=draws.device).cpu()
+    assert len(draws) == shape[0], f"{len(draws)} generators for {shape[0]} rows"
+    return torch.stack([torch.rand(shape[1:], generator=g, device=g.device).cpu() for g in draws])
 
 
 @dataclass
@@ -57,7 +85,7 @@ def policy_errors(unet: EpsModel, points: TrainPoints) -> tuple[torch.Tensor, to
     """Per-point policy MSE for winners and losers, one UNet forward over (2*B*K) rows: winners then losers."""
     x = torch.cat([points.xt_w, points.xt_l])
     t = torch.cat([points.timesteps, points.timesteps])
-    eps = unet(x, t, **Conditioning.cat([points.cond, points.cond]).unet_kwargs()).sample
+    eps = unet(x, t, **points.cond.both().unet_kwargs()).sample
     eps_w, eps_l = eps.chunk(2)
     return _mse(eps_w, points.target_w), _mse(eps_l, points.target_l)
 
@@ -74,13 +102,12 @@ def diffusion_dpo_points(
     z_l: torch.Tensor,
     cond: Conditioning,
     *,
-    generator: torch.Generator,
+    generator: Draws,
 ) -> TrainPoints:
     """Diffusion-DPO: ONE timestep and ONE noise per pair, shared by winner and loser; reference under no_grad."""
     b = z_w.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
-    t = t.to(z_w.device)
-    noise = torch.randn(z_w.shape, generator=generator, device=generator.device, dtype=z_w.dtype).to(z_w.device)
+    t = draw_timesteps(scheduler.config.num_train_timesteps, b, generator).to(z_w.device)
+    noise = draw_normal(z_w.shape, generator, z_w.dtype).to(z_w.device)
     # A v-prediction model (SD2.x 768, v-pred SDXL finetunes) is asked for v = sqrt(abar) eps - sqrt(1 - abar) z,
     # as in Diffusion-DPO's training script; the shared noise then gives each image its own target.
     v_prediction = scheduler.config.prediction_type == "v_prediction"
@@ -115,7 +142,7 @@ def inpo_points(
     *,
     inversion_steps: int,
     eta: float,
-    generator: torch.Generator,
+    generator: Draws,
 ) -> TrainPoints:
     """InPO's points, WITHOUT the reference errors (fill them with `with_reference_errors`).
 
@@ -130,12 +157,13 @@ def inpo_points(
     below t, about N/2 on average) here, then 2 reference forwards and 2 policy forwards with backward.
     """
     b = z_w.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
-    t = t.to(z_w.device)
+    t = draw_timesteps(scheduler.config.num_train_timesteps, b, generator).to(z_w.device)
     z0 = torch.cat([z_w, z_l])  # (2B, C, h, w): winners then losers
+    # Per-pair generators: a pair's winner and loser rows draw from the pair's generator.
+    row_draws = generator if isinstance(generator, torch.Generator) else [*generator, *generator]
     traj = ddim_invert(
-        inverter, scheduler.config, z0, Conditioning.cat([cond, cond]), num_steps=inversion_steps,
-        with_point_eps=False, stop_before=torch.cat([t, t]), eta=eta, generator=generator,
+        inverter, scheduler.config, z0, cond.both(), num_steps=inversion_steps,
+        with_point_eps=False, stop_before=torch.cat([t, t]), eta=eta, generator=row_draws,
     )  # fmt: skip
     # A copy made outside inference mode: the policy's forward with grad cannot save inference tensors.
     x = traj.latents[-1].clone()  # (2B, C, h, w): where each image's inversion ended
@@ -161,13 +189,13 @@ def inversion_dpo_points(
     *,
     k: int,
     weights: torch.Tensor,
-    generator: torch.Generator,
+    generator: Draws,
 ) -> TrainPoints:
     """Sample K of the N inverted points of each pair (without replacement). weights: (N,) timestep weights."""
     b, n = pairs.ref_err_w.shape
     assert 1 <= k <= n, f"k must be in [1, {n}], got {k}"
     # (B, K) point indices, independent per pair.
-    idx = torch.rand((b, n), generator=generator, device=generator.device).argsort(dim=1)[:, :k]
+    idx = draw_uniform((b, n), generator).argsort(dim=1)[:, :k]
     idx = idx.to(pairs.xt_w.device)
     rows = torch.arange(b, device=idx.device).unsqueeze(1).expand(b, k)
 

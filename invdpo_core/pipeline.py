@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from invdpo_core.data import PreferencePair, load_image
+from invdpo_core.data import PreferencePair, image_time_ids, load_image
 from invdpo_core.storage import resolve_model
 
 if TYPE_CHECKING:
@@ -29,15 +29,23 @@ def one_line(exc: BaseException) -> str:
 
 
 def load_pipeline(
-    uri: str, *, model_cache_dir: str | Path | None = None, what: str = "base model"
+    uri: str,
+    *,
+    model_cache_dir: str | Path | None = None,
+    what: str = "base model",
+    unet_dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """The pipeline at `uri` (a local directory, a hub id or an s3:// prefix, downloaded once into `model_cache_dir`,
-    see storage.resolve_model), on the CPU, progress bars off. `what` names the model in errors."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    see storage.resolve_model), on the CPU, progress bars off. `what` names the model in errors. unet_dtype: load
+    the UNet in it (diffusers otherwise loads float32 whatever the files hold: 10 GB for an SDXL UNet)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     path = resolve_model(uri, model_cache_dir or DEFAULT_MODEL_CACHE_DIR)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path)
+        parts = {}
+        if unet_dtype is not None:
+            parts["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, **parts)
     except Exception as exc:  # diffusers raises OSError, ValueError, KeyError...: all mean "cannot load this"
         raise PipelineLoadError(f"{what} {uri}: cannot load: {type(exc).__name__}: {one_line(exc)}") from None
     if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
@@ -61,3 +69,10 @@ def encode_latents(
     # Contiguous: on the CPU the VAE returns channels-last, and bf16 UNet kernels give other numbers on it than on
     # the contiguous copies other code paths make, which puts offsets between the policy and the reference.
     return z[0::2].contiguous(), z[1::2].contiguous()
+
+
+def pair_time_ids(batch: list[PreferencePair], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's time ids of the crops encode_latents takes: (B, 6) winners', (B, 6) losers' (for encode_prompts)."""
+    winners = [image_time_ids(p.chosen, resolution, source=p.source) for p in batch]
+    losers = [image_time_ids(p.rejected, resolution, source=p.source) for p in batch]
+    return torch.tensor(winners, dtype=torch.float32), torch.tensor(losers, dtype=torch.float32)

@@ -3,20 +3,23 @@
 `train(config, callbacks)` is what the CLI and the worker call. One run:
 1. load the base pipeline (pipeline.load_pipeline: local dir, hub id or s3:// prefix); VAE and text encoders
    frozen; the policy UNet trained in full or through a LoRA adapter; the reference is a frozen copy (full) or the
-   same UNet with its adapters disabled (LoRA);
+   same UNet with its adapters disabled (LoRA); the resolution is the model's own unless config.resolution says;
 2. resume from the newest complete checkpoint in output_dir/checkpoints (config.resume);
 3. inversion_dpo with a memory or disk cache (inversion_cache.py): invert the pairs the run will read, in training
    order, once, and release the reference as soon as the cache covers the whole dataset (the step then needs no
    reference);
 4. optimise through accelerate: micro-batches of pairs, gradient accumulation, clipping, LR schedule, mixed
-   precision. The forward goes through the prepared (DDP-wrapped) model, so gradients are synchronised;
-5. write the model (a diffusers pipeline dir, or LoRA weights + base_model.json) and summary.json.
+   precision, the EMA of the weights (ema_decay). The forward goes through the prepared (DDP-wrapped) model, so
+   gradients are synchronised;
+5. write the model (a diffusers pipeline dir, or LoRA weights + base_model.json; the EMA weights with ema_decay)
+   and summary.json.
 
-Exact resume: a checkpoint holds the trainable weights, the optimizer, the LR scheduler, every RNG (python, numpy,
-torch, CUDA and `generator`, which draws noise, timesteps, points and Diffusion-DPO's empty captions), the step and
-the position in the data (epoch, index). 2N steps straight equal N + resume + N (tests/core/test_train.py); with
-a memory cache and batch_size > 1 across an epoch boundary the rebuilt cache may batch pairs differently, which
-can change results at float rounding level.
+Exact resume: a checkpoint holds the trainable weights, the optimizer, the LR scheduler, the fp16 loss scaler, the
+EMA, the global RNGs (python, numpy, torch, CUDA), the step and the position in the data (epoch, index). Noise,
+timesteps, points and empty captions are drawn from per-visit generators (`pair_generators`), so they follow from
+the position alone, and N processes draw what one process draws on the same global batch. 2N steps straight equal
+N + resume + N (tests/core/test_train.py); with a memory cache and batch_size > 1 across an epoch boundary the
+rebuilt cache may batch pairs differently, which can change results at float rounding level.
 
 Ties kept by tie_policy=keep train as ordinary pairs (jpg_0 as the chosen image). Models downloaded from s3:// are
 cached under `model_cache_dir` (default ~/.cache/invdpo).
@@ -52,7 +55,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -60,20 +63,21 @@ from PIL import Image
 from transformers.optimization import Adafactor
 
 from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, TrainingConfig, schedule_problem
+from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, ConfigError, TrainingConfig, schedule_problem
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
 from invdpo_core.inversion_cache import InversionCache, entry_bytes
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
+    draw_uniform,
     inpo_points,
     inversion_dpo_points,
     points_loss,
     timestep_weights,
     with_reference_errors,
 )
-from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, one_line
+from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, one_line, pair_time_ids
 
 
 class TrainError(RuntimeError):
@@ -145,12 +149,26 @@ def _pairs_from(config: TrainingConfig, epoch: int, index: int) -> Generator[tup
         epoch, index = epoch + 1, 0
 
 
-def captions(batch: list[PreferencePair], config: TrainingConfig, generator: torch.Generator) -> list[str]:
-    """The batch's prompts, some replaced by '' (config.empty_prompt_share)."""
+def pair_generators(seed: int, visits: list[tuple[int, int, PreferencePair]]) -> list[torch.Generator]:
+    """One generator per visit (epoch, index, pair), seeded by the seed and that visit alone: every random draw of a
+    pair (empty caption, timestep, noise, points) is then the same whichever process and micro-batch it lands in,
+    so N processes train what one process trains on the same global batch, and a resumed run draws what the
+    uninterrupted one drew. On the CPU, so a seed gives the same numbers on any device."""
+    generators = []
+    for epoch, index, pair in visits:
+        digest = hashlib.sha256(f"{seed}:{epoch}:{index}:{pair.key}".encode()).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "big")))
+    return generators
+
+
+def captions(batch: list[PreferencePair], config: TrainingConfig, draws: list[torch.Generator] | None) -> list[str]:
+    """The batch's prompts, some replaced by '' (config.empty_prompt_share). inversion_dpo's choice is fixed per
+    pair (no draws needed); the other methods draw afresh every visit, as Diffusion-DPO's training script does."""
     if config.method == "inversion_dpo":
         empty = [_pair_uniform(config.seed, p.key) < config.empty_prompt_share for p in batch]
-    else:  # drawn afresh every step, as in Diffusion-DPO's training script
-        empty = (torch.rand(len(batch), generator=generator) < config.empty_prompt_share).tolist()
+    else:
+        assert draws is not None, "diffusion_dpo and inpo draw their empty captions per visit"
+        empty = (draw_uniform((len(batch),), draws) < config.empty_prompt_share).tolist()
     return ["" if e else p.prompt for p, e in zip(batch, empty, strict=True)]
 
 
@@ -223,7 +241,7 @@ def prepare_models(
         policy.requires_grad_(True)
     else:
         policy.requires_grad_(False)
-        if weight_dtype != torch.float32:
+        if policy.dtype != weight_dtype:  # loaded in it already when low precision (train's load_pipeline call)
             policy.to(dtype=weight_dtype)
         lora = LoraConfig(
             r=config.adapter.rank, lora_alpha=config.adapter.alpha, target_modules=list(config.adapter.target_modules)
@@ -243,7 +261,11 @@ def make_optimizer(policy: UNet2DConditionModel, config: TrainingConfig) -> tupl
     """The optimizer over the trainable parameters, and its LR scheduler."""
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer
-    if config.optimizer == "adamw":
+    if config.optimizer == "adamw" and config.use_8bit_adam:
+        import bitsandbytes  # train() checked it imports
+
+        optimizer = bitsandbytes.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    elif config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     else:  # the Diffusion-DPO SDXL recipe: a fixed learning rate, no parameter-scale adaptation
         optimizer = Adafactor(
@@ -264,7 +286,7 @@ def make_optimizer(policy: UNet2DConditionModel, config: TrainingConfig) -> tupl
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple)
     name, keys, pos, has_gauss, cached = np_state
@@ -274,11 +296,10 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generator": generator.get_state(),
     }
 
 
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -286,7 +307,6 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["generator"])
 
 
 def resume(
@@ -295,11 +315,11 @@ def resume(
     policy: UNet2DConditionModel,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    generator: torch.Generator,
     accelerator: Accelerator,
+    ema: EMAModel | None = None,
 ) -> Position:
-    """Load the newest complete checkpoint into the policy, optimizer, LR scheduler and RNGs, and return where it
-    stopped; Position() when there is none. A checkpoint written with other fixed settings is a TrainError."""
+    """Load the newest complete checkpoint into the policy, optimizer, LR scheduler, EMA and RNGs, and return where
+    it stopped; Position() when there is none. A checkpoint written with other fixed settings is a TrainError."""
     latest = latest_checkpoint(checkpoints)
     if latest is None:
         return Position()
@@ -320,8 +340,11 @@ def resume(
     lr_scheduler.load_state_dict(objects["lr_scheduler"])
     if accelerator.scaler is not None and objects.get("scaler"):  # fp16: the loss scale and its growth tracker
         accelerator.scaler.load_state_dict(objects["scaler"])
+    if ema is not None:  # ema_decay is a fixed setting: a checkpoint of this config has the EMA
+        ema.load_state_dict(objects["ema"])
+        ema.to(accelerator.device)
     if len(objects["rng"]) == accelerator.num_processes:  # another process count cannot continue the same stream
-        _set_rng_state(objects["rng"][accelerator.process_index], generator)
+        _set_rng_state(objects["rng"][accelerator.process_index])
     return Position(**objects["trainer"])
 
 
@@ -332,12 +355,12 @@ def save(
     policy: UNet2DConditionModel,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    generator: torch.Generator,
     accelerator: Accelerator,
     on_checkpoint: Callable[[Path, int], None] | None,
+    ema: EMAModel | None = None,
 ) -> Path | None:
     """Write a checkpoint of the run at `position` (main process); returns its directory there, None elsewhere."""
-    rng = gather_object([_rng_state(generator)])  # every process's, in rank order
+    rng = gather_object([_rng_state()])  # every process's, in rank order
     path = None
     if accelerator.is_main_process:
         model = policy.state_dict() if config.adapter.type == "full" else get_peft_model_state_dict(policy)
@@ -346,6 +369,7 @@ def save(
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "rng": rng,
             "trainer": asdict(position),
         }
@@ -365,16 +389,21 @@ def invert_pairs(
     reference: Reference,
     config: TrainingConfig,
     accelerator: Accelerator,
+    text_cache: dict[str, Any] | None,
     batch: list[PreferencePair],
     caps: list[str],
 ) -> InvertedPairs:
     """DDIM-invert the pairs with the reference under the given captions: (B, N, ...) on the device."""
     device = accelerator.device
+    assert config.resolution is not None
     z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
-    cond = encode_prompts(pipe, caps, device=device, resolution=config.resolution)
+    time_ids = pair_time_ids(batch, config.resolution)
+    cond = encode_prompts(pipe, caps, device=device, resolution=config.resolution, time_ids=time_ids, cache=text_cache)
     uncond = None
     if config.inversion_guidance != 1.0:
-        uncond = encode_prompts(pipe, [""] * len(batch), device=device, resolution=config.resolution)
+        uncond = encode_prompts(
+            pipe, [""] * len(batch), device=device, resolution=config.resolution, time_ids=time_ids, cache=text_cache
+        )
     with reference.use() as ref, accelerator.autocast():
         return build_inverted_pairs(
             ref, pipe.scheduler.config, z_w, z_l, cond,
@@ -388,7 +417,6 @@ def fill_inversion_cache(
     cache: InversionCache,
     config: TrainingConfig,
     position: Position,
-    generator: torch.Generator,
     accelerator: Accelerator,
     on_progress: Callable[[int, int], None] | None,
 ) -> bool:
@@ -413,7 +441,7 @@ def fill_inversion_cache(
         mine = group[rank * config.batch_size : (rank + 1) * config.batch_size]
         todo = [p for p in mine if p.key not in cache]
         if todo:
-            held += sum(entry_bytes(entry) for entry in cache.invert(todo, captions(todo, config, generator)))
+            held += sum(entry_bytes(entry) for entry in cache.invert(todo, captions(todo, config, None)))
         walked += len(group)
         if config.inversion_cache == "memory" and held > budget:
             raise TrainError(
@@ -487,6 +515,7 @@ def write_summary(
         "method": config.method,
         "inversion_target": config.inversion_target if config.method == "inversion_dpo" else None,
         "adapter": config.adapter.type,
+        "resolution": config.resolution,
         "steps": result.steps,
         "max_steps": config.max_steps,
         "stopped_early": result.stopped_early,
@@ -513,6 +542,12 @@ def train(
     model_cache_dir: where base models from s3:// are downloaded (default ~/.cache/invdpo)."""
     cb = callbacks or TrainCallbacks()
     started = time.perf_counter()
+    if config.use_8bit_adam:  # before anything is loaded: a worker image without it fails the job at once
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:  # not installed, or its native library does not load on this machine
+            reason = f"bitsandbytes cannot be imported on this machine ({type(exc).__name__}); set it to false"
+            raise ConfigError([{"field": "use_8bit_adam", "message": reason, "value": True}]) from None
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
     accelerator = make_accelerator(config)
@@ -520,8 +555,6 @@ def train(
     main = accelerator.is_main_process
     set_seed(config.seed)  # python, numpy, torch: the LoRA initialisation draws from them
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    # Draws noise, timesteps, points and empty captions. On the CPU, so a seed gives the same numbers on any device.
-    generator = torch.Generator().manual_seed(config.seed + rank)
     pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
 
     def phase(name: str) -> None:
@@ -531,21 +564,30 @@ def train(
     # --- 1. Models: frozen VAE and text encoders, the policy UNet, the reference ---------------------------------
     phase("loading_model")
     try:
-        pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir)
+        # LoRA keeps the base UNet frozen in the training precision: load it so, not in float32 first.
+        lora_low_precision = config.adapter.type == "lora" and weight_dtype != torch.float32
+        unet_dtype = weight_dtype if lora_low_precision else None
+        pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir, unet_dtype=unet_dtype)
     except PipelineLoadError as exc:
         raise TrainError(str(exc)) from None
     problem = schedule_problem(dict(pipe.scheduler.config), config.method)
     if problem is not None:
         raise TrainError(f"base model {config.base_model}: {problem}")
+    # The model's own resolution when none is set: from here on the run, its checkpoints and its cache use it.
+    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    config = config.model_copy(update={"resolution": resolution})
     policy, reference = prepare_models(pipe, config, device, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(policy, config)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    # diffusers' EMAModel, as the peers' scripts use it: stepped after every optimizer step, saved as the model.
+    ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay is not None else None
     # The scheduler is stepped here once per optimizer step, so it is not handed to accelerate (which would step
     # it once per process). `unet` is the policy as prepared (possibly DDP-wrapped): the forward goes through it.
     unet, optimizer = accelerator.prepare(policy, optimizer)
 
     # --- 2. Resume -----------------------------------------------------------------------------------------------
     if config.resume:
-        position = resume(checkpoints, config, policy, optimizer, lr_scheduler, generator, accelerator)
+        position = resume(checkpoints, config, policy, optimizer, lr_scheduler, accelerator, ema)
     else:
         position = Position()
         if main and checkpoints.exists():
@@ -561,15 +603,15 @@ def train(
 
     config_json = config.model_dump(mode="json")
     cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEY_FIELDS})
-    invert = partial(invert_pairs, pipe, reference, config, accelerator)
+    # caption -> text embeddings (config.cache_text_embeddings): the text encoders run once per caption.
+    text_cache: dict[str, Any] | None = {} if config.cache_text_embeddings else None
+    invert = partial(invert_pairs, pipe, reference, config, accelerator, text_cache)
     cache = InversionCache(config.inversion_cache, cache_dir, invert, device=device, rank=rank)
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()
         phase("building_cache")
-        covers = fill_inversion_cache(
-            cache, config, position, generator, accelerator, cb.on_cache_progress if main else None
-        )
+        covers = fill_inversion_cache(cache, config, position, accelerator, cb.on_cache_progress if main else None)
         # With several processes each holds only its own pairs in memory; a shared disk cache holds them all.
         if covers and (world == 1 or config.inversion_cache == "disk"):
             reference.release()
@@ -578,7 +620,7 @@ def train(
     # --- 4. Optimise ---------------------------------------------------------------------------------------------
     # Saves `position` as it is when called (the loop advances it in place).
     checkpoint = partial(
-        save, checkpoints, position, config, policy, optimizer, lr_scheduler, generator, accelerator, cb.on_checkpoint
+        save, checkpoints, position, config, policy, optimizer, lr_scheduler, accelerator, cb.on_checkpoint, ema
     )
     validate_every = config.validation_interval if config.validation_prompts else 0
     sampler = None
@@ -593,22 +635,26 @@ def train(
         t0 = time.perf_counter()
         micro: list[dict[str, torch.Tensor]] = []
         grad_norm = None
-        step_start = (position.epoch, position.index, generator.get_state())
+        step_start = (position.epoch, position.index)
         for micro_step in range(config.gradient_accumulation_steps):
             # A huge step (many micro-batches) honours a stop too: it is undone, the checkpoint is of the step before.
             if micro_step > 0 and stop_requested(cb, accelerator):
-                position.epoch, position.index = step_start[0], step_start[1]
-                generator.set_state(step_start[2])
+                position.epoch, position.index = step_start
                 optimizer.zero_grad(set_to_none=True)
                 stopped = True
                 break
             chunk = [next(stream) for _ in range(config.batch_size * world)]
             position.epoch, position.index = chunk[-1][0], chunk[-1][1] + 1  # the position of the next pair to read
-            batch = [pair for _, _, pair in chunk[rank * config.batch_size : (rank + 1) * config.batch_size]]
+            mine = chunk[rank * config.batch_size : (rank + 1) * config.batch_size]
+            batch = [pair for _, _, pair in mine]
+            draws = pair_generators(config.seed, mine)
             with accelerator.accumulate(unet):
                 # Forward and backward of one micro-batch.
-                caps = captions(batch, config, generator)
-                cond = encode_prompts(pipe, caps, device=device, resolution=config.resolution)
+                caps = captions(batch, config, draws)
+                cond = encode_prompts(
+                    pipe, caps, device=device, resolution=resolution, time_ids=pair_time_ids(batch, resolution),
+                    cache=text_cache,
+                )  # fmt: skip
                 if config.method == "inversion_dpo" and config.timesteps_per_step == 0:
                     # All N points in two passes: memory flat in N (methods.all_points_backward).
                     loss, batch_metrics = all_points_backward(
@@ -617,26 +663,26 @@ def train(
                     )  # fmt: skip
                 else:
                     if config.method == "diffusion_dpo":
-                        z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
+                        z_w, z_l = encode_latents(pipe.vae, batch, resolution, device)
                         with reference.use() as ref, accelerator.autocast():
-                            points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=generator)
+                            points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=draws)
                     elif config.method == "inpo":
                         # InPO: both images inverted every step by the current policy (or the reference), nothing
                         # cached; the reference errors after, since with LoRA the reference is the policy with its
                         # adapters off.
-                        z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
+                        z_w, z_l = encode_latents(pipe.vae, batch, resolution, device)
                         inverter = reference.use() if config.inpo_inverter == "reference" else nullcontext(policy)
                         with inverter as unet_inverting, accelerator.autocast():
                             points = inpo_points(
                                 unet_inverting, noise_scheduler, z_w, z_l, cond,
-                                inversion_steps=config.inpo_inversion_steps, eta=config.inpo_eta, generator=generator,
+                                inversion_steps=config.inpo_inversion_steps, eta=config.inpo_eta, generator=draws,
                             )  # fmt: skip
                         with reference.use() as ref, accelerator.autocast():
                             points = with_reference_errors(ref, points)
                     else:
                         points = inversion_dpo_points(
                             cache.batch(batch, caps), cond, k=config.timesteps_per_step, weights=point_weights,
-                            generator=generator,
+                            generator=draws,
                         )  # fmt: skip
                     loss, batch_metrics = points_loss(unet, points, beta=config.beta, loss_type=config.loss_type)
                     accelerator.backward(loss)
@@ -650,6 +696,8 @@ def train(
             break
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips a step
             lr_scheduler.step()
+        if ema is not None:
+            ema.step(trainable)
         position.step += 1
         position.pairs_seen += pairs_per_step
         train_s += time.perf_counter() - t0
@@ -676,6 +724,10 @@ def train(
     model_out = None if stopped else out / "model"
     if main and not stopped:
         phase("saving_model")
+        if (
+            ema is not None
+        ):  # the averaged weights are the model (training is over: the raw ones are in the checkpoint)
+            ema.copy_to(trainable)
         save_model(pipe, config, out, weight_dtype)
     wall = time.perf_counter() - started
     result = TrainResult(

@@ -65,7 +65,7 @@ class ModelSlot:
     held_back: tuple[int, str] | None = None  # (version the alias points at, why it is not served)
 
 
-def load_version(name: str, version: int, tags: dict[str, str], session: Session, settings: Settings) -> ServedModel:
+def load_version(name: str, version: int, session: Session, settings: Settings) -> ServedModel:
     """Download a registered version (the pyfunc the worker logs: MLmodel + artifacts/pipeline) and load its
     pipeline on the device with the core's loader, then generate once so a broken model fails here, not in a
     request. LoRA jobs are registered fused into their base (services/worker/run_job.py merge_lora), so every
@@ -95,7 +95,7 @@ def load_version(name: str, version: int, tags: dict[str, str], session: Session
         pipe=pipe,
         resolution=int(config.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor),
         steps=int(config.get("num_inference_steps") or 25),
-        project_id=access.version_project(session, tags),
+        project_id=access.version_project(session, name, version),
     )
     served.generate(["warm-up"], [0], 1, served.resolution)
     return served
@@ -145,18 +145,18 @@ class Follower:
                 raise
             self.hold_back(slot, 0, f"models:/{slot.name}@{slot.alias} does not exist")
             return
-        version, tags = int(found.version), dict(found.tags or {})
+        version = int(found.version)
         if slot.current is not None and slot.current.version == version:
             self.hold_back(slot, None, "")
             return
         with self.sessions() as session:
-            allowed, reason = access.version_allowed(session, tags, self.settings.gate_rule())
+            allowed, reason = access.version_allowed(session, slot.name, version, self.settings.gate_rule())
             if not allowed:
                 self.hold_back(slot, version, reason)
                 return
             log.info("loading model version", extra={"model": slot.name, "version": version, "verdict": reason})
             try:
-                served = load_version(slot.name, version, tags, session, self.settings)
+                served = load_version(slot.name, version, session, self.settings)
             except Exception as exc:
                 self.hold_back(slot, version, f"cannot load: {type(exc).__name__}: {exc}")
                 return

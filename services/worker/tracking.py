@@ -163,11 +163,11 @@ def _requirements() -> list[str]:
 
 
 def register_model_once(
-    *, job_id: str, name: str, pipeline_dir: Path, resolution: int, inference_steps: int
+    *, job_id: str, name: str, pipeline_dir: Path, resolution: int | None, inference_steps: int
 ) -> tuple[str, bool]:
     """Log the pipeline as a pyfunc model in the active run and register it under `name` with alias `candidate`,
     unless a version of `name` tagged with this job id already exists (a resumed job after a crash at the very
-    end). Returns (version, newly registered)."""
+    end). Returns (version, newly registered). resolution None: the served model uses the UNet's own."""
     client = MlflowClient()
     existing = client.search_model_versions(f"name = '{name}' and tags.job_id = '{job_id}'")
     if existing:

@@ -1,53 +1,57 @@
 """Fixed-seed training runs pinned to the sha256 of their trained weights: a refactor of the training loop must give
 bit-identical weights (every random draw in the same order, every operation the same). A change that is meant to
-change the numbers updates these hashes and says why in its commit."""
+change the numbers updates these hashes and says why in its commit.
+
+Bit-identical across machines too: torch, oneDNN and MKL pick kernels by the CPU's instruction set (AVX-512 and AVX2
+round differently), so the runs are made in a child process with every dispatcher held at its baseline
+(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR) and one thread; the tiny model and its data are made there too.
+Run as a script it prints the hashes: `python tests/core/test_weight_hashes.py`.
+"""
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-
-from invdpo_core.checkpoint import load_checkpoint
-from invdpo_core.config import parse_config
-from invdpo_core.toy import make_toy_dataset
-from invdpo_core.train import train
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 LORA = {"type": "lora", "rank": 4, "alpha": 8.0}
 RUNS = {
     "inversion_dpo_full": (
         {"method": "inversion_dpo"},
-        "6ca413ab047563dd21de2b82a19ec9c921f439fe031d00106e7b95c90fb6fd68",
+        "7b75868e2256a0d1290f8ea48becec787048c8db93502f7ed589cd0ff7af645b",
     ),
     "inversion_dpo_lora": (
         {"method": "inversion_dpo", "adapter": LORA},
-        "7320a6baf0dd21a932f5af1722fde2010e003d023c170a9a0efb570cbfab3179",
+        "47c9d1c4e9fd0a3e236265a8593e4b21cae39b6f29f195d55a4213b6bb847384",
     ),
     "diffusion_dpo_full": (
         {"method": "diffusion_dpo"},
-        "dfbe808d9a3946203d4b0fd08083802448b0cc0b3488697c61e10df22c1fca65",
+        "e424c05ccd3e4c6b129457303925680cbea2881b8bdba0838c0e46f770905d22",
     ),
     "diffusion_dpo_lora": (
         {"method": "diffusion_dpo", "adapter": LORA},
-        "771e202856c6b6d9419f73a38d7e34ad3f42b00a5091de2d9fe699d34eb5be5d",
+        "346113062eb99d8276634424e1b1921087e442ca63af4915762ce549930f9b6d",
     ),
     # The two other inversion caches and all N points (the two-pass gradient).
     "inversion_dpo_disk_all_points": (
         {"method": "inversion_dpo", "inversion_cache": "disk", "timesteps_per_step": 0},
-        "4433f729dd67df9c4640ab38ecb6d2b7406c890ad69124838cc51c44e2cfe33f",
+        "98986dcc9a296b45b81422a3813ae552e895153f4cd6c0e64db50c7a5cf92391",
     ),
     # No cache recomputes the same inversion every step: the same weights as the memory cache.
     "inversion_dpo_no_cache_lora": (
         {"method": "inversion_dpo", "inversion_cache": "none", "adapter": LORA},
-        "7320a6baf0dd21a932f5af1722fde2010e003d023c170a9a0efb570cbfab3179",
+        "47c9d1c4e9fd0a3e236265a8593e4b21cae39b6f29f195d55a4213b6bb847384",
     ),
 }
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, model_dir):
-    return make_toy_dataset(tmp_path_factory.mktemp("data"), 4, model_dir=model_dir)
+# The dispatchers' baseline: SSE4.1-era kernels every x86-64 server has, MKL's reproducible code path.
+BASELINE_ENV = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"}
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -60,25 +64,56 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("run", list(RUNS))
-def test_fixed_seed_run_gives_the_pinned_weights(tmp_path, model_dir, dataset, run):
-    settings, expected = RUNS[run]
-    config = parse_config(
-        {
-            "base_model": str(model_dir),
-            "dataset": str(dataset),
-            "resolution": 64,
-            "inversion_steps": 4,
-            "batch_size": 2,
-            "max_steps": 2,
-            "learning_rate": 1e-3,
-            "beta": 500.0,
-            "empty_prompt_share": 0.5,
-            "checkpoint_interval": 100,
-            "output_dir": str(tmp_path / "run"),
-            **settings,
-        }
+def run_all() -> dict[str, str]:
+    """Every run of RUNS in this process: the tiny SD1.5 model, 4 toy pairs, 2 steps each -> weight hashes."""
+    from invdpo_core.checkpoint import load_checkpoint
+    from invdpo_core.config import parse_config
+    from invdpo_core.testing import build_tiny_pipeline
+    from invdpo_core.toy import make_toy_dataset
+    from invdpo_core.train import train
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_tiny_pipeline("sd15", seed=0).save_pretrained(root / "model")
+        dataset = make_toy_dataset(root / "data", 4, model_dir=root / "model")
+        hashes = {}
+        for name, (settings, _) in RUNS.items():
+            config = parse_config(
+                {
+                    "base_model": str(root / "model"),
+                    "dataset": str(dataset),
+                    "resolution": 64,
+                    "inversion_steps": 4,
+                    "batch_size": 2,
+                    "max_steps": 2,
+                    "learning_rate": 1e-3,
+                    "beta": 500.0,
+                    "empty_prompt_share": 0.5,
+                    "checkpoint_interval": 100,
+                    "output_dir": str(root / name),
+                    **settings,
+                }
+            )
+            objects, _ = load_checkpoint(train(config).checkpoint)
+            hashes[name] = weights_sha256(objects["model"])
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def hashes() -> dict[str, str]:
+    env = {**os.environ, **BASELINE_ENV, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, check=False
     )
-    result = train(config)
-    objects, _ = load_checkpoint(result.checkpoint)
-    assert weights_sha256(objects["model"]) == expected, weights_sha256(objects["model"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_fixed_seed_run_gives_the_pinned_weights(hashes, run):
+    assert hashes[run] == RUNS[run][1], hashes[run]
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_all()))

@@ -14,6 +14,7 @@ import mlflow
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from invdpo_core.gate import GateRule, evaluate_gate
 from services.admin import create_api_key
 from services.jobs import jobstore
 from services.jobs.db import make_engine, make_session_factory, migrate
@@ -75,10 +76,19 @@ class Registry:
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=self.artifacts.as_uri() if self.artifacts else None)
         mlflow.set_experiment(experiment)
+        with self.sessions() as session:
+            assert jobstore.claim_model_name(session, name, project_id), f"{name} belongs to another project"
         with mlflow.start_run():
             version, _ = register_model_once(
                 job_id=job_id, name=name, pipeline_dir=self.pipeline_dir, resolution=64, inference_steps=2
             )
+        # The verdict under the default rule, recorded where the promote route reads it.
+        passed, reasons = evaluate_gate(metrics or {}, GateRule())
+        with self.sessions() as session:
+            jobstore.record_model_version(
+                session, name, int(version), job_id=job_id, project_id=project_id, gate_passed=passed,
+                gate_reasons=reasons,
+            )  # fmt: skip
         return int(version)
 
 

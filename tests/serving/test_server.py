@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from registry_fixtures import FAILING, PASSING, Registry, Tenant, wait_until
 
+from services.jobs import jobstore
 from services.serving.app import create_app
 from services.serving.settings import Settings
 
@@ -197,7 +198,16 @@ def test_a_gate_refused_champion_keeps_the_previous_version_serving(
         assert _metric(http, 'invdpo_serving_model_version{model="dogs"}') == v1
         assert _metric(http, 'invdpo_serving_alias_version_held_back{model="dogs"}') == refused
 
-        # Forced through the API: the promote route tags the version; the server then serves it.
+        # MLflow's tags are not evidence: anyone with write access to the registry can set the one the promote
+        # route writes. The version stays held back.
         mlflow.set_model_version_tag("dogs", str(refused), "promotion_forced_by", "project 1, key invdpo-1234")
+        time.sleep(2 * POLL)
+        assert served_version(http, "dogs") == v1
+
+        # Forced through the API: the promote route records who forced it in the job database; then it serves.
+        with registry.sessions() as session:
+            row = jobstore.version_verdict(session, "dogs", refused)
+            assert row is not None
+            jobstore.record_promotion(session, row, forced_by="project 1, key invdpo-1234", reason="a human looked")
         wait_until(lambda: served_version(http, "dogs") == refused, 120, "the forced version")
         assert "not_served" not in http.get("/healthz").json()["models"]["dogs"]

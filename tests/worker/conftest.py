@@ -292,6 +292,9 @@ def workers(
         "INVDPO_PROGRESS_INTERVAL_SECONDS": "0.5",
         "INVDPO_CANCEL_POLL_SECONDS": "0.5",
         "INVDPO_LOG_LEVEL": "INFO",
+        # The API fixture's rule: the worker records each version's verdict under it, and the API promotes by that
+        # verdict, so both must hold the same rule (test_promotion_gate.py tests the gate with its own).
+        "INVDPO_PROMOTION_GATE": "none",
         "HF_HUB_OFFLINE": "1",
         # System metrics every second, so that even a short run has some.
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from invdpo_core.config import parse_config
-from invdpo_core.evaluate import SCORERS
+from invdpo_core.evaluate import GRID_LABEL_WIDTH, SCORERS
 from invdpo_core.gate import evaluate_gate
 from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import TOY_PROMPTS, TOY_STEPS, make_toy_dataset
@@ -211,8 +211,11 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
     from services.api.settings import Settings
 
     # The toy task: 32 training pairs and 16 held-out pairs drawn from the tiny base itself (same weights as the
-    # uploaded one), labelled by the toy reward. The gate: the fine-tuned model must beat the base under the toy
-    # reward, and have a measured implicit accuracy (any: the tiny model's 16-pair interval is wide).
+    # uploaded one), labelled by the toy reward. The gate: a measured implicit accuracy (any: the tiny model's
+    # 16-pair interval is wide). Not the toy reward's win-rate: the tiny VAE is untrained, so what the UNet learns
+    # about encoded images need not decode to redder pictures: this very job scored 0 of 12 with a held-out implicit
+    # accuracy of 0.625, and a run of the same settings with the labels swapped decoded redder (2 of 2 prompts), so a
+    # gate on it passes by chance.
     local = tmp_path / "base"
     build_tiny_pipeline("sd15").save_pretrained(local)
     train = _upload_jsonl(
@@ -221,7 +224,7 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
     held = _upload_jsonl(
         make_toy_dataset(tmp_path / "held", 16, seed=1, model_dir=local).parent, f"s3://{bucket}/gate/ho"
     )
-    gate = {"min_implicit_acc_lower": 0.0, "win_rate_scorer": "toy", "min_win_rate": 0.5}
+    gate = {"min_implicit_acc_lower": 0.0}
     settings = Settings(
         database_url=pg_url, broker_url=redis_server.url, mlflow_tracking_uri=mlflow_server, allow_local_files=False,
         migrate_on_startup=False, reconcile_interval_seconds=1, reconcile_after_seconds=3,
@@ -260,7 +263,6 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
         print(f"trained job's evaluation: {evaluation['metrics']}")
         assert evaluation["error"] is None and set(evaluation["not_run"]) == set(SCORERS)
         metrics = evaluation["metrics"]
-        assert metrics["eval/win_rate/toy"] > 0.5, metrics
         assert {"eval/implicit_acc", "eval/implicit_acc_lower", "eval/reward_margin"} <= set(metrics)
         assert not any(k.startswith("eval/implicit_acc") for k in bare_job["evaluation"]["metrics"])
         events = api.get(f"{JOBS}/{good}/events", params={"limit": 100}, headers=auth).json()["data"]
@@ -270,7 +272,7 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
         run = client.get_run(good_job["mlflow_run_id"])
         assert run.data.metrics["eval/win_rate/toy"] == metrics["eval/win_rate/toy"]
         grid = Image.open(client.download_artifacts(run.info.run_id, evaluation["grid"]))
-        assert grid.size == (8 * 64, 2 * 64)  # 8 columns (of 12 prompts), base above fine-tuned
+        assert grid.size == (GRID_LABEL_WIDTH + 8 * 64, 2 * 64)  # 8 columns (of 12 prompts), base above fine-tuned
 
         def promote(job: dict[str, Any], **extra: Any) -> Any:
             return api.post(
