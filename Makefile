@@ -8,19 +8,33 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING := false
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo stack stack-down test test-slow lint bench clean
 
+# A line per step and pip's own output (what it collects, downloads and installs): minutes of work, never silent.
 $(STAMP): pyproject.toml
+	@echo "==> [1/4] virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[service,dev]'
+	@echo "==> [2/4] pip"
+	$(BIN)/pip install --upgrade pip
+	@echo "==> [3/4] torch==2.13.0 (the largest download)"
+	$(BIN)/pip install torch==2.13.0
+	@echo "==> [4/4] invdpo and its service and dev dependencies (editable)"
+	$(BIN)/pip install -e '.[service,dev]'
 	touch $(STAMP)
+	@echo "==> installed: $(VENV)"
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m services.demo
+
+# The whole service as processes on this machine, no Docker (services/stack.py; README "The whole service on this
+# machine"). STACK_ARGS: e.g. --serve NAME,NAME@ALIAS.
+stack: $(STAMP)
+	$(BIN)/python -m services.stack up $(STACK_ARGS)
+
+stack-down:
+	$(BIN)/python -m services.stack down
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -42,4 +56,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serving.py
 
 clean:
-	rm -rf $(VENV) demo-out runs
+	! test -f .stack/state.json || $(BIN)/python -m services.stack down  # a running stack first
+	rm -rf $(VENV) demo-out runs .stack

@@ -1,4 +1,5 @@
-"""The core's command-line commands: `invdpo tiny-model`, `invdpo dataset ...`, `invdpo train`, `invdpo evaluate`.
+"""The core's command-line commands: `invdpo tiny-model`, `invdpo dataset ...`, `invdpo upload`, `invdpo train`,
+`invdpo evaluate`.
 
 `build_parser()` is extended by services/cli.py with the job-client commands; the core knows nothing of HTTP.
 Each command is a function taking the parsed args and returning an exit code; user errors raise `CLIError`
@@ -66,6 +67,20 @@ def cmd_dataset_make_toy(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     report = inspect_dataset(str(path))
     print(f"wrote {report.pairs} toy pairs to {path}")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from invdpo_core.storage import StorageError, is_s3, upload_dir
+
+    if not is_s3(args.uri):
+        raise CLIError(f"{args.uri}: not an s3:// URI")
+    files = sum(1 for p in Path(args.dir).rglob("*") if p.is_file())
+    try:
+        upload_dir(args.dir, args.uri)
+    except (FileNotFoundError, StorageError) as exc:
+        raise CLIError(" ".join(str(exc).split())) from None
+    print(f"uploaded {files} file(s) from {args.dir} to {args.uri.rstrip('/')}/")
     return 0
 
 
@@ -252,6 +267,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--kind", choices=["sd15", "sdxl"], default="sd15", help="tiny pipeline shape (no --model-dir)")
     p.add_argument("--model-dir", default=None, help="generate with this diffusers pipeline instead")
     p.set_defaults(func=cmd_dataset_make_toy)
+
+    p = sub.add_parser("upload", help="copy a local directory (a model, a dataset) to an s3:// prefix")
+    p.add_argument("dir", help="local directory; its files keep their relative paths")
+    p.add_argument("uri", help="s3://bucket/prefix (the endpoint and credentials: the standard AWS variables)")
+    p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("train", help="fine-tune on preference pairs; resumes from the output_dir's checkpoints")
     p.add_argument("--config", default=None, help="YAML training config (fields: invdpo_core/config.py)")

@@ -450,7 +450,8 @@ def evaluate(
 
     pairs: held-out preference pairs (None: no reward-free metrics). scorers: name -> local directory, for any of
     SCORERS (toy is always run). resolution: default the base UNet's native size. Writes OUT_DIR/grid.png and
-    OUT_DIR/evaluation.json. model_cache_dir: where models from s3:// are downloaded (default ~/.cache/invdpo).
+    OUT_DIR/evaluation.json, whose `grid` is relative to its own directory (the two travel together: copied, or
+    logged to MLflow side by side). model_cache_dir: where models from s3:// are downloaded (default ~/.cache/invdpo).
     """
     scorers = dict(scorers or {})
     check_scorers(scorers)  # before any model loads: a typo should cost nothing
@@ -526,6 +527,6 @@ def evaluate(
         grid_prompts=prompts[:k],
     )
     tmp = out / "evaluation.json.part"
-    tmp.write_text(json.dumps(evaluation.to_json(), indent=2))
+    tmp.write_text(json.dumps({**evaluation.to_json(), "grid": "grid.png"}, indent=2))
     os.replace(tmp, out / "evaluation.json")
     return evaluation

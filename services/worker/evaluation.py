@@ -7,6 +7,7 @@ Runs in the training process, on rank 0, while the job's run is active.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,15 @@ from services.worker.settings import Settings
 GRID_ARTIFACT = "evaluation/grid.png"
 
 
-def evaluate_job(config: TrainingConfig, model_path: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
+def evaluate_job(
+    config: TrainingConfig, model_path: Path, out_dir: Path, settings: Settings, model_uri: str | None = None
+) -> dict[str, Any]:
     """Evaluate the trained model and log eval/... metrics, evaluation/grid.png and evaluation/evaluation.json to the
     active run. Returns {metrics, not_run, grid, error}. An evaluation that fails is recorded (error), not raised:
-    the model is trained either way, and the gate finds no metrics to pass on."""
+    the model is trained either way, and the gate finds no metrics to pass on.
+
+    model_uri: where the model will be stored; the logged evaluation.json names it instead of `model_path`, the
+    scratch copy that is deleted when the job ends."""
     import mlflow
     import torch
 
@@ -42,9 +48,12 @@ def evaluate_job(config: TrainingConfig, model_path: Path, out_dir: Path, settin
         text = mask_secrets(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         return {"metrics": {}, "not_run": {}, "grid": None, "error": text if len(text) <= 300 else text[:297] + "..."}
     metrics = result.metrics()
+    report = Path(out_dir) / "evaluation.json"
+    if model_uri is not None:
+        report.write_text(json.dumps({**json.loads(report.read_text()), "model": model_uri}, indent=2))
     mlflow.log_metrics(metrics)
     mlflow.log_artifact(result.grid, "evaluation")
-    mlflow.log_artifact(str(Path(out_dir) / "evaluation.json"), "evaluation")
+    mlflow.log_artifact(str(report), "evaluation")
     return {"metrics": metrics, "not_run": result.not_run, "grid": GRID_ARTIFACT, "error": None}
 
 

@@ -434,7 +434,9 @@ class JobRunner:
             if not jobstore.claim_model_name(session, name, job.project_id):
                 raise ModelNameTaken(f"registered model {name} belongs to another project")
         # Evaluated before registering: the version appears with its evidence already on the job and the run.
-        evaluation = evaluate_job(config, model_path, self.out / "evaluation", self.settings)
+        evaluation = evaluate_job(
+            config, model_path, self.out / "evaluation", self.settings, job_uri(self.settings, self.job_id, "model")
+        )
         with self.sessions() as session:
             jobstore.set_evaluation(session, self.job_id, evaluation)
         self.event(summary(evaluation))

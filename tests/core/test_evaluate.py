@@ -4,6 +4,7 @@ scorers load from a tiny local CLIP, the CLI reports reward-free metrics and the
 promotion gate passes and fails as its rule says."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -90,6 +91,13 @@ def test_trained_model_is_compared_with_its_base_and_the_grid_shows_both(tmp_pat
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert saved["scorers"]["toy"]["win_rate"]["mean"] == toy.win_rate.mean
     assert saved["grid_prompts"] == PROMPTS[:8]
+    # The file names its grid beside it, so it still points at it once copied away (the worker's scratch
+    # directory is deleted after the two are logged to MLflow).
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    (tmp_path / "grid.png").unlink()
+    with Image.open(moved / json.loads((moved / "evaluation.json").read_text())["grid"]) as copy:
+        assert copy.size == grid.size
     metrics = result.metrics()
     assert metrics["eval/win_rate/toy"] == toy.win_rate.mean
     assert metrics["eval/implicit_acc_lower"] == pm.implicit_acc.lower

@@ -176,3 +176,22 @@ def test_resolve_model_downloads_an_s3_model_once(s3_env, tiny_model, tmp_path):
     assert resolve_model(str(tiny_model), tmp_path / "cache") == str(tiny_model)  # local: used in place
     with pytest.raises(ModelReferenceError):
         resolve_model(f"s3://{s3_env}/models/none", tmp_path / "cache")
+
+
+def test_the_upload_command_copies_a_directory_to_s3_and_names_bad_arguments(s3_env, tmp_path, capsys):
+    from invdpo_core.cli import main
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "manifest.jsonl").write_text("{}\n")
+    (tmp_path / "data" / "images" / "a.png").write_bytes(b"png")
+    assert main(["upload", str(tmp_path / "data"), f"s3://{s3_env}/toy"]) == 0
+    assert capsys.readouterr().out == f"uploaded 2 file(s) from {tmp_path / 'data'} to s3://{s3_env}/toy/\n"
+    assert sorted(list_files(f"s3://{s3_env}/toy")) == [
+        f"s3://{s3_env}/toy/images/a.png",
+        f"s3://{s3_env}/toy/manifest.jsonl",
+    ]
+
+    assert main(["upload", str(tmp_path / "data"), str(tmp_path / "elsewhere")]) == 2
+    assert "not an s3:// URI" in capsys.readouterr().err
+    assert main(["upload", str(tmp_path / "missing"), f"s3://{s3_env}/x"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing'}: no such directory\n"

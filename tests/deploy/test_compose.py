@@ -275,4 +275,7 @@ def test_the_model_server_reserves_a_gpu_and_its_healthcheck_calls_healthz(servi
     assert "http://127.0.0.1:8080/healthz" in " ".join(serving["healthcheck"]["test"])
     assert serving["ports"] == ["127.0.0.1:8080:8080"]
     assert environment(serving)["INVDPO_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # MLflow runs its basic-auth app: without a user the server's alias lookups get 401 and it never serves.
+    assert environment(serving)["MLFLOW_TRACKING_USERNAME"] == environment(services["api"])["MLFLOW_TRACKING_USERNAME"]
+    assert "MLFLOW_SERVICE_PASSWORD" in environment(serving)["MLFLOW_TRACKING_PASSWORD"]
     assert serving["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

@@ -176,7 +176,7 @@ def test_worker_asks_for_a_gpu_and_tolerates_gpu_nodes_by_default(renders: dict)
     assert container(worker)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert spec["terminationGracePeriodSeconds"] >= 3600, "a scale-down must leave a running job time to finish"
+    assert spec["terminationGracePeriodSeconds"] >= 3600, "a scale-down must leave a job time to upload a checkpoint"
     assert worker["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     assert worker["spec"]["template"]["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"]
     assert container(worker)["command"] == COMMANDS["worker"]
@@ -257,6 +257,9 @@ def test_model_servers_are_off_by_default_and_one_per_entry_when_on(renders: dic
     assert (env["INVDPO_SERVING_POLL_SECONDS"]["value"], env["INVDPO_SERVING_MAX_WAIT_MS"]["value"]) == ("5", "25")
     assert "INVDPO_SERVING_REQUEST_TIMEOUT_SECONDS" not in env, "null keeps the server's default"
     assert "secretKeyRef" in env["INVDPO_DATABASE_URL"]["valueFrom"], "API keys are checked in the job database"
+    # The chart's MLflow asks every client for a user (401 without): the server reads the registry as the service
+    # user, from its Secret.
+    assert env["MLFLOW_TRACKING_USERNAME"]["value"] and "secretKeyRef" in env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]
     for name, deployment in deployments.items():
         selector = deployment["spec"]["selector"]["matchLabels"]
         assert servers(documents, "Service")[name]["spec"]["selector"] == selector

@@ -169,7 +169,7 @@ def test_evaluate_job_logs_to_the_run_and_returns_the_record(tiny: dict[str, Pat
     # An experiment of this store: another test in the process may have left its own experiment active.
     mlflow.set_experiment("evaluate-job")
     with mlflow.start_run() as run:
-        record = evaluate_job(config, tiny["base"], tmp_path / "eval", Settings())
+        record = evaluate_job(config, tiny["base"], tmp_path / "eval", Settings(), "s3://bucket/jobs/ftjob-x/model")
         # A model that will not load: recorded, not raised.
         broken = evaluate_job(config, tmp_path / "nowhere", tmp_path / "eval2", Settings())
     assert record["error"] is None and set(record["not_run"]) == set(SCORERS)
@@ -179,6 +179,11 @@ def test_evaluate_job_logs_to_the_run_and_returns_the_record(tiny: dict[str, Pat
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {"evaluation/grid.png", "evaluation/evaluation.json"}
     assert record["grid"] == "evaluation/grid.png"
+    # The logged report names the stored model and the grid beside it, not the scratch copies deleted after the job.
+    report = json.loads(
+        Path(MlflowClient().download_artifacts(run.info.run_id, "evaluation/evaluation.json")).read_text()
+    )
+    assert report["model"] == "s3://bucket/jobs/ftjob-x/model" and report["grid"] == "grid.png"
     assert summary(record).startswith("Evaluated against the base: implicit accuracy 0.500 [0.500, 0.500]")
     assert broken["metrics"] == {} and broken["grid"] is None and "nowhere" in broken["error"]
     assert summary(broken).startswith("Evaluation failed: ")

@@ -228,6 +228,34 @@ def test_checkpoints_go_to_the_store_with_a_row_and_a_new_machine_restores_the_n
     assert first.restore_checkpoint() == 10
 
 
+def test_a_job_checkpointed_under_the_old_layout_resumes_after_the_artifact_uri_moved(
+    s3_env: str, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    # Chart 0.1 and the old compose file set INVDPO_ARTIFACT_URI to s3://BUCKET/checkpoints (so checkpoints sat
+    # under checkpoints/<job>/checkpoints/); now it is s3://BUCKET/jobs. A job started before the change resumes
+    # from the URIs its checkpoint rows recorded, and its next checkpoint goes under the new prefix.
+    job_id = make_job(sessions)
+    old = JobRunner(_settings(tmp_path, "old", f"s3://{s3_env}/checkpoints"), sessions, job_id, WORKER, main=True)
+    path = save_checkpoint(old.out / "checkpoints", 4, {"model": {"w": torch.ones(2)}}, config_hash="h")
+    old.on_checkpoint(path, 4)
+    new = JobRunner(_settings(tmp_path, "new", f"s3://{s3_env}/jobs"), sessions, job_id, WORKER, main=True)
+    assert new.restore_checkpoint() == 4
+    path = save_checkpoint(new.out / "checkpoints", 8, {"model": {"w": torch.ones(2)}}, config_hash="h")
+    new.on_checkpoint(path, 8)
+    with sessions() as session:
+        rows, _ = jobstore.list_checkpoints(session, job_id, after=None, limit=10)
+    assert [r.uri for r in rows] == [
+        f"s3://{s3_env}/checkpoints/{job_id}/checkpoints/checkpoint-4",
+        f"s3://{s3_env}/jobs/{job_id}/checkpoints/checkpoint-8",
+    ]
+    assert (
+        JobRunner(
+            _settings(tmp_path, "third", f"s3://{s3_env}/jobs"), sessions, job_id, WORKER, main=True
+        ).restore_checkpoint()
+        == 8
+    )
+
+
 def test_checkpoints_to_a_local_artifact_directory(sessions: sessionmaker[Session], tmp_path: Path) -> None:
     job_id = make_job(sessions)
     runner = JobRunner(_settings(tmp_path, "w", str(tmp_path / "store")), sessions, job_id, WORKER, main=True)

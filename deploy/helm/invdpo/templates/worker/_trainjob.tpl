@@ -7,7 +7,7 @@ Secrets (the worker refuses a credential given as a literal value). Rendered as 
 {{- define "invdpo.trainJobNodeEnv" -}}
 {{ include "invdpo.serviceEnv" . }}
 - name: INVDPO_ARTIFACT_URI
-  value: {{ printf "s3://%s/%s" .Values.s3.bucket .Values.s3.checkpointPrefix | quote }}
+  value: {{ printf "s3://%s/%s" .Values.s3.bucket .Values.s3.jobsPrefix | quote }}
 - name: HF_HUB_OFFLINE
   value: {{ ternary "1" "0" .Values.worker.huggingface.offline | quote }}
 {{- with .Values.worker.huggingface.tokenSecret }}
