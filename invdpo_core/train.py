@@ -534,7 +534,7 @@ def train(
         pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir)
     except PipelineLoadError as exc:
         raise TrainError(str(exc)) from None
-    problem = schedule_problem(dict(pipe.scheduler.config), config.method)
+    problem = schedule_problem(dict(pipe.scheduler.config), config.method, config.inversion_grid_steps)
     if problem is not None:
         raise TrainError(f"base model {config.base_model}: {problem}")
     policy, reference = prepare_models(pipe, config, device, weight_dtype)

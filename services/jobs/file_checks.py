@@ -27,9 +27,11 @@ def check_files(
     allow_local: bool = True,
     max_image_bytes: int | None = None,
     method: str = "inversion_dpo",
+    inversion_steps: int | None = None,
 ) -> dict[str, Any] | None:
     """The first problem found as a job error, or None if the model and the datasets look right (its scheduler
-    too: a schedule `method` cannot train is refused here, before any GPU)."""
+    too: a schedule `method` cannot train, or an inversion grid of `inversion_steps` past the model's timesteps, is
+    refused here, before any GPU)."""
     # Imported here: the API imports this module and never needs pyarrow or PIL itself (the fork server preloads them).
     from invdpo_core.config import schedule_problem
     from invdpo_core.data import DatasetError, inspect_dataset
@@ -38,7 +40,7 @@ def check_files(
     def check_model() -> None:
         check_model_reference(model, allow_local=allow_local)
         scheduler = read_scheduler_config(model)
-        problem = schedule_problem(scheduler, method) if scheduler is not None else None
+        problem = schedule_problem(scheduler, method, inversion_steps) if scheduler is not None else None
         if problem is not None:
             raise ModelReferenceError("unsupported_model", f"base model {model}: {problem}")
 

@@ -23,6 +23,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from invdpo_core.config import TrainingConfig
 from services.jobs import file_checks, jobstore
 from services.jobs.models import Job, utcnow
 from services.jobs.queue import enqueue_training
@@ -133,6 +134,7 @@ def validate_job_files(
                 "allow_local": settings.allow_local_files,
                 "max_image_bytes": settings.max_image_bytes,
                 "method": job.config["method"],
+                "inversion_steps": TrainingConfig.model_construct(**job.config).inversion_grid_steps,
             }
             try:
                 error = run_checks(request, settings, job_id)
