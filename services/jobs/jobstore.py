@@ -11,6 +11,7 @@ workers can race on one job and exactly one of them wins. Status machine:
 For the worker, in order of use:
     claim_job(session, job_id, worker_id) -> bool            take the job; False means another worker has it
     heartbeat(session, job_id, worker_id) -> bool            "still alive" during long phases without steps
+    add_runtime(session, job_id, seconds)                    the time run, towards the job's max_runtime_seconds
     record_progress(session, job_id, step, total_steps, metrics=None, worker_id=None) -> bool
     add_event(session, job_id, message, level="info", type="message", data=None) -> int
     add_checkpoint(session, job_id, step_number, uri, metrics=None) -> int
@@ -109,16 +110,52 @@ def find_by_idempotency_key(session: Session, project_id: int, key: str) -> Job 
     return session.scalars(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)).first()
 
 
-def count_active_jobs(session: Session, project_id: int) -> int:
-    """Active jobs of the project. On PostgreSQL the project row is locked until commit, so concurrent creates
-    of one project count one after the other and the cap holds (SQLite serialises writers anyway)."""
-    session.execute(select(Project.id).where(Project.id == project_id).with_for_update())
-    return (
-        session.scalar(
-            select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(ACTIVE_STATUSES))
+def gpu_seconds(resources: dict[str, int] | None, max_runtime_seconds: float) -> float:
+    """GPU time a job asks for: nodes x gpus_per_node x max_runtime_seconds (no resources: one GPU)."""
+    resources = resources or {}
+    return resources.get("nodes", 1) * resources.get("gpus_per_node", 1) * max_runtime_seconds
+
+
+class Usage(TypedDict):
+    active_jobs: int
+    gpu_seconds: float  # what the active jobs ask for (gpu_seconds of each)
+    max_active_jobs: int | None  # the project's own limits, None: the API's settings
+    max_gpu_hours: float | None
+
+
+def lock_project_usage(session: Session, project_id: int, default_runtime_seconds: float) -> Usage:
+    """The project's active jobs, the GPU time they ask for, and its own limits. On PostgreSQL the project row is
+    locked until commit, so concurrent creates of one project count one after the other and the limits hold
+    (SQLite serialises writers anyway). Jobs without a max_runtime_seconds count `default_runtime_seconds`."""
+    limits = session.execute(
+        select(Project.max_active_jobs, Project.max_gpu_hours).where(Project.id == project_id).with_for_update()
+    ).one()
+    rows = session.execute(
+        select(Job.resources, Job.max_runtime_seconds).where(
+            Job.project_id == project_id, Job.status.in_(ACTIVE_STATUSES)
         )
-        or 0
-    )
+    ).all()
+    return {
+        "active_jobs": len(rows),
+        "gpu_seconds": sum(gpu_seconds(r, m if m is not None else default_runtime_seconds) for r, m in rows),
+        "max_active_jobs": limits.max_active_jobs,
+        "max_gpu_hours": limits.max_gpu_hours,
+    }
+
+
+def runtime_limit(job: Job, default_seconds: float) -> float:
+    """How long the job may run, over all its attempts (its own limit, or the deployment's default)."""
+    return float(job.max_runtime_seconds) if job.max_runtime_seconds is not None else default_seconds
+
+
+def runtime_limit_error(limit_seconds: float, step: int | None = None) -> JobErrorInfo:
+    at = f" at step {step}" if step is not None else ""
+    return {
+        "code": "runtime_limit",
+        "message": f"the job reached its max_runtime_seconds ({limit_seconds:.0f} s = {limit_seconds / 3600:.3g} h) "
+        f"and was stopped{at}; its checkpoints are kept",
+        "param": "max_runtime_seconds",
+    }
 
 
 def create_job(session: Session, job: Job) -> Job:
@@ -309,6 +346,18 @@ def heartbeat(session: Session, job_id: str, worker_id: str | None = None) -> bo
     done = _transition(session, job_id, WORKER_STATUSES, *_owned(worker_id), heartbeat_at=utcnow())
     session.commit()
     return done
+
+
+def add_runtime(session: Session, job_id: str, seconds: float) -> None:
+    """Add `seconds` its worker ran the job (since it last added) to the job's runtime, whatever its status now:
+    the time was spent either way (also by a worker that lost the job to another, or that has just requeued it)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(runtime_seconds=Job.runtime_seconds + seconds)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
 
 
 def record_progress(

@@ -13,8 +13,9 @@ from invdpo_core.gate import GateRule, parse_gate_setting
 class JobSettings(BaseSettings):
     """Environment variables (all prefixed INVDPO_): INVDPO_DATABASE_URL, INVDPO_BROKER_URL,
     INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL, INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS,
-    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_PROMOTION_GATE, INVDPO_VALIDATION_TIMEOUT_SECONDS,
-    INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES."""
+    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_MAX_RUNTIME_SECONDS, INVDPO_PROMOTION_GATE,
+    INVDPO_VALIDATION_TIMEOUT_SECONDS, INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES,
+    INVDPO_MAX_IMAGE_BYTES."""
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
 
@@ -46,6 +47,12 @@ class JobSettings(BaseSettings):
         "training_process_died.",
     )
     validation_sample: int = Field(8, ge=1, description="Dataset records read to check a training file.")
+    max_runtime_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="max_runtime_seconds of a job that sets none (7 days): after running this long, over all its "
+        "attempts, a job checkpoints and ends failed as runtime_limit.",
+    )
     promotion_gate: str = Field(
         '{"min_implicit_acc_lower": 0.5}',
         description="The promotion gate: the rule the worker checks on a job's evaluation when it registers the "

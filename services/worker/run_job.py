@@ -202,6 +202,8 @@ class JobRunner:
         self.last_metrics: dict[str, float] = {}
         self._stop = False
         self._last_poll = self._last_progress = float("-inf")
+        # The job's max_runtime_seconds, and when (monotonic) this attempt reaches it: set by run().
+        self.runtime_limit, self.deadline, self.over_runtime = 0.0, float("inf"), False
         self._last_step_at = time.monotonic()
 
     # ------------------------------------------------------------------ callbacks
@@ -229,6 +231,9 @@ class JobRunner:
         if not self.main:
             return False  # rank 0's answer reaches every rank through the trainer's reduction
         now = time.monotonic()
+        if now >= self.deadline:  # the trainer checkpoints, then stopped() fails the job as runtime_limit
+            self.over_runtime = True
+            return True
         if not self._stop and now - self._last_poll >= self.settings.cancel_poll_seconds:
             self._last_poll = now
             try:
@@ -340,6 +345,13 @@ class JobRunner:
         if not jobstore.owns(job, self.worker_id):
             log.warning("the job is not this worker's to run", extra={"job_id": self.job_id})
             return 0
+        # Counted from here: the worker adds the time before (attempts, launch) to the job's runtime_seconds.
+        self.runtime_limit = jobstore.runtime_limit(job, self.settings.max_runtime_seconds)
+        self.deadline = time.monotonic() + self.runtime_limit - job.runtime_seconds
+        if time.monotonic() >= self.deadline:  # requeued after its time was up (say it stopped for SIGTERM there)
+            if self.main:
+                self.fail_runtime_limit(job.step)
+            return 0
         try:
             config = parse_config({**job.config, "output_dir": str(self.out), "resume": True})
             check_prefixes(config, prefixes)
@@ -361,7 +373,7 @@ class JobRunner:
             if not self.main:
                 return 0
             if result.stopped_early:
-                return self.stopped()
+                return self.stopped(result.steps)
             return self.succeeded(job, config, result.model_path)
         except Exception as exc:
             if not self.main:
@@ -385,9 +397,10 @@ class JobRunner:
         with self.sessions() as session:
             jobstore.set_run_info(session, self.job_id, mlflow_run_id=self.run_id)
 
-    def stopped(self) -> int:
-        """The trainer stopped early: after SIGTERM requeue, after a cancel request settle it as cancelled, and if
-        the job is no longer this worker's (taken over by another) leave it alone."""
+    def stopped(self, step: int) -> int:
+        """The trainer stopped early (at `step`, checkpointed): after SIGTERM requeue, at the runtime limit fail it
+        as runtime_limit, after a cancel request settle it as cancelled, and if the job is no longer this worker's
+        (taken over by another) leave it alone."""
         import mlflow
 
         with self.sessions() as session:
@@ -401,11 +414,25 @@ class JobRunner:
                 if not self.worker_id.startswith("trainjob:"):  # a TrainJob's watcher sends it once it is gone
                     self.enqueue()
                 return 0
+            if self.over_runtime and job.status == "running":  # a cancel request wins: it is settled below
+                self.fail_runtime_limit(step)
+                return 0
             # The run first: once the job is final, whoever reads it may read the run too.
             mlflow.end_run("KILLED")
             jobstore.settle_cancel(session, self.job_id, self.worker_id)
         self.cleanup()
         return 0
+
+    def fail_runtime_limit(self, step: int | None) -> None:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")
+        log.warning("runtime limit reached", extra={"job_id": self.job_id, "step": step})
+        with self.sessions() as session:
+            error = jobstore.runtime_limit_error(self.runtime_limit, step)
+            jobstore.finish_job(session, self.job_id, "failed", error, worker_id=self.worker_id)
+        self.cleanup()
 
     def enqueue(self) -> None:
         """Send the job's message again. If the broker is down, the API's reconciler re-sends the queued job."""

@@ -17,6 +17,9 @@ then watches it until the job ends. The API still shows one job:
 - Cancel: rank 0 sees `cancel_requested`, checkpoints and ends the job as cancelled, then the watcher deletes the
   TrainJob. A TrainJob that is not running (suspended, say waiting for Kueue's admission) is deleted at once; one
   whose rank 0 has not ended the job after trainjob_cancel_grace_seconds is deleted anyway.
+- Runtime limit: the watcher adds the time the TrainJob runs (not while it is suspended) to the job's runtime;
+  rank 0 checkpoints and fails the job as runtime_limit at its max_runtime_seconds, and a TrainJob still there
+  runtime_limit_grace_seconds later is deleted and the job failed the same way.
 - Preemption or a drained node (SIGTERM to the nodes): every rank checkpoints and rank 0 puts the job back in the
   queue; the watcher deletes the TrainJob and sends the job again. The next TrainJob restores from the checkpoint.
 - A TrainJob that ends (Complete or Failed) or disappears while the job still runs ended without rank 0
@@ -250,11 +253,16 @@ def run_trainjob(
     log.info("watching the TrainJob", extra={"job_id": job_id, "trainjob": name})
 
     cancel_seen: float | None = None
+    counted, training = time.monotonic(), trainjob is not None and not is_suspended(trainjob)
     while True:
         time.sleep(settings.heartbeat_interval_seconds)
         try:
             with sessions() as session:
                 ours = jobstore.heartbeat(session, job_id, worker_id)
+                # Runtime counts while the TrainJob runs, not while Kueue holds it suspended.
+                now = time.monotonic()
+                jobstore.add_runtime(session, job_id, now - counted if training else 0.0)
+                counted = now
                 job = jobstore.get_job(session, job_id)
         except SQLAlchemyError as exc:
             log.warning("job heartbeat failed", extra={"job_id": job_id, "error": type(exc).__name__})
@@ -275,6 +283,15 @@ def run_trainjob(
                 return
             log.warning("TrainJob not readable", extra={"job_id": job_id, "status": exc.status})
             continue
+        training = not is_suspended(trainjob)
+        limit = jobstore.runtime_limit(job, settings.max_runtime_seconds) if job is not None else float("inf")
+        if job is not None and job.runtime_seconds >= limit + settings.runtime_limit_grace_seconds:
+            # Rank 0 stops at the limit by itself; this is for one that did not (stuck outside the training steps).
+            delete_trainjob(api, namespace, name)
+            with sessions() as session:
+                error = jobstore.runtime_limit_error(limit, job.step)
+                jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+            return
         outcome = ended(trainjob)
         if outcome is not None:
             delete_trainjob(api, namespace, name)

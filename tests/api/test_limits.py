@@ -4,6 +4,7 @@ the project's GPU-time budget checked at create, and idempotent replays answered
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -42,3 +43,94 @@ def test_openapi_shows_an_upper_bound_for_every_numeric_hyperparameter(client: T
 
     assert "batch_size" in schemas["Hyperparameters"]["properties"]
     assert unbounded("Hyperparameters") == []
+
+
+def test_max_runtime_seconds_defaults_to_the_setting_and_is_bounded(
+    make_client: Callable[..., TestClient], auth: dict[str, str], job_body: Callable[..., dict[str, Any]]
+) -> None:
+    client = make_client(max_runtime_seconds=7200)
+    job = client.post(JOBS, json=job_body(), headers=auth).json()
+    assert (job["max_runtime_seconds"], job["runtime_seconds"]) == (7200, 0.0)
+    assert client.post(JOBS, json=job_body(max_runtime_seconds=60), headers=auth).json()["max_runtime_seconds"] == 60
+    for bad in (0, 30 * 24 * 3600 + 1):
+        r = client.post(JOBS, json=job_body(max_runtime_seconds=bad), headers=auth)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_runtime_seconds"]
+
+
+def test_the_projects_gpu_hours_are_checked_at_create(
+    make_client: Callable[..., TestClient], make_key: Callable, job_body: Callable[..., dict[str, Any]]
+) -> None:
+    client = make_client(max_gpu_hours_per_project=10, retry_after_seconds=30)
+    auth, other = make_key("alpha"), make_key("beta")
+    hours = 3600
+    # Alone past the limit: it could never run here, a 422 naming the field and the limit.
+    r = client.post(JOBS, json=job_body(max_runtime_seconds=11 * hours), headers=auth)
+    assert r.status_code == 422
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "max_runtime_seconds"]
+    assert "asks for 11 GPU-hours" in error["msg"] and "limit of 10" in error["msg"]
+    # nodes x gpus_per_node x max_runtime_seconds: 2 GPUs for 3 h are 6 GPU-hours.
+    two_gpus = {"nodes": 1, "gpus_per_node": 2}
+    first = client.post(JOBS, json=job_body(max_runtime_seconds=3 * hours, resources=two_gpus), headers=auth)
+    assert first.status_code == 201, first.text
+    r = client.post(JOBS, json=job_body(max_runtime_seconds=5 * hours), headers=auth)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "30"
+    assert r.json() == {
+        "detail": "GPU-hours limit of this project: its active jobs ask for 6 of 10 GPU-hours, this job for 5 more"
+    }
+    assert client.post(JOBS, json=job_body(max_runtime_seconds=4 * hours), headers=auth).status_code == 201
+    assert client.post(JOBS, json=job_body(max_runtime_seconds=5 * hours), headers=other).status_code == 201
+    client.post(f"{JOBS}/{first.json()['id']}/cancel", headers=auth)  # a finished job asks for nothing
+    assert client.post(JOBS, json=job_body(max_runtime_seconds=5 * hours), headers=auth).status_code == 201
+
+
+def test_a_projects_own_limits_replace_the_settings(
+    make_client: Callable[..., TestClient],
+    make_key: Callable,
+    job_body: Callable[..., dict[str, Any]],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from services.admin import main as admin_main
+    from services.api.settings import get_settings
+
+    client = make_client(max_active_jobs_per_project=10, max_gpu_hours_per_project=0)  # 0: no GPU-hours limit
+    auth, other = make_key("alpha"), make_key("beta")
+    assert client.post(JOBS, json=job_body(max_runtime_seconds=30 * 24 * 3600), headers=auth).status_code == 201
+
+    def admin(*args: str) -> str:  # the admin CLI, as an operator runs it, on the API's database
+        monkeypatch.setenv("INVDPO_DATABASE_URL", settings.database_url)
+        get_settings.cache_clear()
+        try:
+            assert admin_main(["set-limits", "--project", "alpha", *args]) == 0
+        finally:
+            get_settings.cache_clear()
+        return capsys.readouterr().out.strip()
+
+    assert admin("--max-active-jobs", "1") == "project alpha: max active jobs 1, max GPU-hours 1344 (API)"
+    r = client.post(JOBS, json=job_body(), headers=auth)
+    assert r.status_code == 429 and r.json() == {"detail": "too many active jobs in this project (limit 1)"}
+    assert client.post(JOBS, json=job_body(), headers=other).status_code == 201
+    assert admin("--max-active-jobs", "0", "--max-gpu-hours", "2") == (
+        "project alpha: max active jobs 4 (API), max GPU-hours 2"
+    )
+    r = client.post(JOBS, json=job_body(max_runtime_seconds=3 * 3600), headers=auth)
+    assert r.status_code == 422 and "limit of 2" in r.json()["detail"][0]["msg"]
+
+
+def test_idempotent_retries_at_the_active_job_cap_are_replays(
+    make_client: Callable[..., TestClient], make_key: Callable, job_body: Callable[..., dict[str, Any]]
+) -> None:
+    """Concurrent retries of one create, with the project one job short of its cap: the first creates the job,
+    which fills the cap; the others must get that job back (a replay), not a 429 for the job they themselves made."""
+    client = make_client(max_active_jobs_per_project=1)
+    headers = {**make_key("alpha"), "Idempotency-Key": "at-the-cap"}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: client.post(JOBS, json=job_body(seed=5), headers=headers), range(8)))
+    assert [r.status_code for r in responses] == [201] * 8, [r.text for r in responses if r.status_code != 201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 7
+    # And a plain retry afterwards, at the cap, too.
+    again = client.post(JOBS, json=job_body(seed=5), headers=headers)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"

@@ -25,6 +25,7 @@ from invdpo_core.config import RESERVED_FIELDS, TrainingConfig
 from invdpo_core.storage import is_hub_id, is_s3, within_prefixes
 from services.api import schemas
 from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
+from services.api.settings import Settings
 from services.jobs import jobstore
 from services.jobs.logs import mask_secrets
 from services.jobs.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent, Project
@@ -129,6 +130,51 @@ def _check_prefixes(body: schemas.JobCreate, prefixes: list[str]) -> None:
         raise RequestValidationError(errors)
 
 
+def _check_project_limits(
+    session: Session,
+    project_id: int,
+    body: schemas.JobCreate,
+    max_runtime: int,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> Job | None:
+    """The project's limits on active jobs and on the GPU time they ask for, checked with the project row locked.
+    Returns the job to replay if a request with the same idempotency key committed while this one waited for the
+    lock: a retry is answered as a retry even when the project is at its limit."""
+    usage = jobstore.lock_project_usage(session, project_id, settings.max_runtime_seconds)
+    if idempotency_key is not None:
+        existing = jobstore.find_by_idempotency_key(session, project_id, idempotency_key)
+        if existing is not None:
+            session.rollback()
+            return existing
+    retry = {"Retry-After": str(settings.retry_after_seconds)}
+    max_jobs = usage["max_active_jobs"] or settings.max_active_jobs_per_project
+    if usage["active_jobs"] >= max_jobs:
+        session.rollback()
+        raise HTTPException(429, f"too many active jobs in this project (limit {max_jobs})", headers=retry)
+    max_hours = usage["max_gpu_hours"] if usage["max_gpu_hours"] is not None else settings.max_gpu_hours_per_project
+    if max_hours <= 0:
+        return None
+    asked = jobstore.gpu_seconds(body.resources.model_dump() if body.resources else None, max_runtime) / 3600
+    if asked > max_hours:
+        session.rollback()
+        message = (
+            f"asks for {asked:.4g} GPU-hours (nodes x gpus_per_node x max_runtime_seconds), more than this project's "
+            f"limit of {max_hours:.4g}; lower max_runtime_seconds or resources"
+        )
+        raise RequestValidationError([_error(("max_runtime_seconds",), message, max_runtime)])
+    active = usage["gpu_seconds"] / 3600
+    if active + asked > max_hours:
+        session.rollback()
+        raise HTTPException(
+            429,
+            f"GPU-hours limit of this project: its active jobs ask for {active:.4g} of {max_hours:.4g} GPU-hours, "
+            f"this job for {asked:.4g} more",
+            headers=retry,
+        )
+    return None
+
+
 def _ts(value: datetime | None) -> int | None:
     return None if value is None else int(value.timestamp())
 
@@ -163,6 +209,8 @@ def job_out(job: Job) -> schemas.Job:
         evaluation=schemas.JobEvaluation.model_validate(job.evaluation) if job.evaluation else None,
         error=error,
         resources=schemas.JobResources.model_validate(job.resources) if job.resources else None,
+        max_runtime_seconds=job.max_runtime_seconds,
+        runtime_seconds=round(job.runtime_seconds or 0.0, 1),
     )
 
 
@@ -221,7 +269,10 @@ Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
         **schemas.BAD_BODY,
         409: {"model": schemas.ErrorDetail, "description": "Idempotency key reused with a different body."},
         413: {"model": schemas.ErrorDetail, "description": "Request body too large."},
-        429: {"model": schemas.ErrorDetail, "description": "Too many active jobs in this project."},
+        429: {
+            "model": schemas.ErrorDetail,
+            "description": "The project's active jobs are at its limit (jobs, or GPU-hours requested); retry later.",
+        },
     },
 )
 def create_job(
@@ -268,11 +319,10 @@ def create_job(
         raise RequestValidationError([_error(where, "disk needs one disk for all nodes; use memory or none", value)])
     job_id = jobstore.new_job_id()
     _check_model_name(session, body, job_id, caller.project_id)
-    if jobstore.count_active_jobs(session, caller.project_id) >= settings.max_active_jobs_per_project:
-        session.rollback()
-        raise HTTPException(
-            429, "too many active jobs in this project", headers={"Retry-After": str(settings.retry_after_seconds)}
-        )
+    max_runtime = body.max_runtime_seconds or settings.max_runtime_seconds
+    replay = _check_project_limits(session, caller.project_id, body, max_runtime, settings, idempotency_key)
+    if replay is not None:
+        return _replay(replay, request_hash, response)
     job = Job(
         id=job_id,
         project_id=caller.project_id,
@@ -290,6 +340,7 @@ def create_job(
         request_hash=request_hash,
         total_steps=config.max_steps,
         attempt=0,
+        max_runtime_seconds=max_runtime,
     )
     try:
         jobstore.create_job(session, job)
