@@ -330,7 +330,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "training_file": args.training_file,
         "method": {"type": args.method, "hyperparameters": hyperparameters},
     }
-    for name in ("validation_file", "seed", "suffix", "registered_model_name"):
+    for name in ("validation_file", "seed", "suffix", "registered_model_name", "max_runtime_seconds"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     if args.metadata:
@@ -456,6 +456,12 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suffix", default=None, help="added to the model name")
     p.add_argument("--registered-model-name", default=None, help="MLflow registered model to register the result as")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable, up to 16")
+    p.add_argument(
+        "--max-runtime-seconds",
+        type=int,
+        default=None,
+        help="how long the job may run, all attempts together (default: the deployment's, 7 days)",
+    )
     p.add_argument("--idempotency-key", default=None, help="a retry with the same key returns the same job")
     p.add_argument("--follow", action="store_true", help="then show progress until the job finishes")
     p.set_defaults(func=cmd_create)

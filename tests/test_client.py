@@ -154,6 +154,7 @@ def test_create_sends_every_option(create: Callable[..., dict], api: dict[str, A
         "--method", "diffusion_dpo", "--set", "beta=2000", "--set", "adapter.type=lora", "--set",
         "validation_prompts=[a red circle, a blue square]", "--seed", "7", "--suffix", "v1",
         "--registered-model-name", "toy-model", "--metadata", "team=vision", "--metadata", "ticket=A-1=2",
+        "--max-runtime-seconds", "3600",
     )  # fmt: skip
     assert job["id"].startswith("ftjob-") and job["status"] == "validating_files"
     hyperparameters = job["method"]["hyperparameters"]
@@ -164,6 +165,7 @@ def test_create_sends_every_option(create: Callable[..., dict], api: dict[str, A
     assert hyperparameters["validation_prompts"] == ["a red circle", "a blue square"]  # YAML-parsed values
     assert (job["seed"], job["suffix"], job["registered_model_name"]) == (7, "v1", "toy-model")
     assert job["metadata"] == {"team": "vision", "ticket": "A-1=2"}
+    assert job["max_runtime_seconds"] == 3600
 
 
 def test_idempotency_key_returns_the_same_job(
