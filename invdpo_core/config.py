@@ -195,6 +195,14 @@ class TrainingConfig(_Strict):
         "policy", description="InPO: which UNet inverts the images every step, the current policy or the reference."
     )
     tie_policy: Literal["drop", "keep"] = Field("drop", description="Pick-a-Pic ties (label 0.5): drop or keep.")
+    max_bad_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of the dataset's records whose images may be unreadable (corrupt, truncated, missing, "
+        "too large), at most 1: those pairs are skipped and counted (metric skipped_pairs, an event); past it the "
+        "run fails as too_many_bad_images.",
+    )
 
     # --- optimisation ---
     learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate, at most 1.")

@@ -173,11 +173,13 @@ def create_job(session: Session, job: Job) -> Job:
     return job
 
 
-def mark_validated(session: Session, job_id: str) -> bool:
-    """validating_files -> queued. False if the job moved meanwhile (e.g. cancelled): then do not enqueue."""
+def mark_validated(session: Session, job_id: str, read: Sequence[str] = ()) -> bool:
+    """validating_files -> queued, with `read` (what the check read of each file) in the event. False if the job
+    moved meanwhile (e.g. cancelled): then do not enqueue."""
     done = _transition(session, job_id, ("validating_files",), status="queued", dispatched_at=utcnow())
     if done:
-        session.add(_event(job_id, "Files validated; job queued for a GPU worker"))
+        what = f" ({'; '.join(read)})" if read else ""
+        session.add(_event(job_id, f"Files validated{what}; job queued for a GPU worker"))
     session.commit()
     return done
 

@@ -46,7 +46,12 @@ class JobSettings(BaseSettings):
         "from its last checkpoint until it has run this many times, then fails as worker_lost / "
         "training_process_died.",
     )
-    validation_sample: int = Field(8, ge=1, description="Dataset records read to check a training file.")
+    validation_sample: int = Field(
+        64,
+        ge=1,
+        description="Records read from the start of a job's training and validation files to check them (the "
+        "job's event says how many were read); unreadable images among them are judged by the job's max_bad_share.",
+    )
     max_runtime_seconds: int = Field(
         7 * 24 * 3600,
         ge=1,

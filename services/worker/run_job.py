@@ -199,6 +199,7 @@ class JobRunner:
         self._cache_started: float | None = None
         self.run_id: str | None = None
         self.pairs_per_step = 1
+        self.max_bad_share = 0.01  # the job's config.max_bad_share, once read
         self.last_metrics: dict[str, float] = {}
         self._stop = False
         self._last_poll = self._last_progress = float("-inf")
@@ -278,6 +279,18 @@ class JobRunner:
         left = f", about {eta:.0f} s left" if eta is not None else ""
         self.event(f"Inversion cache: {done}/{total} pairs{left}", data=data)
 
+    def on_skipped_pair(self, count: int, reason: str) -> None:
+        """A pair skipped for an unreadable image, as a warning event: the first ten, then every hundredth (the
+        step metrics carry the count, skipped_pairs, all along)."""
+        if count <= 10 or count % 100 == 0:
+            share = self.max_bad_share
+            with self.sessions() as session:
+                jobstore.add_event(
+                    session, self.job_id,
+                    f"Skipped a pair with an unreadable image ({count} so far; max_bad_share {share:g}): {reason}",
+                    level="warn", data={"skipped_pairs": count},
+                )  # fmt: skip
+
     def requeue_now(self) -> None:
         """SIGTERM outside the training steps (loading, caching, evaluating, uploading): there is nothing new to
         checkpoint, so give the job back at once (or settle its cancel) and exit, rather than after the phase."""
@@ -356,6 +369,7 @@ class JobRunner:
             config = parse_config({**job.config, "output_dir": str(self.out), "resume": True})
             check_prefixes(config, prefixes)
             self.pairs_per_step = config.batch_size * state.num_processes * config.gradient_accumulation_steps
+            self.max_bad_share = config.max_bad_share
             if self.main:
                 self.start_tracking(job, config)
             if state.is_local_main_process:  # one restore per node: each node of a TrainJob has its own disk
@@ -369,6 +383,7 @@ class JobRunner:
                 callbacks.on_validation = self.on_validation
                 callbacks.on_phase = self.on_phase
                 callbacks.on_cache_progress = self.on_cache_progress
+                callbacks.on_skipped_pair = self.on_skipped_pair
             result = train(config, callbacks, model_cache_dir=self.settings.cache_dir)
             if not self.main:
                 return 0

@@ -134,3 +134,47 @@ def test_idempotent_retries_at_the_active_job_cap_are_replays(
     # And a plain retry afterwards, at the cap, too.
     again = client.post(JOBS, json=job_body(seed=5), headers=headers)
     assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+
+
+@pytest.fixture
+def one_bad_in_four(tmp_path: Any) -> str:
+    from PIL import Image
+
+    lines = []
+    for i in range(4):
+        Image.new("RGB", (64, 64), (200, 10 * i, 10)).save(tmp_path / f"w{i}.png")
+        Image.new("RGB", (64, 64), (10, 10 * i, 200)).save(tmp_path / f"l{i}.png")
+        lines.append(f'{{"prompt": "square {i}", "chosen": "w{i}.png", "rejected": "l{i}.png"}}')
+    (tmp_path / "w2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "manifest.jsonl")
+
+
+def test_validation_judges_unreadable_images_by_the_jobs_max_bad_share_and_says_what_it_read(
+    make_client: Callable[..., TestClient],
+    auth: dict[str, str],
+    job_body: Callable[..., dict[str, Any]],
+    one_bad_in_four: str,
+) -> None:
+    client = make_client()  # INVDPO_VALIDATION_SAMPLE: 64, more than the four records
+    strict = client.post(JOBS, json=job_body(training_file=one_bad_in_four), headers=auth).json()
+    job = client.get(f"{JOBS}/{strict['id']}", headers=auth).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "too_many_bad_images"
+    assert job["error"]["param"] == "training_file" and "above max_bad_share 0.01" in job["error"]["message"]
+
+    body = job_body(
+        training_file=one_bad_in_four,
+        method={"type": "inversion_dpo", "hyperparameters": {"max_steps": 10, "max_bad_share": 0.25}},
+    )
+    tolerant = client.post(JOBS, json=body, headers=auth).json()
+    assert client.get(f"{JOBS}/{tolerant['id']}", headers=auth).json()["status"] == "queued"
+    messages = [e["message"] for e in client.get(f"{JOBS}/{tolerant['id']}/events", headers=auth).json()["data"]]
+    assert (
+        "Files validated (training_file: 4 of 4 records read, 1 with unreadable images skipped); job queued for a "
+        "GPU worker"
+    ) in messages
+
+    # INVDPO_VALIDATION_SAMPLE records are read from the start: two here, both readable.
+    sampled = make_client(validation_sample=2).post(JOBS, json=job_body(training_file=one_bad_in_four), headers=auth)
+    messages = [e["message"] for e in client.get(f"{JOBS}/{sampled.json()['id']}/events", headers=auth).json()["data"]]
+    assert "Files validated (training_file: 2 of 4 records read); job queued for a GPU worker" in messages

@@ -122,3 +122,48 @@ def test_cli_prints_one_line_for_a_config_no_worker_could_run(model_dir, dataset
     assert proc.returncode == 2, err[-2000:]
     assert "Traceback" not in err and "\n" not in err
     assert err.startswith(f"error: {setting.split('=')[0]}: Input should be less than or equal to")
+
+
+@pytest.fixture(scope="module")
+def one_bad_in_four(tmp_path_factory, model_dir):
+    """Four pairs, the third with a corrupt chosen image."""
+    root = make_toy_dataset(tmp_path_factory.mktemp("bad-data"), 4, model_dir=model_dir)
+    lines = root.read_text().splitlines()
+    corrupt = root.parent / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    record = json.loads(lines[2])
+    lines[2] = json.dumps({**record, "chosen": "corrupt.png"})
+    root.write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_unreadable_pairs_up_to_max_bad_share_are_skipped_counted_and_reported(model_dir, one_bad_in_four, tmp_path):
+    from invdpo_core.data import DatasetError
+    from invdpo_core.train import TrainCallbacks, train
+
+    base = {
+        "base_model": str(model_dir), "dataset": str(one_bad_in_four), "resolution": 64, "inversion_steps": 4,
+        "max_steps": 4, "checkpoint_interval": 100, "output_dir": str(tmp_path / "run"),
+    }  # fmt: skip
+    skipped, steps = [], []
+    callbacks = TrainCallbacks(
+        on_skipped_pair=lambda n, why: skipped.append((n, why)), on_step=lambda s, t, m: steps.append(m)
+    )
+    result = train(parse_config({**base, "max_bad_share": 0.25}), callbacks)
+    assert result.steps == 4  # 4 steps of one pair: the three good pairs, then the first again
+    assert len(skipped) == 1 and skipped[0][0] == 1  # once, though the cache walk and each epoch read it again
+    assert "line 3 chosen: unreadable image" in skipped[0][1]
+    assert [m.get("skipped_pairs") for m in steps] == [1.0, 1.0, 1.0, 1.0]
+    # The default share (1%) tolerates none of four: the run fails naming the record and the setting.
+    with pytest.raises(DatasetError, match=r"line 3 chosen: unreadable image.*above max_bad_share 0.01") as info:
+        train(parse_config({**base, "output_dir": str(tmp_path / "strict")}))
+    assert info.value.code == "too_many_bad_images"
+
+
+def test_dataset_validate_says_how_many_records_it_read(one_bad_in_four, capsys) -> None:
+    from invdpo_core.cli import main as core_main
+
+    assert core_main(["dataset", "validate", str(one_bad_in_four), "--max-bad-share", "0.5", "--sample", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "records: 3 read of 4" in out and "(first 3 records only)" in out
+    assert "unreadable images: 1 (1 pairs skipped)" in out
