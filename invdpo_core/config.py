@@ -267,7 +267,8 @@ class TrainingConfig(_Strict):
         2,
         ge=1,
         le=100,
-        description="Keep only the newest this many checkpoints, at most 100.",
+        description="Keep only the newest this many checkpoints, at most 100: locally, and a job's in the object "
+        "store too (never its final model).",
         json_schema_extra=role("resumable"),
     )
     validation_prompts: list[str] = Field(

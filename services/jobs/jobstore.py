@@ -15,6 +15,8 @@ For the worker, in order of use:
     record_progress(session, job_id, step, total_steps, metrics=None, worker_id=None) -> bool
     add_event(session, job_id, message, level="info", type="message", data=None) -> int
     add_checkpoint(session, job_id, step_number, uri, metrics=None) -> int
+    checkpoints_beyond(session, job_id, keep) -> [uri]       stored checkpoints past checkpoints_to_keep
+    forget_checkpoint(session, job_id, uri)                  their rows, before their files are deleted
     set_run_info(session, job_id, mlflow_run_id=..., registered_model_version=..., fine_tuned_model=...)
     set_evaluation(session, job_id, evaluation)              the evaluation after training (the gate reads it)
     is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
@@ -45,7 +47,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, Literal, ParamSpec, TypedDict, TypeGuard, TypeVar
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -423,6 +425,27 @@ def add_checkpoint(
     session.add(_event(job_id, f"Checkpoint saved at step {step_number}"))
     session.commit()
     return checkpoint.id
+
+
+@retry_outages
+def checkpoints_beyond(session: Session, job_id: str, keep: int) -> list[str]:
+    """The URIs of the job's stored checkpoints older than its `keep` newest steps (each URI once)."""
+    rows = session.execute(
+        select(Checkpoint.step_number, Checkpoint.uri)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.step_number.desc(), Checkpoint.id.desc())
+    ).all()
+    session.commit()
+    kept_steps = sorted({step for step, _ in rows}, reverse=True)[:keep]
+    kept_uris = {uri for step, uri in rows if step in kept_steps}
+    return list(dict.fromkeys(uri for step, uri in rows if step not in kept_steps and uri not in kept_uris))
+
+
+@retry_outages
+def forget_checkpoint(session: Session, job_id: str, uri: str) -> None:
+    """Remove the rows of a stored checkpoint (before deleting its files: a row always points at a checkpoint)."""
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.uri == uri))
+    session.commit()
 
 
 @retry_outages

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.jobs import jobstore
 from services.jobs.models import Job, utcnow
 from services.jobs.queue import enqueue_training, pending_job_ids
+from services.jobs.runs import end_job_run
 from services.jobs.settings import JobSettings
 from services.jobs.validation import validate_job_files
 
@@ -139,4 +140,9 @@ def run_once(session_factory: sessionmaker[Session], settings: JobSettings, cele
         )
     for job_id in report.revalidate:
         validate_job_files(session_factory, job_id, settings, celery=celery)
+    # Their workers are gone: nobody else ends their MLflow runs.
+    for job_id in report.failed:
+        end_job_run(session_factory, settings.mlflow_tracking_uri, job_id, "FAILED")
+    for job_id in report.cancelled:
+        end_job_run(session_factory, settings.mlflow_tracking_uri, job_id, "KILLED")
     return report

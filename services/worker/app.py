@@ -37,7 +37,7 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 from celery import signals
@@ -49,6 +49,7 @@ from services.jobs import jobstore
 from services.jobs.db import make_engine, make_session_factory
 from services.jobs.logs import configure_logging
 from services.jobs.queue import RECONCILE_TASK, TRAIN_TASK, enqueue_training, make_celery
+from services.jobs.runs import end_job_run
 from services.worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,10 @@ def train_job(job_id: str) -> None:
         returncode, over_limit = _wait(proc, job_id, worker_id, settings, runtime_left)
     finally:
         _restore_sigterm(previous)
-    _after_exit(job_id, worker_id, returncode, settings.max_attempts, runtime_limit=limit if over_limit else None)
+    _after_exit(
+        job_id, worker_id, returncode, settings.max_attempts, runtime_limit=limit if over_limit else None,
+        tracking_uri=settings.mlflow_tracking_uri,
+    )  # fmt: skip
 
 
 def _ignore_sigterm() -> Any:
@@ -281,23 +285,37 @@ def _add_runtime(job_id: str, seconds: float) -> None:
 
 
 def _after_exit(
-    job_id: str, worker_id: str, returncode: int, max_attempts: int, *, runtime_limit: float | None = None
+    job_id: str,
+    worker_id: str,
+    returncode: int,
+    max_attempts: int,
+    *,
+    runtime_limit: float | None = None,
+    tracking_uri: str | None = None,
 ) -> None:
     """If the training process ended without ending the job (killed by the OOM killer, a segfault, a lost GPU),
-    queue the job again to resume from its last checkpoint, as if its worker had died; after max_attempts, fail it
-    with the reason. Killed past the job's runtime limit (`runtime_limit` given): fail it as runtime_limit. (User
-    errors never get here: the training process reports them itself.)"""
+    queue the job again to resume from its last checkpoint (and its MLflow run), as if its worker had died; after
+    max_attempts, fail it with the reason. Killed past the job's runtime limit (`runtime_limit` given): fail it as
+    runtime_limit. A job ended here gets its MLflow run (on `tracking_uri`) ended too: the dead process left it
+    running. (User errors never get here: the training process reports them itself.)"""
+
+    def end_run(status: Literal["FAILED", "KILLED"]) -> None:
+        if tracking_uri is not None:
+            end_job_run(sessions(), tracking_uri, job_id, status)
+
     with sessions()() as session:
         job = jobstore.get_job(session, job_id)
         if not jobstore.owns(job, worker_id):
             log.info("training process done", extra={"job_id": job_id, "returncode": returncode})
             return
         if jobstore.settle_cancel(session, job_id, worker_id):
+            end_run("KILLED")
             return
         if runtime_limit is not None:
             jobstore.finish_job(
                 session, job_id, "failed", jobstore.runtime_limit_error(runtime_limit, job.step), worker_id=worker_id
             )
+            end_run("FAILED")
             return
         how = f"the training process {_describe(returncode)} before reporting"
         if job.attempt < max_attempts and jobstore.requeue_job(
@@ -315,6 +333,7 @@ def _after_exit(
             "param": None,
         }
         jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+        end_run("FAILED")
         log.error("training process died", extra={"job_id": job_id, "returncode": returncode})
 
 

@@ -198,8 +198,10 @@ class JobRunner:
         self._phases_shown: set[str] = set()
         self._cache_started: float | None = None
         self.run_id: str | None = None
+        self.logged_through = 0  # the last step the job's MLflow run has metrics of (an earlier attempt's)
         self.pairs_per_step = 1
         self.max_bad_share = 0.01  # the job's config.max_bad_share, once read
+        self.checkpoints_to_keep: int | None = None  # the job's config.checkpoints_to_keep, once read
         self.last_metrics: dict[str, float] = {}
         self._stop = False
         self._last_poll = self._last_progress = float("-inf")
@@ -216,8 +218,10 @@ class JobRunner:
         metrics = {**metrics, "pairs_per_s": self.pairs_per_step / max(now - self._last_step_at, 1e-6)}
         self._last_step_at = now
         self.last_metrics = metrics
-        # Asynchronous: MLflow batches the per-step metrics in a thread; end_run flushes them.
-        mlflow.log_metrics(metrics, step=step, synchronous=False)
+        # Asynchronous: MLflow batches the per-step metrics in a thread; end_run flushes them. A step an earlier
+        # attempt logged already is not logged twice (tracking.last_logged_step).
+        if step > self.logged_through:
+            mlflow.log_metrics(metrics, step=step, synchronous=False)
         if step == total or now - self._last_progress >= self.settings.progress_interval_seconds:
             try:
                 with self.sessions() as session:
@@ -257,6 +261,24 @@ class JobRunner:
             return
         with self.sessions() as session:  # the row is written last: a checkpoint with a row is complete
             jobstore.add_checkpoint(session, self.job_id, step, uri, metrics=self.last_metrics)
+        self.prune_checkpoints()
+
+    def prune_checkpoints(self) -> None:
+        """Delete the stored checkpoints past the job's checkpoints_to_keep newest (the final model is not one of
+        them): row first, then files, so the checkpoints endpoint lists only what exists."""
+        from invdpo_core.storage import StorageError, delete_prefix
+
+        if self.checkpoints_to_keep is None:
+            return
+        with self.sessions() as session:
+            old = jobstore.checkpoints_beyond(session, self.job_id, self.checkpoints_to_keep)
+        for uri in old:
+            with self.sessions() as session:
+                jobstore.forget_checkpoint(session, self.job_id, uri)
+            try:
+                delete_prefix(uri)
+            except StorageError as exc:  # left behind in the store, no longer listed or restored
+                log.warning("old checkpoint not deleted", extra={"job_id": self.job_id, "error": str(exc)})
 
     def on_phase(self, phase: str) -> None:
         """Each phase is announced once on the job's event stream (data.phase); `sampling` alternates with
@@ -370,6 +392,7 @@ class JobRunner:
             check_prefixes(config, prefixes)
             self.pairs_per_step = config.batch_size * state.num_processes * config.gradient_accumulation_steps
             self.max_bad_share = config.max_bad_share
+            self.checkpoints_to_keep = config.checkpoints_to_keep
             if self.main:
                 self.start_tracking(job, config)
             if state.is_local_main_process:  # one restore per node: each node of a TrainJob has its own disk
@@ -399,7 +422,7 @@ class JobRunner:
     def start_tracking(self, job: Job, config: Any) -> None:
         import mlflow
 
-        from services.worker.tracking import start_job_run
+        from services.worker.tracking import last_logged_step, start_job_run
 
         mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
         self.run_id = start_job_run(
@@ -409,6 +432,7 @@ class JobRunner:
             config=config,
             system_metrics=self.settings.system_metrics,
         )
+        self.logged_through = last_logged_step(self.run_id)
         with self.sessions() as session:
             jobstore.set_run_info(session, self.job_id, mlflow_run_id=self.run_id)
 

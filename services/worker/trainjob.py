@@ -41,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.jobs import jobstore
+from services.jobs.runs import end_job_run
 from services.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -196,10 +197,14 @@ def _event(sessions: sessionmaker[Session], job_id: str, message: str) -> None:
         jobstore.add_event(session, job_id, message)
 
 
-def _fail(sessions: sessionmaker[Session], job_id: str, worker_id: str, message: str) -> None:
+def _fail(
+    sessions: sessionmaker[Session], job_id: str, worker_id: str, message: str, tracking_uri: str | None = None
+) -> None:
     error: jobstore.JobErrorInfo = {"code": "trainjob_failed", "message": message, "param": None}
     with sessions() as session:
         jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+    if tracking_uri is not None:  # rank 0 had started the run; it is gone without ending it
+        end_job_run(sessions, tracking_uri, job_id, "FAILED")
     log.error("TrainJob ended without reporting", extra={"job_id": job_id})
 
 
@@ -279,7 +284,8 @@ def run_trainjob(
             trainjob = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as exc:
             if exc.status == 404:
-                _fail(sessions, job_id, worker_id, f"{where} was deleted before the job ended; checkpoints are kept")
+                message = f"{where} was deleted before the job ended; checkpoints are kept"
+                _fail(sessions, job_id, worker_id, message, settings.mlflow_tracking_uri)
                 return
             log.warning("TrainJob not readable", extra={"job_id": job_id, "status": exc.status})
             continue
@@ -291,12 +297,14 @@ def run_trainjob(
             with sessions() as session:
                 error = jobstore.runtime_limit_error(limit, job.step)
                 jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+            end_job_run(sessions, settings.mlflow_tracking_uri, job_id, "FAILED")
             return
         outcome = ended(trainjob)
         if outcome is not None:
             delete_trainjob(api, namespace, name)
             message = f"{where} ended ({outcome}) before rank 0 reported; checkpoints are kept"
-            _fail(sessions, job_id, worker_id, message if len(message) <= 300 else message[:297] + "...")
+            message = message if len(message) <= 300 else message[:297] + "..."
+            _fail(sessions, job_id, worker_id, message, settings.mlflow_tracking_uri)
             return
         if status == "cancel_requested":
             cancel_seen = cancel_seen or time.monotonic()
@@ -304,6 +312,8 @@ def run_trainjob(
             if is_suspended(trainjob) or overdue:
                 delete_trainjob(api, namespace, name)
                 with sessions() as session:
-                    jobstore.settle_cancel(session, job_id, worker_id)
+                    settled = jobstore.settle_cancel(session, job_id, worker_id)
+                if settled:
+                    end_job_run(sessions, settings.mlflow_tracking_uri, job_id, "KILLED")
                 _event(sessions, job_id, f"Deleted {where}" + (" (rank 0 did not stop in time)" if overdue else ""))
                 return
