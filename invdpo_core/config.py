@@ -21,13 +21,13 @@ Method = Literal["inversion_dpo", "diffusion_dpo", "inpo"]
 InversionTarget = Literal["paired", "x0", "step", "reference"]
 LossType = Literal["sigmoid", "hinge", "ipo"]
 # Statuses a job moves through (services/jobs/jobstore.py), here so the CLI client needs no database library.
-# Active ones count against the project's cap.
-ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested"]
+# Active ones count against the project's limits; a paused job holds no worker and counts again once resumed.
+ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested", "pause_requested"]
 TerminalStatus = Literal["succeeded", "failed", "cancelled"]
-JobStatus = Literal[ActiveStatus, TerminalStatus]
+JobStatus = Literal[ActiveStatus, "paused", TerminalStatus]
 ACTIVE_STATUSES: tuple[str, ...] = get_args(ActiveStatus)
 TERMINAL_STATUSES: tuple[str, ...] = get_args(TerminalStatus)
-STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
+STATUSES = (*ACTIVE_STATUSES, "paused", *TERMINAL_STATUSES)
 
 # Roles of a TrainingConfig field outside the training itself:
 #   reserved   set by the service from the job's own fields (or by the worker), never in a job's hyperparameters;

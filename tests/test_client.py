@@ -211,6 +211,19 @@ def test_cancel(create: Callable[..., dict], capsys: pytest.CaptureFixture[str])
     assert code == 0 and json.loads(out)["status"] == "cancelled"
 
 
+def test_pause_and_resume(
+    create: Callable[..., dict], api: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = create()
+    wait_for_status(api, job["id"], "queued")
+    code, out, _ = run(capsys, "jobs", "pause", job["id"])
+    assert (code, out) == (0, f"{job['id']} paused\n")
+    code, out, _ = run(capsys, "jobs", "resume", job["id"])
+    assert (code, out) == (0, f"{job['id']} queued\n")
+    code, _, err = run(capsys, "jobs", "resume", job["id"])
+    assert code == 2 and err.strip() == "error: 409 only a paused job can be resumed; this one is queued"
+
+
 def test_events_and_checkpoints(
     create: Callable[..., dict], api: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,9 +4,12 @@ Transitions are conditional UPDATEs (`... WHERE status IN (...)`), so the API, t
 workers can race on one job and exactly one of them wins. Status machine:
 
     validating_files -> queued -> running -> succeeded | failed | cancelled
-    validating_files | queued -> cancelled            (POST /cancel, at once)
-    running -> cancel_requested -> cancelled          (POST /cancel, then the worker stops)
+    validating_files | queued | paused -> cancelled   (POST /cancel, at once)
+    running | pause_requested -> cancel_requested -> cancelled   (POST /cancel, then the worker stops)
     validating_files -> failed                        (files or model reference rejected)
+    running -> pause_requested -> paused              (POST /pause: the worker checkpoints and lets go)
+    queued -> paused                                  (POST /pause, at once)
+    paused -> queued                                  (POST /resume: the next claim continues from the checkpoint)
 
 For the worker, in order of use:
     claim_job(session, job_id, worker_id) -> bool            take the job; False means another worker has it
@@ -22,6 +25,7 @@ For the worker, in order of use:
     is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
     owns(job, worker_id) -> bool                             is the job still this worker's to run and report?
     settle_cancel(session, job_id, worker_id=None) -> bool   cancel_requested -> cancelled once the worker stopped
+    settle_pause(session, job_id, worker_id=None) -> bool    pause_requested -> paused once the worker stopped
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
     requeue_job(session, job_id, worker_id, lost=None) -> bool   running -> queued (graceful shutdown, checkpointed;
                                                              or the training process died: `lost` says how)
@@ -187,7 +191,7 @@ def mark_validated(session: Session, job_id: str, read: Sequence[str] = ()) -> b
 
 
 def cancel_job(session: Session, job_id: str) -> Job | None:
-    """Cancel as far as the API can: not yet running -> cancelled; running -> cancel_requested (the worker
+    """Cancel as far as the API can: not running -> cancelled; running (or pausing) -> cancel_requested (the worker
     finishes it). Returns the job, or None if it had already succeeded or failed."""
     for _ in range(5):  # retry if a worker or the validator moved the job between our read and our update
         job = session.get(Job, job_id, populate_existing=True)
@@ -198,8 +202,8 @@ def cancel_job(session: Session, job_id: str) -> Job | None:
         if job.status in ("succeeded", "failed"):
             return None
         now = utcnow()
-        if job.status == "running":
-            done = _transition(session, job_id, ("running",), status="cancel_requested")
+        if job.status in WORKER_STATUSES:
+            done = _transition(session, job_id, (job.status,), status="cancel_requested")
             message = "Cancellation requested; waiting for the worker to stop"
         else:
             done = _transition(
@@ -212,6 +216,39 @@ def cancel_job(session: Session, job_id: str) -> Job | None:
             return session.get(Job, job_id, populate_existing=True)
         session.rollback()
     raise RuntimeError(f"job {job_id} kept changing while being cancelled")
+
+
+def pause_job(session: Session, job_id: str) -> Job | None:
+    """Pause as far as the API can: queued -> paused at once (its message finds it unclaimable); running ->
+    pause_requested (the worker checkpoints, then settle_pause). Pausing a pausing or paused job changes nothing.
+    Returns the job, or None if it cannot be paused (validating its files, cancelling or ended)."""
+    for _ in range(5):  # retry if a worker claimed or ended the job between our read and our update
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is None or job.status not in ("queued", "running", "pause_requested", "paused"):
+            return None
+        if job.status in ("pause_requested", "paused"):
+            return job
+        if job.status == "running":
+            done = _transition(session, job_id, ("running",), status="pause_requested")
+            message = "Pause requested; waiting for the worker to checkpoint"
+        else:
+            done = _transition(session, job_id, ("queued",), status="paused", estimated_finish=None)
+            message = "The job is paused; resume it with POST /v1/fine_tuning/jobs/{id}/resume"
+        if done:
+            session.add(_event(job_id, message.replace("{id}", job_id)))
+            session.commit()
+            return session.get(Job, job_id, populate_existing=True)
+        session.rollback()
+    raise RuntimeError(f"job {job_id} kept changing while being paused")
+
+
+def resume_job(session: Session, job_id: str) -> bool:
+    """paused -> queued (uncommitted, so the caller may check the project's limits in the same transaction;
+    commit, then enqueue). False if the job is not paused."""
+    done = _transition(session, job_id, ("paused",), status="queued", dispatched_at=utcnow())
+    if done:
+        session.add(_event(job_id, "Resumed; job queued for a GPU worker (it continues from its last checkpoint)"))
+    return done
 
 
 class InvalidCursor(ValueError):
@@ -336,7 +373,7 @@ def _owned(worker_id: str | None) -> tuple[Any, ...]:
 
 
 # A claimed job is its worker's while it trains or is asked to stop.
-WORKER_STATUSES = ("running", "cancel_requested")
+WORKER_STATUSES = ("running", "cancel_requested", "pause_requested")
 
 
 def owns(job: Job | None, worker_id: str) -> TypeGuard[Job]:
@@ -587,6 +624,32 @@ def settle_cancel(session: Session, job_id: str, worker_id: str | None = None) -
     if done:
         level, message = _FINAL_EVENTS["cancelled"]
         session.add(_event(job_id, message, level=level))
+    session.commit()
+    return done
+
+
+@retry_outages
+def settle_pause(session: Session, job_id: str, worker_id: str | None = None) -> bool:
+    """pause_requested -> paused: the job's worker stopped after checkpointing (worker_id given: only if it is
+    still that worker's), or is gone (the reconciler, no worker_id). The claim is let go; POST /resume queues the job
+    again. False if the job was not waiting for its pause."""
+    step = session.scalar(select(Job.step).where(Job.id == job_id))
+    done = _transition(
+        session,
+        job_id,
+        ("pause_requested",),
+        *_owned(worker_id),
+        status="paused",
+        claimed_by=None,
+        heartbeat_at=None,
+        estimated_finish=None,
+        attempt=Job.attempt - 1,  # a pause is not a failed attempt
+    )
+    if done:
+        at = f" at step {step}" if step else ""
+        session.add(
+            _event(job_id, f"The job is paused{at}; resume it with POST /v1/fine_tuning/jobs/{job_id}/resume")
+        )
     session.commit()
     return done
 

@@ -230,12 +230,15 @@ def _wait(
     adding to its runtime meanwhile (also through model loading, caching and uploads, when no step reports
     progress). A cancel request is honoured here too, whatever the training process is doing (importing, loading,
     evaluating, uploading): it gets stop_grace_seconds to stop by itself, then it is killed and the caller settles
-    the cancel. So is the runtime limit: the trainer stops itself at it; runtime_limit_grace_seconds after it, it
-    is killed. Returns the exit status and whether it was killed for the runtime limit."""
+    the cancel. A pause request gets SIGTERM to the training processes (outside the training steps they let the
+    job go at once; in them they checkpoint first) and checkpoint_grace_seconds. So does the runtime limit: the
+    trainer stops itself at it, and checkpoint_grace_seconds later it is killed. Returns the exit status and
+    whether it was killed for the runtime limit."""
     returncode = None
     tick = min(settings.heartbeat_interval_seconds, max(settings.cancel_poll_seconds, 0.2))
     started = time.monotonic()
     last_beat, counted, stop_seen, over_limit = float("-inf"), started, None, False
+    grace = settings.stop_grace_seconds
     while True:
         if returncode is None:
             try:
@@ -258,13 +261,19 @@ def _wait(
                 # True also when the job was taken over by another worker: then it must stop as well.
                 if stop_seen is None and jobstore.is_cancel_requested(session, job_id, worker_id):
                     stop_seen = now
+                    job = jobstore.get_job(session, job_id)
+                    if job is not None and job.status == "pause_requested" and job.claimed_by == worker_id:
+                        grace = settings.checkpoint_grace_seconds
+                        for training in _training_processes(worker_id):
+                            with contextlib.suppress(psutil.Error):
+                                training.send_signal(signal.SIGTERM)
         except SQLAlchemyError as exc:
             log.warning("job heartbeat failed", extra={"job_id": job_id, "error": type(exc).__name__})
-        if stop_seen is not None and now - stop_seen >= settings.stop_grace_seconds:
+        if stop_seen is not None and now - stop_seen >= grace:
             _kill(proc, worker_id)
-            log.warning("training process killed: the job was cancelled", extra={"job_id": job_id})
+            log.warning("training process killed: it did not stop when asked", extra={"job_id": job_id})
             stop_seen = float("inf")  # once
-        if not over_limit and now - started >= runtime_left + settings.runtime_limit_grace_seconds:
+        if not over_limit and now - started >= runtime_left + settings.checkpoint_grace_seconds:
             _kill(proc, worker_id)
             log.warning("training process killed: past the job's runtime limit", extra={"job_id": job_id})
             over_limit = True
@@ -310,6 +319,8 @@ def _after_exit(
             return
         if jobstore.settle_cancel(session, job_id, worker_id):
             end_run("KILLED")
+            return
+        if jobstore.settle_pause(session, job_id, worker_id):  # paused at its last stored checkpoint
             return
         if runtime_limit is not None:
             jobstore.finish_job(

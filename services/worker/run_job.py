@@ -315,11 +315,12 @@ class JobRunner:
 
     def requeue_now(self) -> None:
         """SIGTERM outside the training steps (loading, caching, evaluating, uploading): there is nothing new to
-        checkpoint, so give the job back at once (or settle its cancel) and exit, rather than after the phase."""
+        checkpoint, so give the job back at once (or settle its pause or cancel) and exit, rather than after the
+        phase."""
         with self.sessions() as session:
             if jobstore.requeue_job(session, self.job_id, self.worker_id):
                 self.enqueue()
-            else:
+            elif not jobstore.settle_pause(session, self.job_id, self.worker_id):
                 jobstore.settle_cancel(session, self.job_id, self.worker_id)
         log.warning("stopped before the end of the phase", extra={"job_id": self.job_id, "phase": self.phase})
         logging.shutdown()
@@ -437,9 +438,9 @@ class JobRunner:
             jobstore.set_run_info(session, self.job_id, mlflow_run_id=self.run_id)
 
     def stopped(self, step: int) -> int:
-        """The trainer stopped early (at `step`, checkpointed): after SIGTERM requeue, at the runtime limit fail it
-        as runtime_limit, after a cancel request settle it as cancelled, and if the job is no longer this worker's
-        (taken over by another) leave it alone."""
+        """The trainer stopped early (at `step`, checkpointed): after a pause request settle it as paused, after
+        SIGTERM requeue, at the runtime limit fail it as runtime_limit, after a cancel request settle it as
+        cancelled, and if the job is no longer this worker's (taken over by another) leave it alone."""
         import mlflow
 
         with self.sessions() as session:
@@ -447,6 +448,10 @@ class JobRunner:
             if not jobstore.owns(job, self.worker_id):
                 log.warning("the job is no longer this worker's; stopping", extra={"job_id": self.job_id})
                 mlflow.end_run("RUNNING")  # the run is the new owner's now (not FINISHED by the atexit hook)
+                return 0
+            if job.status == "pause_requested":  # the resume continues this run (here, from the local checkpoint)
+                mlflow.end_run("SCHEDULED")
+                jobstore.settle_pause(session, self.job_id, self.worker_id)
                 return 0
             if self.stop_signal is not None and jobstore.requeue_job(session, self.job_id, self.worker_id):
                 mlflow.end_run("SCHEDULED")

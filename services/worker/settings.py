@@ -19,7 +19,7 @@ class Settings(JobSettings):
     INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES; the worker's own:
     INVDPO_MLFLOW_EXPERIMENT, INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE,
     INVDPO_HEARTBEAT_INTERVAL_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
-    INVDPO_STOP_GRACE_SECONDS, INVDPO_RUNTIME_LIMIT_GRACE_SECONDS, INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS,
+    INVDPO_STOP_GRACE_SECONDS, INVDPO_CHECKPOINT_GRACE_SECONDS, INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS,
     INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE, and for multi-node jobs (services/worker/trainjob.py)
     INVDPO_TRAINJOB_NAMESPACE, INVDPO_TRAINJOB_RUNTIME, INVDPO_TRAINJOB_IMAGE, INVDPO_TRAINJOB_QUEUE_NAME,
     INVDPO_TRAINJOB_POD_LABELS, INVDPO_TRAINJOB_NODE_SELECTOR, INVDPO_TRAINJOB_TOLERATIONS, INVDPO_TRAINJOB_ENV,
@@ -57,11 +57,12 @@ class Settings(JobSettings):
         description="After a cancel request, how long the training process may take to stop by itself before the "
         "worker kills it (model loading, evaluation and uploads do not poll for cancels).",
     )
-    runtime_limit_grace_seconds: float = Field(
+    checkpoint_grace_seconds: float = Field(
         600.0,
         ge=0,
-        description="After a job's max_runtime_seconds, how long it gets to write its last checkpoint and end "
-        "itself (the trainer stops at the next step) before the worker kills it and fails it as runtime_limit.",
+        description="At a pause request or a job's max_runtime_seconds, how long the training process gets to write "
+        "its last checkpoint and stop by itself (the trainer stops at the next micro-batch) before the worker kills "
+        "it: the job is then paused, or failed as runtime_limit, at its last stored checkpoint.",
     )
     num_processes: int | None = Field(
         None, ge=1, description="Training processes per job; default: one per visible GPU (one on a CPU)."

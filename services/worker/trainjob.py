@@ -14,12 +14,13 @@ then watches it until the job ends. The API still shows one job:
 - The watcher renews the job's heartbeat. A watcher that dies leaves the TrainJob running; once the heartbeat is
   stale (rank 0 also refreshes it with every progress write) the reconciler sends the job again, and the worker
   that claims it adopts the TrainJob it finds by the label invdpo.io/job-id instead of creating a second one.
-- Cancel: rank 0 sees `cancel_requested`, checkpoints and ends the job as cancelled, then the watcher deletes the
-  TrainJob. A TrainJob that is not running (suspended, say waiting for Kueue's admission) is deleted at once; one
-  whose rank 0 has not ended the job after trainjob_cancel_grace_seconds is deleted anyway.
+- Cancel (and pause alike): rank 0 sees `cancel_requested` (`pause_requested`), checkpoints and ends the job as
+  cancelled (paused), then the watcher deletes the TrainJob. A TrainJob that is not running (suspended, say
+  waiting for Kueue's admission) is deleted at once; one whose rank 0 has not ended the job after
+  trainjob_cancel_grace_seconds is deleted anyway.
 - Runtime limit: the watcher adds the time the TrainJob runs (not while it is suspended) to the job's runtime;
   rank 0 checkpoints and fails the job as runtime_limit at its max_runtime_seconds, and a TrainJob still there
-  runtime_limit_grace_seconds later is deleted and the job failed the same way.
+  checkpoint_grace_seconds later is deleted and the job failed the same way.
 - Preemption or a drained node (SIGTERM to the nodes): every rank checkpoints and rank 0 puts the job back in the
   queue; the watcher deletes the TrainJob and sends the job again. The next TrainJob restores from the checkpoint.
 - A TrainJob that ends (Complete or Failed) or disappears while the job still runs ended without rank 0
@@ -291,7 +292,7 @@ def run_trainjob(
             continue
         training = not is_suspended(trainjob)
         limit = jobstore.runtime_limit(job, settings.max_runtime_seconds) if job is not None else float("inf")
-        if job is not None and job.runtime_seconds >= limit + settings.runtime_limit_grace_seconds:
+        if job is not None and job.runtime_seconds >= limit + settings.checkpoint_grace_seconds:
             # Rank 0 stops at the limit by itself; this is for one that did not (stuck outside the training steps).
             delete_trainjob(api, namespace, name)
             with sessions() as session:
@@ -306,14 +307,15 @@ def run_trainjob(
             message = message if len(message) <= 300 else message[:297] + "..."
             _fail(sessions, job_id, worker_id, message, settings.mlflow_tracking_uri)
             return
-        if status == "cancel_requested":
+        if status in ("cancel_requested", "pause_requested"):
             cancel_seen = cancel_seen or time.monotonic()
             overdue = time.monotonic() - cancel_seen > settings.trainjob_cancel_grace_seconds
             if is_suspended(trainjob) or overdue:
                 delete_trainjob(api, namespace, name)
                 with sessions() as session:
-                    settled = jobstore.settle_cancel(session, job_id, worker_id)
-                if settled:
-                    end_job_run(sessions, settings.mlflow_tracking_uri, job_id, "KILLED")
+                    if status == "pause_requested":  # paused at its last stored checkpoint
+                        jobstore.settle_pause(session, job_id, worker_id)
+                    elif jobstore.settle_cancel(session, job_id, worker_id):
+                        end_job_run(sessions, settings.mlflow_tracking_uri, job_id, "KILLED")
                 _event(sessions, job_id, f"Deleted {where}" + (" (rank 0 did not stop in time)" if overdue else ""))
                 return

@@ -1,6 +1,8 @@
-"""The runtime limit on the worker's side, without Celery: the training process (run_job's JobRunner, in this
-process, training the tiny model for real) stops at the job's max_runtime_seconds with a checkpoint and fails the
-job as runtime_limit; the Celery task's watch kills a training process that outlives the limit by its grace."""
+"""The runtime limit and pause/resume on the worker's side, without Celery: the training process (run_job's
+JobRunner, in this process, training the tiny model for real) stops at the job's max_runtime_seconds with a
+checkpoint and fails the job as runtime_limit; the Celery task's watch kills a training process that outlives the
+limit by its grace; a pause request checkpoints and lets the job go, and the resumed job continues from that
+checkpoint in the same MLflow run."""
 
 from __future__ import annotations
 
@@ -129,16 +131,14 @@ def test_a_training_process_past_the_limit_and_its_grace_is_killed_and_the_job_f
     sessions: sessionmaker[Session], tiny: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Celery task's watch: a training process that does not stop at the limit (stuck loading, say) is killed
-    runtime_limit_grace_seconds later, the job fails as runtime_limit, and the time it ran is the job's runtime."""
+    checkpoint_grace_seconds later, the job fails as runtime_limit, and the time it ran is the job's runtime."""
     monkeypatch.setattr(worker_app, "sessions", lambda: sessions)
     job_id = make_job(sessions, tiny, max_runtime_seconds=60)
     with sessions() as session:  # 59 of its 60 s were used by an earlier attempt
         session.execute(update(Job).where(Job.id == job_id).values(runtime_seconds=59.0))
         session.commit()
     stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    config = settings(
-        tmp_path, runtime_limit_grace_seconds=1.5, heartbeat_interval_seconds=0.5, cancel_poll_seconds=0.1
-    )
+    config = settings(tmp_path, checkpoint_grace_seconds=1.5, heartbeat_interval_seconds=0.5, cancel_poll_seconds=0.1)
     started = time.monotonic()
     try:
         returncode, over_limit = worker_app._wait(stuck, job_id, WORKER, config, runtime_left=1.0)
@@ -152,3 +152,45 @@ def test_a_training_process_past_the_limit_and_its_grace_is_killed_and_the_job_f
         job = jobstore.get_job(session, job_id)
         assert job is not None and (job.status, job.error_code) == ("failed", "runtime_limit")
         assert 59.0 + 2.5 <= job.runtime_seconds <= 59.0 + took + 0.5
+
+
+def test_a_pause_checkpoints_and_the_resume_continues_from_there_in_the_same_run(
+    sessions: sessionmaker[Session], tiny: tuple[str, str], tmp_path: Path
+) -> None:
+    import mlflow
+
+    job_id = make_job(sessions, tiny)
+    config = settings(tmp_path, cancel_poll_seconds=0)  # the pause is seen at the next micro-batch
+
+    def attempt(pause_at: int) -> JobRunner:
+        runner = JobRunner(config, sessions, job_id, WORKER, main=True)
+        report = runner.on_step
+
+        def on_step(step: int, total: int, metrics: dict[str, float]) -> None:
+            report(step, total, metrics)
+            if step == pause_at:  # POST .../pause, as the API does it
+                with sessions() as session:
+                    assert jobstore.pause_job(session, job_id) is not None
+
+        runner.on_step = on_step  # type: ignore[method-assign]
+        assert runner.run() == 0
+        return runner
+
+    first = attempt(pause_at=3)
+    with sessions() as session:
+        job = jobstore.get_job(session, job_id)
+        assert job is not None and (job.status, job.step, job.claimed_by) == ("paused", 3, None)
+        assert [r.step_number for r in jobstore.list_checkpoints(session, job_id, after=None, limit=10)[0]] == [3]
+        assert jobstore.resume_job(session, job_id)
+        session.commit()
+        assert jobstore.claim_job(session, job_id, WORKER)  # the next worker (here the same, a new process)
+    second = attempt(pause_at=5)
+    assert second.run_id == first.run_id
+    with sessions() as session:
+        job = jobstore.get_job(session, job_id)
+        assert job is not None and (job.status, job.step) == ("paused", 5)
+        messages = [e.message for e in jobstore.list_events(session, job_id, after=None, limit=500)[0]]
+    assert "Resuming from the checkpoint of step 3" in messages
+    client = mlflow.MlflowClient(config.mlflow_tracking_uri)
+    assert client.get_run(first.run_id).info.status == "SCHEDULED"  # to be continued
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "loss")) == [1, 2, 3, 4, 5]
