@@ -50,7 +50,10 @@ class Settings(JobSettings):
         None, description="Redis holding the rate limit counters; default: the broker's, if it is Redis."
     )
     reconcile_interval_seconds: float = Field(
-        60.0, ge=0, description="How often the API re-dispatches jobs whose broker message was lost; 0 disables."
+        10.0,
+        ge=0,
+        description="How often the API re-dispatches jobs whose broker message was lost or whose worker went "
+        "silent; 0 disables.",
     )
     migrate_on_startup: bool = Field(True, description="Run `alembic upgrade head` when the API starts.")
     events_poll_seconds: float = Field(1.0, gt=0, description="How often the events stream looks for new events.")

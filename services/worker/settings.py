@@ -43,7 +43,10 @@ class Settings(JobSettings):
         "/tmp/invdpo-worker-heartbeat", description="File touched while the worker lives (container probes)."
     )
     heartbeat_interval_seconds: float = Field(
-        30.0, gt=0, description="How often the heartbeat file and the running job's database heartbeat are renewed."
+        10.0,
+        gt=0,
+        description="How often the heartbeat file and the running job's database heartbeat are renewed (a few times "
+        "within heartbeat_timeout_seconds, so that a slow beat is not taken for a dead worker).",
     )
     progress_interval_seconds: float = Field(
         2.0, ge=0, description="At most one progress write (step, metrics event) per this many seconds."
