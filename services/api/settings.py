@@ -50,7 +50,7 @@ class Settings(JobSettings):
         None, description="Redis holding the rate limit counters; default: the broker's, if it is Redis."
     )
     reconcile_interval_seconds: float = Field(
-        10.0,
+        5.0,
         ge=0,
         description="How often the API re-dispatches jobs whose broker message was lost or whose worker went "
         "silent; 0 disables.",

@@ -647,9 +647,7 @@ def settle_pause(session: Session, job_id: str, worker_id: str | None = None) ->
     )
     if done:
         at = f" at step {step}" if step else ""
-        session.add(
-            _event(job_id, f"The job is paused{at}; resume it with POST /v1/fine_tuning/jobs/{job_id}/resume")
-        )
+        session.add(_event(job_id, f"The job is paused{at}; resume it with POST /v1/fine_tuning/jobs/{job_id}/resume"))
     session.commit()
     return done
 

@@ -31,11 +31,11 @@ class JobSettings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
     heartbeat_timeout_seconds: float = Field(
-        45.0,
+        40.0,
         gt=0,
         description="A running job whose worker has not reported for this long is presumed lost: the reconciler "
         "re-sends it and another worker may claim it. Several times the worker's heartbeat_interval_seconds; with "
-        "the API's reconcile_interval_seconds it bounds how soon a killed worker's job resumes (45 + 10 s, then the "
+        "the API's reconcile_interval_seconds it bounds how soon a killed worker's job resumes (40 + 5 s, then the "
         "new training process starts: within 90 s, measured in tests/worker/test_worker_e2e.py).",
     )
     reconcile_after_seconds: float = Field(
