@@ -41,7 +41,7 @@ def cmd_dataset_validate(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     scope = f" (first {report.records} records only)" if report.sampled else ""
     print(f"dataset: {args.uri}: {report.format}, {report.files} file(s){scope}")
-    print(f"records: {report.records}")
+    print(f"records: {report.records} read of {report.total_records}")
     print(f"pairs: {report.pairs}")
     print(f"ties: {report.ties} ({report.ties_dropped} dropped)")
     print(f"unreadable images: {report.unreadable_images} ({report.skipped_pairs} pairs skipped)")
@@ -126,6 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", implicit_acc=f"{metrics['implicit_acc']:.2f}", refresh=False)
         bar.update(step - bar.n)
 
+    def on_skipped_pair(count: int, reason: str) -> None:
+        if args.json:
+            return emit("skipped", count=count, reason=reason)
+        tqdm.write(f"skipped a pair with an unreadable image ({count} so far): {reason}", file=sys.stderr)
+
     def on_checkpoint(path: Path, step: int) -> None:
         if args.json:
             emit("checkpoint", step=step, path=str(path))
@@ -154,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         on_checkpoint=on_checkpoint,
         on_validation=on_validation,
         on_cache_progress=on_cache_progress,
+        on_skipped_pair=on_skipped_pair,
     )
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:

@@ -21,13 +21,13 @@ Method = Literal["inversion_dpo", "diffusion_dpo", "inpo"]
 InversionTarget = Literal["paired", "x0", "step", "reference"]
 LossType = Literal["sigmoid", "hinge", "ipo"]
 # Statuses a job moves through (services/jobs/jobstore.py), here so the CLI client needs no database library.
-# Active ones count against the project's cap.
-ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested"]
+# Active ones count against the project's limits; a paused job holds no worker and counts again once resumed.
+ActiveStatus = Literal["validating_files", "queued", "running", "cancel_requested", "pause_requested"]
 TerminalStatus = Literal["succeeded", "failed", "cancelled"]
-JobStatus = Literal[ActiveStatus, TerminalStatus]
+JobStatus = Literal[ActiveStatus, "paused", TerminalStatus]
 ACTIVE_STATUSES: tuple[str, ...] = get_args(ActiveStatus)
 TERMINAL_STATUSES: tuple[str, ...] = get_args(TerminalStatus)
-STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
+STATUSES = (*ACTIVE_STATUSES, "paused", *TERMINAL_STATUSES)
 
 # Roles of a TrainingConfig field outside the training itself:
 #   reserved   set by the service from the job's own fields (or by the worker), never in a job's hyperparameters;
@@ -38,6 +38,15 @@ STATUSES = ACTIVE_STATUSES + TERMINAL_STATUSES
 #   local      where this worker puts things, not the training: not logged as a run parameter (it differs between
 #              the workers a job runs on, and MLflow refuses to change a logged param)
 Role = Literal["reserved", "resumable", "cache_key", "local"]
+
+# Upper bounds: every number a job may set has one, so the API refuses (422) what no worker could run instead of a
+# worker crashing, running out of memory or training for ever on it. Each is generous against the recipes it cites.
+MAX_STEPS = 1_000_000  # optimizer steps; Diffusion-DPO's SD1.5 and SDXL runs take 2,000 (of 2,048 pairs each)
+# The DDIM grid's top label is (N - 1) * (T // N) + steps_offset, which must stay below the model's T = 1,000 training
+# timesteps (SD 1.x/2.x/XL) with steps_offset 1: N = 1,000 reaches label 1,000 and indexes past the schedule. The
+# model's own scheduler is checked too when the job's files are (schedule_problem).
+MAX_INVERSION_STEPS = 999
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
 
 def role(*roles: Role, set_by: str | None = None) -> dict[str, Any]:
@@ -77,8 +86,13 @@ _Yaml12Loader.add_implicit_resolver(
 
 class AdapterConfig(_Strict):
     type: Literal["full", "lora"] = Field("full", description="Fine-tune every UNet weight, or a LoRA adapter.")
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank (adapter=lora).")
-    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank (adapter=lora), at most 1024.")
+    alpha: float = Field(
+        8.0,
+        gt=0,
+        le=4096,
+        description="LoRA alpha, at most 4096 (4x the largest rank); the update is scaled by alpha / rank.",
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         min_length=1,
@@ -120,21 +134,37 @@ class TrainingConfig(_Strict):
         description="Noise target for inversion_dpo (docs/method.md section 'Targets').",
         json_schema_extra=role("cache_key"),
     )
-    beta: float = Field(5000.0, gt=0, description="DPO temperature on the per-pixel MSE differences.")
+    beta: float = Field(
+        5000.0,
+        gt=0,
+        le=1e6,
+        description="DPO temperature on the per-pixel MSE differences, at most 1e6 (the published recipes use "
+        "2,000-5,000).",
+    )
     loss_type: LossType = Field("sigmoid", description="sigmoid (DPO), hinge, or ipo.")
     timestep_weighting: Literal["uniform", "inverse_alpha"] = Field(
         "uniform", description="Per-timestep weight; inverse_alpha is the released code's 1/(2 abar_t)."
     )
     inversion_steps: int = Field(
-        20, ge=1, le=1000, description="Number N of DDIM inversion steps.", json_schema_extra=role("cache_key")
+        20,
+        ge=1,
+        le=MAX_INVERSION_STEPS,
+        description="Number N of DDIM inversion steps, at most 999: the grid's top timestep must lie inside the "
+        "model's 1,000 training timesteps (checked against the model's own scheduler too).",
+        json_schema_extra=role("cache_key"),
     )
     timesteps_per_step: int = Field(
-        1, ge=0, description="K inverted points sampled per pair per step; 0 means all N (two-pass gradient)."
+        1,
+        ge=0,
+        le=MAX_INVERSION_STEPS,
+        description="K inverted points sampled per pair per step, at most inversion_steps; 0 means all N (two-pass "
+        "gradient).",
     )
     inversion_guidance: float = Field(
         1.0,
         ge=0,
-        description="Classifier-free guidance during inversion; 1.0 is plain conditional inversion.",
+        le=30,
+        description="Classifier-free guidance during inversion, at most 30; 1.0 is plain conditional inversion.",
         json_schema_extra=role("cache_key"),
     )
     inversion_cache: Literal["memory", "disk", "none"] = Field(
@@ -151,8 +181,8 @@ class TrainingConfig(_Strict):
         10,
         ge=1,
         le=1000,
-        description="InPO: steps N of the inverse DDIM grid; each image is inverted through the grid steps below "
-        "its pair's sampled timestep (N/2 of them on average).",
+        description="InPO: steps N of the inverse DDIM grid, at most the model's 1,000 training timesteps; each "
+        "image is inverted through the grid steps below its pair's sampled timestep (N/2 of them on average).",
     )
     inpo_eta: float = Field(
         0.1,
@@ -165,18 +195,26 @@ class TrainingConfig(_Strict):
         "policy", description="InPO: which UNet inverts the images every step, the current policy or the reference."
     )
     tie_policy: Literal["drop", "keep"] = Field("drop", description="Pick-a-Pic ties (label 0.5): drop or keep.")
+    max_bad_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of the dataset's records whose images may be unreadable (corrupt, truncated, missing, "
+        "too large), at most 1: those pairs are skipped and counted (metric skipped_pairs, an event); past it the "
+        "run fails as too_many_bad_images.",
+    )
 
     # --- optimisation ---
-    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate.")
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate, at most 1.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps, at most 1,000,000.")
     optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="AdamW (SD1.5) or Adafactor (SDXL).")
     use_8bit_adam: bool = Field(
         False,
         description="optimizer adamw only: bitsandbytes' AdamW8bit (8-bit optimizer states, a quarter of AdamW's "
         "memory); needs bitsandbytes on the worker.",
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay, at most 1.")
     ema_decay: float | None = Field(
         None,
         gt=0,
@@ -184,10 +222,30 @@ class TrainingConfig(_Strict):
         description="Keep an exponential moving average of the trained weights (diffusers' EMAModel: its decay "
         "after n steps is min(ema_decay, (1 + n) / (10 + n))) and save it as the model; none: off.",
     )
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.", json_schema_extra=role("resumable"))
-    batch_size: int = Field(1, ge=1, description="Preference pairs per process per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    max_steps: int = Field(
+        1000,
+        ge=1,
+        le=MAX_STEPS,
+        description="Optimizer steps to train, at most 1,000,000 (the job's max_runtime_seconds bounds the time).",
+        json_schema_extra=role("resumable"),
+    )
+    batch_size: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Preference pairs per process per micro-batch, at most 256 (512 images: more than any GPU "
+        "holds); larger batches come from gradient_accumulation_steps and more GPUs.",
+    )
+    gradient_accumulation_steps: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Micro-batches per optimizer step, at most 4,096 (Diffusion-DPO's 2,048-pair step on one GPU "
+        "needs 2,048).",
+    )
+    max_grad_norm: float = Field(
+        1.0, ge=0, le=1e6, description="Gradient clipping norm, at most 1e6; 0 disables clipping."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Autocast precision.", json_schema_extra=role("cache_key")
     )
@@ -201,15 +259,17 @@ class TrainingConfig(_Strict):
     resolution: int | None = Field(
         None,
         ge=8,
-        le=4096,
-        description="Training and evaluation image side in pixels (multiple of 8); none: the model's own (UNet "
-        "sample_size x VAE scale factor: 512 for SD1.5, 768 for SD2.x-768, 1024 for SDXL).",
+        le=2048,
+        description="Training and evaluation image side in pixels (multiple of 8), at most 2,048 (twice SDXL's "
+        "1,024; 4,096 got the trainer killed for memory); none: the model's own (UNet sample_size x VAE scale "
+        "factor: 512 for SD1.5, 768 for SD2.x-768, 1024 for SDXL).",
         json_schema_extra=role("cache_key"),
     )
     seed: int = Field(
         0,
         ge=0,
-        description="Seed for data order, noise and initialisation.",
+        le=MAX_SEED,
+        description="Seed for data order, noise and initialisation, below 2^32.",
         json_schema_extra=role("reserved", "cache_key", set_by="set it with the top-level `seed`"),
     )
 
@@ -217,20 +277,37 @@ class TrainingConfig(_Strict):
     checkpoint_interval: int = Field(
         500,
         ge=1,
-        description="Save a resumable checkpoint every this many steps.",
+        le=MAX_STEPS,
+        description="Save a resumable checkpoint every this many steps, at most 1,000,000.",
         json_schema_extra=role("resumable"),
     )
     checkpoints_to_keep: int = Field(
-        2, ge=1, description="Keep only the newest this many checkpoints.", json_schema_extra=role("resumable")
+        2,
+        ge=1,
+        le=100,
+        description="Keep only the newest this many checkpoints, at most 100: locally, and a job's in the object "
+        "store too (never its final model).",
+        json_schema_extra=role("resumable"),
     )
     validation_prompts: list[str] = Field(
-        default_factory=list, description="Prompts for sample grids.", json_schema_extra=role("resumable")
+        default_factory=list,
+        max_length=64,
+        description="Prompts for sample grids, at most 64.",
+        json_schema_extra=role("resumable"),
     )
     validation_interval: int = Field(
-        0, ge=0, description="Sample grids every this many steps; 0 disables.", json_schema_extra=role("resumable")
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="Sample grids every this many steps, at most 1,000,000; 0 disables.",
+        json_schema_extra=role("resumable"),
     )
     validation_inference_steps: int = Field(
-        25, ge=1, description="Denoising steps for the validation samples.", json_schema_extra=role("resumable")
+        25,
+        ge=1,
+        le=500,
+        description="Denoising steps for the validation samples, at most 500.",
+        json_schema_extra=role("resumable"),
     )
     output_dir: str = Field(
         "runs/invdpo",
@@ -244,6 +321,12 @@ class TrainingConfig(_Strict):
         "and delete the checkpoints there).",
         json_schema_extra=role("resumable", "local"),
     )
+
+    @property
+    def inversion_grid_steps(self) -> int | None:
+        """Steps of the inverse DDIM grid the method walks (inversion_steps, inpo_inversion_steps), None for
+        diffusion_dpo, which inverts nothing: what schedule_problem checks against the model's scheduler."""
+        return {"inversion_dpo": self.inversion_steps, "inpo": self.inpo_inversion_steps}.get(self.method)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainingConfig:
@@ -267,11 +350,11 @@ class EvalConfig(_Strict):
     pairs: str | None = Field(None, description="Held-out preference pairs for the reward-free metrics; none: skip.")
     prompts: list[str] = Field(..., min_length=1, description="Prompts both models draw images for.")
     scorers: dict[str, str] = Field(default_factory=dict, description="Scorer name -> local directory of its model.")
-    seed: int = Field(0, ge=0, description="Seed of the drawn noise, the same for both models.")
-    beta: float = Field(5000.0, gt=0, description="DPO temperature of the implicit reward margin.")
-    inference_steps: int = Field(25, ge=1, description="Denoising steps of each image.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance of each image.")
-    resolution: int | None = Field(None, ge=8, description="Image side in pixels; none: the base UNet's own.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the drawn noise, the same for both models.")
+    beta: float = Field(5000.0, gt=0, le=1e6, description="DPO temperature of the implicit reward margin.")
+    inference_steps: int = Field(25, ge=1, le=500, description="Denoising steps of each image.")
+    guidance_scale: float = Field(7.5, ge=0, le=30, description="Classifier-free guidance of each image.")
+    resolution: int | None = Field(None, ge=8, le=2048, description="Image side in pixels; none: the base UNet's own.")
 
     @classmethod
     def after_training(
@@ -292,10 +375,12 @@ class EvalConfig(_Strict):
         )
 
 
-def schedule_problem(scheduler: dict[str, Any], method: str) -> str | None:
+def schedule_problem(scheduler: dict[str, Any], method: str, inversion_steps: int | None = None) -> str | None:
     """Why `method` cannot train a model with this scheduler config (scheduler/scheduler_config.json), naming the
     field, or None. Diffusion-DPO only forward-noises, so any spacing and epsilon or v targets work; the inversion
-    methods follow diffusers' DDIMInverseScheduler, which knows leading and trailing spacing and epsilon models."""
+    methods follow diffusers' DDIMInverseScheduler, which knows leading and trailing spacing and epsilon models,
+    and their grid of `inversion_steps` steps (inversion_steps, or inpo_inversion_steps for inpo) must fit the
+    model's training timesteps."""
     prediction = scheduler.get("prediction_type", "epsilon")
     spacing = scheduler.get("timestep_spacing", "leading")
     if method == "diffusion_dpo":
@@ -306,7 +391,32 @@ def schedule_problem(scheduler: dict[str, Any], method: str) -> str | None:
         return f"scheduler.prediction_type: {prediction!r} is not supported by method {method} (epsilon only)"
     if spacing not in ("leading", "trailing"):
         return f"scheduler.timestep_spacing: {spacing!r} is not supported by method {method} (leading or trailing)"
+    if inversion_steps is not None:
+        field = "inpo_inversion_steps" if method == "inpo" else "inversion_steps"
+        return _grid_problem(scheduler, field, inversion_steps, spacing, partial=method == "inpo")
     return None
+
+
+def _grid_problem(scheduler: dict[str, Any], field: str, steps: int, spacing: str, *, partial: bool) -> str | None:
+    """Why an inverse DDIM grid of `steps` steps does not fit the model's training timesteps, or None. Leading
+    spacing labels step k (k = 0..N-1) with k * (T // N) + steps_offset (diffusers' DDIMInverseScheduler); trailing
+    ends at T - 1. InPO's partial inversion stops below a timestep drawn under T, so its top label may be T."""
+    total = int(scheduler.get("num_train_timesteps", 1000))
+    offset = int(scheduler.get("steps_offset", 0)) if spacing == "leading" else 0
+    if steps > total:
+        return f"{field}: {steps} steps exceed this model's {total} training timesteps"
+    limit = total if partial else total - 1  # the highest label the grid may reach
+
+    def top(n: int) -> int:
+        return (n - 1) * (total // n) + offset if spacing == "leading" else total - 1
+
+    if top(steps) <= limit:
+        return None
+    most = max((n for n in range(1, total + 1) if top(n) <= limit), default=0)
+    return (
+        f"{field}: {steps} steps reach timestep {top(steps)}, past this model's {total} training timesteps "
+        f"(steps_offset {offset}); at most {most}"
+    )
 
 
 def fields_with(name: Role) -> tuple[str, ...]:

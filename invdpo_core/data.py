@@ -43,7 +43,7 @@ import re
 import tempfile
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -116,6 +116,7 @@ class DatasetReport:
     format: Literal["parquet", "jsonl"]
     files: int  # parquet shards, or 1 manifest
     records: int = 0  # records examined
+    total_records: int = 0  # records in the dataset (examined or not)
     pairs: int = 0  # pairs a trainer gets
     ties: int = 0  # records with label_0 == 0.5
     ties_dropped: int = 0
@@ -438,9 +439,15 @@ def _check_args(tie_policy: str, max_bad_share: float) -> None:
 
 
 def _pairs(
-    raws: Iterator[_Raw], report: DatasetReport, total: int, tie_policy: str, max_bad_share: float
+    raws: Iterator[_Raw],
+    report: DatasetReport,
+    total: int,
+    tie_policy: str,
+    max_bad_share: float,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> Iterator[PreferencePair]:
-    """The one place ties and unreadable images are decided, for iter_pairs and inspect_dataset alike."""
+    """The one place ties and unreadable images are decided, for iter_pairs and inspect_dataset alike. A pair
+    skipped for an unreadable image is told to `on_skip(source, reason)`."""
     sizes: Counter[str] = Counter()
     try:
         for raw in raws:
@@ -473,6 +480,8 @@ def _pairs(
                         f"{bad[0]}; {report.skipped_pairs} of {total} records have unreadable images, "
                         f"above max_bad_share {max_bad_share}",
                     )
+                if on_skip is not None:
+                    on_skip(raw.source, bad[0])
                 continue
             sizes.update(pair_sizes)
             report.pairs += 1
@@ -491,8 +500,10 @@ def iter_pairs(
     start: int = 0,
     max_bad_share: float = 0.01,
     max_image_bytes: int | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> Iterator[PreferencePair]:
     """One epoch of preference pairs in a deterministic order for `seed`, skipping the first `start` pairs.
+    `on_skip(source, reason)` hears of each pair skipped for an unreadable image.
 
     Raises DatasetError (missing data, missing column, bad label, too many unreadable images...) when reached.
     """
@@ -502,7 +513,8 @@ def iter_pairs(
     source = _open(uri, max_image_bytes)
     report = DatasetReport(uri, source.format, source.files)
     try:
-        for i, pair in enumerate(_pairs(source.records(seed), report, source.total, tie_policy, max_bad_share)):
+        pairs = _pairs(source.records(seed), report, source.total, tie_policy, max_bad_share, on_skip)
+        for i, pair in enumerate(pairs):
             if i >= start:
                 yield pair
     finally:
@@ -525,7 +537,8 @@ def inspect_dataset(
     source = _open(uri, max_image_bytes)
     try:
         total = source.total if sample is None else min(sample, source.total)
-        report = DatasetReport(uri, source.format, source.files, sampled=sample is not None and sample < source.total)
+        sampled = sample is not None and sample < source.total
+        report = DatasetReport(uri, source.format, source.files, total_records=source.total, sampled=sampled)
         raws = source.records(seed=None)
         for _ in _pairs(islice(raws, total), report, total, tie_policy, max_bad_share):
             pass

@@ -360,6 +360,24 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
             ) from None
 
 
+def delete_prefix(uri: str) -> None:
+    """Delete every file under the s3 prefix `uri` taken as a directory (never `ckpt-10/` for `ckpt-1`), or the
+    local directory. Nothing there is not an error."""
+    if not is_s3(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    bucket, key = split_s3(uri)
+    if not key:
+        raise ValueError(f"{uri}: refusing to delete a whole bucket")
+    try:
+        objects = _list_keys(bucket, key.rstrip("/") + "/")
+        for start in range(0, len(objects), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": o["Key"]} for o in objects[start : start + 1000]]
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    except (ClientError, BotoCoreError) as exc:
+        raise _storage_error(uri, exc) from None
+
+
 def is_hub_id(uri: str) -> bool:
     """`org/name` as the Hugging Face hub spells repository ids (no `..`, no leading dot or hyphen)."""
     return bool(_HUB_ID.match(uri)) and ".." not in uri

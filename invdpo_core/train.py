@@ -94,6 +94,8 @@ class TrainCallbacks:
     on_checkpoint: Callable[[Path, int], None] | None = None  # (checkpoint dir, step)
     on_validation: Callable[[int, list[Image.Image]], None] | None = None  # (step, one image per prompt)
     on_cache_progress: Callable[[int, int], None] | None = None  # (pairs walked, pairs planned), inversion cache
+    # (pairs skipped so far, why this one) for each pair skipped for an unreadable image, once per pair
+    on_skipped_pair: Callable[[int, str], None] | None = None
     # (phase) as each starts: loading_model, building_cache, training, sampling (validation images), saving_model
     on_phase: Callable[[str], None] | None = None
 
@@ -137,11 +139,18 @@ def _pair_uniform(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _pairs_from(config: TrainingConfig, epoch: int, index: int) -> Generator[tuple[int, int, PreferencePair]]:
-    """Pairs in training order from position (epoch, index), epoch after epoch: yields (epoch, index, pair)."""
+def _pairs_from(
+    config: TrainingConfig, epoch: int, index: int, on_skip: Callable[[str, str], None] | None = None
+) -> Generator[tuple[int, int, PreferencePair]]:
+    """Pairs in training order from position (epoch, index), epoch after epoch: yields (epoch, index, pair). Pairs
+    with an unreadable image are skipped (told to `on_skip(source, reason)`) up to config.max_bad_share."""
     while True:
         n = index
-        for pair in iter_pairs(config.dataset, tie_policy=config.tie_policy, seed=config.seed + epoch, start=index):
+        pairs = iter_pairs(
+            config.dataset, tie_policy=config.tie_policy, seed=config.seed + epoch, start=index,
+            max_bad_share=config.max_bad_share, on_skip=on_skip,
+        )  # fmt: skip
+        for pair in pairs:
             yield epoch, n, pair
             n += 1
         if n == 0:
@@ -419,6 +428,7 @@ def fill_inversion_cache(
     position: Position,
     accelerator: Accelerator,
     on_progress: Callable[[int, int], None] | None,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> bool:
     """Walk the pairs this run will read, in its micro-batches, and invert those not cached yet. Stop after the
     run's pairs or one full pass over the data, whichever comes first; True after a full pass."""
@@ -426,7 +436,7 @@ def fill_inversion_cache(
     pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
     planned, walked, covers, held = (config.max_steps - position.step) * pairs_per_step, 0, False, 0
     budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    walk = _pairs_from(config, position.epoch, position.index)
+    walk = _pairs_from(config, position.epoch, position.index, on_skip)
     while walked < planned and not covers:
         group: list[PreferencePair] = []  # one micro-batch of every process
         for e, _i, pair in walk:
@@ -561,6 +571,14 @@ def train(
         if main and cb.on_phase:
             cb.on_phase(name)
 
+    skipped: set[str] = set()  # the records skipped for an unreadable image (each epoch reads them again)
+
+    def skip(source: str, reason: str) -> None:
+        if source not in skipped:
+            skipped.add(source)
+            if main and cb.on_skipped_pair:
+                cb.on_skipped_pair(len(skipped), reason)
+
     # --- 1. Models: frozen VAE and text encoders, the policy UNet, the reference ---------------------------------
     phase("loading_model")
     try:
@@ -570,7 +588,7 @@ def train(
         pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir, unet_dtype=unet_dtype)
     except PipelineLoadError as exc:
         raise TrainError(str(exc)) from None
-    problem = schedule_problem(dict(pipe.scheduler.config), config.method)
+    problem = schedule_problem(dict(pipe.scheduler.config), config.method, config.inversion_grid_steps)
     if problem is not None:
         raise TrainError(f"base model {config.base_model}: {problem}")
     # The model's own resolution when none is set: from here on the run, its checkpoints and its cache use it.
@@ -611,7 +629,9 @@ def train(
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()
         phase("building_cache")
-        covers = fill_inversion_cache(cache, config, position, accelerator, cb.on_cache_progress if main else None)
+        covers = fill_inversion_cache(
+            cache, config, position, accelerator, cb.on_cache_progress if main else None, skip
+        )
         # With several processes each holds only its own pairs in memory; a shared disk cache holds them all.
         if covers and (world == 1 or config.inversion_cache == "disk"):
             reference.release()
@@ -624,7 +644,7 @@ def train(
     )
     validate_every = config.validation_interval if config.validation_prompts else 0
     sampler = None
-    stream = _pairs_from(config, position.epoch, position.index)
+    stream = _pairs_from(config, position.epoch, position.index, skip)
     metrics: dict[str, float] = {}
     stopped, last_checkpoint, saved_step, train_s = False, None, position.step, 0.0
     phase("training")
@@ -703,6 +723,8 @@ def train(
         train_s += time.perf_counter() - t0
 
         metrics = step_metrics(micro, accelerator, lr=lr_scheduler.get_last_lr()[0], grad_norm=grad_norm)
+        if skipped:
+            metrics["skipped_pairs"] = float(len(skipped))
         if main and cb.on_step:
             cb.on_step(position.step, config.max_steps, metrics)
         if main and validate_every and position.step % validate_every == 0:

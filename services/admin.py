@@ -8,6 +8,9 @@
     invdpo-admin revoke-key PREFIX
     invdpo-admin set-prefixes --project P [s3://bucket/prefix ...]
                                                      the only places P's models and data may come from; none: any
+    invdpo-admin set-limits --project P [--max-active-jobs N] [--max-gpu-hours H]
+                                                     P's own limits at job creation (0: back to the API's settings
+                                                     INVDPO_MAX_ACTIVE_JOBS_PER_PROJECT, ..._MAX_GPU_HOURS_PER_PROJECT)
     invdpo-admin migrate                             alembic upgrade head
     invdpo-admin reconcile                           re-send jobs whose broker message was lost, once
     invdpo-admin mlflow-service-user                 create MLflow's user MLFLOW_TRACKING_USERNAME (password
@@ -22,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -96,6 +99,36 @@ def set_allowed_prefixes(session: Session, project: str, prefixes: list[str] | N
     return stored
 
 
+def set_limits(
+    session: Session, project: str, *, max_active_jobs: int | None, max_gpu_hours: float | None
+) -> tuple[int | None, float | None]:
+    """Set `project`'s (created if new) own limits; a None argument leaves that limit as it is, 0 clears it (the
+    API's setting applies again). Returns what is stored."""
+    row = session.scalars(select(Project).where(Project.name == project)).first()
+    if row is None:
+        row = Project(name=project)
+        session.add(row)
+    if max_active_jobs is not None:
+        row.max_active_jobs = max_active_jobs or None
+    if max_gpu_hours is not None:
+        row.max_gpu_hours = max_gpu_hours or None
+    session.commit()
+    return row.max_active_jobs, row.max_gpu_hours
+
+
+def _not_negative(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if number < 0 or number != number or number == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+        return number
+
+    return parse
+
+
 def _project_name(value: str) -> str:
     value = value.strip()
     if not 1 <= len(value) <= 128 or not value.isprintable():
@@ -124,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--project", required=True, type=_project_name)
     p.add_argument("prefixes", nargs="*", metavar="s3://bucket/prefix")
+    p = sub.add_parser("set-limits", help="set a project's own limits on active jobs and requested GPU-hours")
+    p.add_argument("--project", required=True, type=_project_name)
+    p.add_argument("--max-active-jobs", type=_not_negative(int), help="jobs validating, queued or running at once")
+    p.add_argument(
+        "--max-gpu-hours",
+        type=_not_negative(float),
+        help="GPU-hours its active jobs may ask for together (nodes x gpus_per_node x max_runtime_seconds each)",
+    )
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("reconcile", help="run one reconciler pass now")
     sub.add_parser("mlflow-service-user", help="create the MLflow user the API and the worker log in as")
@@ -179,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "set-prefixes":
                 stored = set_allowed_prefixes(session, args.project, args.prefixes or None)
                 print(f"project {args.project}: " + (", ".join(stored) if stored else "any prefix"))
+            elif args.command == "set-limits":
+                jobs, hours = set_limits(
+                    session, args.project, max_active_jobs=args.max_active_jobs, max_gpu_hours=args.max_gpu_hours
+                )
+                api_jobs, api_hours = settings.max_active_jobs_per_project, settings.max_gpu_hours_per_project
+                print(
+                    f"project {args.project}: max active jobs {jobs or f'{api_jobs} (API)'}, "
+                    f"max GPU-hours {f'{hours:g}' if hours else f'{api_hours:g} (API)'}"
+                )
             elif args.command == "reconcile":
                 from services.jobs import reconciler
                 from services.jobs.queue import make_celery

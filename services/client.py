@@ -2,14 +2,14 @@
 
     invdpo jobs create --model M --training-file F [--method inversion_dpo] [--set beta=2000 ...] [--follow]
     invdpo jobs list [--status S] [--limit N] [--after ID]
-    invdpo jobs get ID | cancel ID | checkpoints ID
+    invdpo jobs get ID | cancel ID | pause ID | resume ID | checkpoints ID
     invdpo jobs events ID [--follow]
     invdpo models promote NAME VERSION [--force --reason TEXT]
 
 The API is INVDPO_API_URL (default http://127.0.0.1:8000) and the key INVDPO_API_KEY. Every command takes
 `--json` to print the API's JSON instead of text (`--follow` then prints JSON lines: events, then the final job).
 An API error is one line, `error: <status> <detail>`, exit code 2. `--follow` exits with the job's outcome:
-0 succeeded, 1 failed, 3 cancelled.
+0 succeeded, 1 failed, 3 cancelled, 4 paused.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 JOBS = "/v1/fine_tuning/jobs"
-FOLLOW_EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
+FOLLOW_EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3, "paused": 4}
 # httpx comes with the `service` extra; `pip install invdpo` alone still runs the core's commands.
 MISSING_EXTRA = "the job commands need the service extra: pip install 'invdpo[service]' (httpx is not installed)"
 
@@ -245,7 +245,7 @@ def follow(api: Api, job_id: str, *, as_json: bool = False) -> dict[str, Any]:
     status = api.call("GET", f"{JOBS}/{job_id}")["status"]
     # A finished job's events are history: its messages are shown, but a bar over replayed steps would show a
     # rate of thousands of steps per second for a job that is not running.
-    history = status in TERMINAL_STATUSES
+    history = status in TERMINAL_STATUSES or status == "paused"
     last_id, done = None, False
     try:
         while not done:
@@ -330,7 +330,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "training_file": args.training_file,
         "method": {"type": args.method, "hyperparameters": hyperparameters},
     }
-    for name in ("validation_file", "seed", "suffix", "registered_model_name"):
+    for name in ("validation_file", "seed", "suffix", "registered_model_name", "max_runtime_seconds"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     if args.metadata:
@@ -377,8 +377,9 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """cancel, pause or resume (args.action): the job's new status."""
     with Api() as api:
-        job = api.call("POST", f"{JOBS}/{args.job_id}/cancel")
+        job = api.call("POST", f"{JOBS}/{args.job_id}/{args.action}")
     if args.json:
         _print_json(job)
     else:
@@ -456,6 +457,12 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suffix", default=None, help="added to the model name")
     p.add_argument("--registered-model-name", default=None, help="MLflow registered model to register the result as")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable, up to 16")
+    p.add_argument(
+        "--max-runtime-seconds",
+        type=int,
+        default=None,
+        help="how long the job may run, all attempts together (default: the deployment's, 7 days)",
+    )
     p.add_argument("--idempotency-key", default=None, help="a retry with the same key returns the same job")
     p.add_argument("--follow", action="store_true", help="then show progress until the job finishes")
     p.set_defaults(func=cmd_create)
@@ -472,13 +479,20 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_get)
     p = jobs.add_parser("cancel", parents=[common], help="cancel a job (a running one stops after its step)")
     p.add_argument("job_id")
-    p.set_defaults(func=cmd_cancel)
+    p.set_defaults(func=cmd_cancel, action="cancel")
+    p = jobs.add_parser("pause", parents=[common], help="pause a job (a running one checkpoints and frees its GPU)")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_cancel, action="pause")
+    p = jobs.add_parser("resume", parents=[common], help="resume a paused job from its last checkpoint")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_cancel, action="resume")
     p = jobs.add_parser("events", parents=[common, paging], help="a job's events, oldest first")
     p.add_argument("job_id")
     p.add_argument(
         "--follow",
         action="store_true",
-        help="stream events with a progress bar until the job finishes (exit 0 succeeded, 1 failed, 3 cancelled)",
+        help="stream events with a progress bar until the job finishes or pauses (exit 0 succeeded, 1 failed, 3 "
+        "cancelled, 4 paused)",
     )
     p.set_defaults(func=cmd_events)
     p = jobs.add_parser("checkpoints", parents=[common, paging], help="a job's saved checkpoints")

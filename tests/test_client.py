@@ -154,6 +154,7 @@ def test_create_sends_every_option(create: Callable[..., dict], api: dict[str, A
         "--method", "diffusion_dpo", "--set", "beta=2000", "--set", "adapter.type=lora", "--set",
         "validation_prompts=[a red circle, a blue square]", "--seed", "7", "--suffix", "v1",
         "--registered-model-name", "toy-model", "--metadata", "team=vision", "--metadata", "ticket=A-1=2",
+        "--max-runtime-seconds", "3600",
     )  # fmt: skip
     assert job["id"].startswith("ftjob-") and job["status"] == "validating_files"
     hyperparameters = job["method"]["hyperparameters"]
@@ -164,6 +165,7 @@ def test_create_sends_every_option(create: Callable[..., dict], api: dict[str, A
     assert hyperparameters["validation_prompts"] == ["a red circle", "a blue square"]  # YAML-parsed values
     assert (job["seed"], job["suffix"], job["registered_model_name"]) == (7, "v1", "toy-model")
     assert job["metadata"] == {"team": "vision", "ticket": "A-1=2"}
+    assert job["max_runtime_seconds"] == 3600
 
 
 def test_idempotency_key_returns_the_same_job(
@@ -207,6 +209,19 @@ def test_cancel(create: Callable[..., dict], capsys: pytest.CaptureFixture[str])
     assert (code, out) == (0, f"{job['id']} cancelled\n")
     code, out, _ = run(capsys, "jobs", "cancel", job["id"], "--json")  # cancelling again is a no-op
     assert code == 0 and json.loads(out)["status"] == "cancelled"
+
+
+def test_pause_and_resume(
+    create: Callable[..., dict], api: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = create()
+    wait_for_status(api, job["id"], "queued")
+    code, out, _ = run(capsys, "jobs", "pause", job["id"])
+    assert (code, out) == (0, f"{job['id']} paused\n")
+    code, out, _ = run(capsys, "jobs", "resume", job["id"])
+    assert (code, out) == (0, f"{job['id']} queued\n")
+    code, _, err = run(capsys, "jobs", "resume", job["id"])
+    assert code == 2 and err.strip() == "error: 409 only a paused job can be resumed; this one is queued"
 
 
 def test_events_and_checkpoints(

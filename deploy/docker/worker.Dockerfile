@@ -59,7 +59,7 @@ RUN pip install --no-deps --force-reinstall . \
 
 USER 10001:10001
 
-# Liveness: the worker touches its heartbeat file every 30 s (INVDPO_HEARTBEAT_FILE); older than 120 s, or
+# Liveness: the worker touches its heartbeat file every 10 s (INVDPO_HEARTBEAT_FILE); older than 120 s, or
 # missing, is unhealthy. The heartbeat has to keep beating through long training steps.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, sys, time; p = os.environ.get('INVDPO_HEARTBEAT_FILE', '/tmp/invdpo-worker-heartbeat'); sys.exit(time.time() - os.stat(p).st_mtime > 120)"]

@@ -12,6 +12,7 @@ from invdpo_core.config import Method as MethodType
 from services.jobs.logs import has_credentials
 from services.jobs.models import JobStatus
 
+MAX_RUNTIME_SECONDS = 30 * 24 * 3600
 # No NUL characters anywhere: PostgreSQL text and JSONB cannot store them.
 _NO_NUL = r"^[^\x00]*$"
 
@@ -124,6 +125,14 @@ class JobCreate(BaseModel):
     )
     metadata: Metadata | None = None
     resources: JobResources | None = Field(None, description="Nodes and GPUs per node; omitted: one node.")
+    max_runtime_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RUNTIME_SECONDS,
+        description="How long the job may run, over all its attempts (at most 30 days); after it the job "
+        "checkpoints and ends failed as runtime_limit. Omitted: the deployment's INVDPO_MAX_RUNTIME_SECONDS "
+        "(7 days by default). nodes x gpus_per_node x max_runtime_seconds counts against the project's GPU-hours.",
+    )
 
 
 class JobError(BaseModel):
@@ -173,6 +182,8 @@ class Job(BaseModel):
     evaluation: JobEvaluation | None = Field(None, description="Set once the job succeeded and was evaluated.")
     error: JobError | None
     resources: JobResources | None = Field(None, description="As requested; null: one node.")
+    max_runtime_seconds: int | None = Field(None, description="How long the job may run, all attempts together.")
+    runtime_seconds: float = Field(0.0, description="How long it has run so far, all attempts together.")
 
 
 class JobList(BaseModel):

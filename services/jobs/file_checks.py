@@ -27,9 +27,14 @@ def check_files(
     allow_local: bool = True,
     max_image_bytes: int | None = None,
     method: str = "inversion_dpo",
+    inversion_steps: int | None = None,
+    max_bad_share: float = 0.01,
+    read: list[str] | None = None,
 ) -> dict[str, Any] | None:
     """The first problem found as a job error, or None if the model and the datasets look right (its scheduler
-    too: a schedule `method` cannot train is refused here, before any GPU)."""
+    too: a schedule `method` cannot train, or an inversion grid of `inversion_steps` past the model's timesteps, is
+    refused here, before any GPU). The first `sample` records of each dataset are read, judged by the job's
+    max_bad_share; `read` gets one line per dataset saying how many."""
     # Imported here: the API imports this module and never needs pyarrow or PIL itself (the fork server preloads them).
     from invdpo_core.config import schedule_problem
     from invdpo_core.data import DatasetError, inspect_dataset
@@ -38,21 +43,20 @@ def check_files(
     def check_model() -> None:
         check_model_reference(model, allow_local=allow_local)
         scheduler = read_scheduler_config(model)
-        problem = schedule_problem(scheduler, method) if scheduler is not None else None
+        problem = schedule_problem(scheduler, method, inversion_steps) if scheduler is not None else None
         if problem is not None:
             raise ModelReferenceError("unsupported_model", f"base model {model}: {problem}")
 
+    def check_dataset(param: str, uri: str) -> None:
+        report = inspect_dataset(uri, sample=sample, max_bad_share=max_bad_share, max_image_bytes=max_image_bytes)
+        skipped = f", {report.skipped_pairs} with unreadable images skipped" if report.skipped_pairs else ""
+        if read is not None:
+            read.append(f"{param}: {report.records} of {report.total_records} records read{skipped}")
+
     checks: list[tuple[str, Callable[[], object]]] = [("model", check_model)]
-    checks.append(
-        ("training_file", lambda: inspect_dataset(training_file, sample=sample, max_image_bytes=max_image_bytes))
-    )
+    checks.append(("training_file", lambda: check_dataset("training_file", training_file)))
     if validation_file is not None:
-        checks.append(
-            (
-                "validation_file",
-                lambda: inspect_dataset(validation_file, sample=sample, max_image_bytes=max_image_bytes),
-            )
-        )
+        checks.append(("validation_file", lambda: check_dataset("validation_file", validation_file)))
     for param, check in checks:
         try:
             check()
@@ -63,14 +67,15 @@ def check_files(
 
 def run_in_child(conn: Connection, request: dict[str, Any], memory_bytes: int, env: dict[str, str], cwd: str) -> None:
     """The target of the validation process (forked from the fork server, see validation.py): take the API's
-    current environment and directory, limit the address space, check, send ("verdict", error or None) or
-    ("crash", traceback)."""
+    current environment and directory, limit the address space, check, send ("verdict", (error or None, lines
+    saying what was read)) or ("crash", traceback)."""
     os.environ.clear()
     os.environ.update(env)  # the fork server's own is from when it started
     os.chdir(cwd)
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     try:
-        conn.send(("verdict", check_files(**request)))
+        read: list[str] = []
+        conn.send(("verdict", (check_files(**request, read=read), read)))
     except MemoryError:
         sys.exit(OUT_OF_MEMORY)
     except Exception:  # a bug, not the data: the parent logs it with the job id (masked)

@@ -4,21 +4,28 @@ Transitions are conditional UPDATEs (`... WHERE status IN (...)`), so the API, t
 workers can race on one job and exactly one of them wins. Status machine:
 
     validating_files -> queued -> running -> succeeded | failed | cancelled
-    validating_files | queued -> cancelled            (POST /cancel, at once)
-    running -> cancel_requested -> cancelled          (POST /cancel, then the worker stops)
+    validating_files | queued | paused -> cancelled   (POST /cancel, at once)
+    running | pause_requested -> cancel_requested -> cancelled   (POST /cancel, then the worker stops)
     validating_files -> failed                        (files or model reference rejected)
+    running -> pause_requested -> paused              (POST /pause: the worker checkpoints and lets go)
+    queued -> paused                                  (POST /pause, at once)
+    paused -> queued                                  (POST /resume: the next claim continues from the checkpoint)
 
 For the worker, in order of use:
     claim_job(session, job_id, worker_id) -> bool            take the job; False means another worker has it
     heartbeat(session, job_id, worker_id) -> bool            "still alive" during long phases without steps
+    add_runtime(session, job_id, seconds)                    the time run, towards the job's max_runtime_seconds
     record_progress(session, job_id, step, total_steps, metrics=None, worker_id=None) -> bool
     add_event(session, job_id, message, level="info", type="message", data=None) -> int
     add_checkpoint(session, job_id, step_number, uri, metrics=None) -> int
+    checkpoints_beyond(session, job_id, keep) -> [uri]       stored checkpoints past checkpoints_to_keep
+    forget_checkpoint(session, job_id, uri)                  their rows, before their files are deleted
     set_run_info(session, job_id, mlflow_run_id=..., registered_model_version=..., fine_tuned_model=...)
     set_evaluation(session, job_id, evaluation)              the evaluation after training (the gate reads it)
     is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
     owns(job, worker_id) -> bool                             is the job still this worker's to run and report?
     settle_cancel(session, job_id, worker_id=None) -> bool   cancel_requested -> cancelled once the worker stopped
+    settle_pause(session, job_id, worker_id=None) -> bool    pause_requested -> paused once the worker stopped
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
     requeue_job(session, job_id, worker_id, lost=None) -> bool   running -> queued (graceful shutdown, checkpointed;
                                                              or the training process died: `lost` says how)
@@ -44,7 +51,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, Literal, ParamSpec, TypedDict, TypeGuard, TypeVar
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -109,16 +116,52 @@ def find_by_idempotency_key(session: Session, project_id: int, key: str) -> Job 
     return session.scalars(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)).first()
 
 
-def count_active_jobs(session: Session, project_id: int) -> int:
-    """Active jobs of the project. On PostgreSQL the project row is locked until commit, so concurrent creates
-    of one project count one after the other and the cap holds (SQLite serialises writers anyway)."""
-    session.execute(select(Project.id).where(Project.id == project_id).with_for_update())
-    return (
-        session.scalar(
-            select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(ACTIVE_STATUSES))
+def gpu_seconds(resources: dict[str, int] | None, max_runtime_seconds: float) -> float:
+    """GPU time a job asks for: nodes x gpus_per_node x max_runtime_seconds (no resources: one GPU)."""
+    resources = resources or {}
+    return resources.get("nodes", 1) * resources.get("gpus_per_node", 1) * max_runtime_seconds
+
+
+class Usage(TypedDict):
+    active_jobs: int
+    gpu_seconds: float  # what the active jobs ask for (gpu_seconds of each)
+    max_active_jobs: int | None  # the project's own limits, None: the API's settings
+    max_gpu_hours: float | None
+
+
+def lock_project_usage(session: Session, project_id: int, default_runtime_seconds: float) -> Usage:
+    """The project's active jobs, the GPU time they ask for, and its own limits. On PostgreSQL the project row is
+    locked until commit, so concurrent creates of one project count one after the other and the limits hold
+    (SQLite serialises writers anyway). Jobs without a max_runtime_seconds count `default_runtime_seconds`."""
+    limits = session.execute(
+        select(Project.max_active_jobs, Project.max_gpu_hours).where(Project.id == project_id).with_for_update()
+    ).one()
+    rows = session.execute(
+        select(Job.resources, Job.max_runtime_seconds).where(
+            Job.project_id == project_id, Job.status.in_(ACTIVE_STATUSES)
         )
-        or 0
-    )
+    ).all()
+    return {
+        "active_jobs": len(rows),
+        "gpu_seconds": sum(gpu_seconds(r, m if m is not None else default_runtime_seconds) for r, m in rows),
+        "max_active_jobs": limits.max_active_jobs,
+        "max_gpu_hours": limits.max_gpu_hours,
+    }
+
+
+def runtime_limit(job: Job, default_seconds: float) -> float:
+    """How long the job may run, over all its attempts (its own limit, or the deployment's default)."""
+    return float(job.max_runtime_seconds) if job.max_runtime_seconds is not None else default_seconds
+
+
+def runtime_limit_error(limit_seconds: float, step: int | None = None) -> JobErrorInfo:
+    at = f" at step {step}" if step is not None else ""
+    return {
+        "code": "runtime_limit",
+        "message": f"the job reached its max_runtime_seconds ({limit_seconds:.0f} s = {limit_seconds / 3600:.3g} h) "
+        f"and was stopped{at}; its checkpoints are kept",
+        "param": "max_runtime_seconds",
+    }
 
 
 def create_job(session: Session, job: Job) -> Job:
@@ -136,17 +179,19 @@ def create_job(session: Session, job: Job) -> Job:
     return job
 
 
-def mark_validated(session: Session, job_id: str) -> bool:
-    """validating_files -> queued. False if the job moved meanwhile (e.g. cancelled): then do not enqueue."""
+def mark_validated(session: Session, job_id: str, read: Sequence[str] = ()) -> bool:
+    """validating_files -> queued, with `read` (what the check read of each file) in the event. False if the job
+    moved meanwhile (e.g. cancelled): then do not enqueue."""
     done = _transition(session, job_id, ("validating_files",), status="queued", dispatched_at=utcnow())
     if done:
-        session.add(_event(job_id, "Files validated; job queued for a GPU worker"))
+        what = f" ({'; '.join(read)})" if read else ""
+        session.add(_event(job_id, f"Files validated{what}; job queued for a GPU worker"))
     session.commit()
     return done
 
 
 def cancel_job(session: Session, job_id: str) -> Job | None:
-    """Cancel as far as the API can: not yet running -> cancelled; running -> cancel_requested (the worker
+    """Cancel as far as the API can: not running -> cancelled; running (or pausing) -> cancel_requested (the worker
     finishes it). Returns the job, or None if it had already succeeded or failed."""
     for _ in range(5):  # retry if a worker or the validator moved the job between our read and our update
         job = session.get(Job, job_id, populate_existing=True)
@@ -157,8 +202,8 @@ def cancel_job(session: Session, job_id: str) -> Job | None:
         if job.status in ("succeeded", "failed"):
             return None
         now = utcnow()
-        if job.status == "running":
-            done = _transition(session, job_id, ("running",), status="cancel_requested")
+        if job.status in WORKER_STATUSES:
+            done = _transition(session, job_id, (job.status,), status="cancel_requested")
             message = "Cancellation requested; waiting for the worker to stop"
         else:
             done = _transition(
@@ -171,6 +216,39 @@ def cancel_job(session: Session, job_id: str) -> Job | None:
             return session.get(Job, job_id, populate_existing=True)
         session.rollback()
     raise RuntimeError(f"job {job_id} kept changing while being cancelled")
+
+
+def pause_job(session: Session, job_id: str) -> Job | None:
+    """Pause as far as the API can: queued -> paused at once (its message finds it unclaimable); running ->
+    pause_requested (the worker checkpoints, then settle_pause). Pausing a pausing or paused job changes nothing.
+    Returns the job, or None if it cannot be paused (validating its files, cancelling or ended)."""
+    for _ in range(5):  # retry if a worker claimed or ended the job between our read and our update
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is None or job.status not in ("queued", "running", "pause_requested", "paused"):
+            return None
+        if job.status in ("pause_requested", "paused"):
+            return job
+        if job.status == "running":
+            done = _transition(session, job_id, ("running",), status="pause_requested")
+            message = "Pause requested; waiting for the worker to checkpoint"
+        else:
+            done = _transition(session, job_id, ("queued",), status="paused", estimated_finish=None)
+            message = "The job is paused; resume it with POST /v1/fine_tuning/jobs/{id}/resume"
+        if done:
+            session.add(_event(job_id, message.replace("{id}", job_id)))
+            session.commit()
+            return session.get(Job, job_id, populate_existing=True)
+        session.rollback()
+    raise RuntimeError(f"job {job_id} kept changing while being paused")
+
+
+def resume_job(session: Session, job_id: str) -> bool:
+    """paused -> queued (uncommitted, so the caller may check the project's limits in the same transaction;
+    commit, then enqueue). False if the job is not paused."""
+    done = _transition(session, job_id, ("paused",), status="queued", dispatched_at=utcnow())
+    if done:
+        session.add(_event(job_id, "Resumed; job queued for a GPU worker (it continues from its last checkpoint)"))
+    return done
 
 
 class InvalidCursor(ValueError):
@@ -295,7 +373,7 @@ def _owned(worker_id: str | None) -> tuple[Any, ...]:
 
 
 # A claimed job is its worker's while it trains or is asked to stop.
-WORKER_STATUSES = ("running", "cancel_requested")
+WORKER_STATUSES = ("running", "cancel_requested", "pause_requested")
 
 
 def owns(job: Job | None, worker_id: str) -> TypeGuard[Job]:
@@ -309,6 +387,18 @@ def heartbeat(session: Session, job_id: str, worker_id: str | None = None) -> bo
     done = _transition(session, job_id, WORKER_STATUSES, *_owned(worker_id), heartbeat_at=utcnow())
     session.commit()
     return done
+
+
+def add_runtime(session: Session, job_id: str, seconds: float) -> None:
+    """Add `seconds` its worker ran the job (since it last added) to the job's runtime, whatever its status now:
+    the time was spent either way (also by a worker that lost the job to another, or that has just requeued it)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(runtime_seconds=Job.runtime_seconds + seconds)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
 
 
 def record_progress(
@@ -372,6 +462,27 @@ def add_checkpoint(
     session.add(_event(job_id, f"Checkpoint saved at step {step_number}"))
     session.commit()
     return checkpoint.id
+
+
+@retry_outages
+def checkpoints_beyond(session: Session, job_id: str, keep: int) -> list[str]:
+    """The URIs of the job's stored checkpoints older than its `keep` newest steps (each URI once)."""
+    rows = session.execute(
+        select(Checkpoint.step_number, Checkpoint.uri)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.step_number.desc(), Checkpoint.id.desc())
+    ).all()
+    session.commit()
+    kept_steps = sorted({step for step, _ in rows}, reverse=True)[:keep]
+    kept_uris = {uri for step, uri in rows if step in kept_steps}
+    return list(dict.fromkeys(uri for step, uri in rows if step not in kept_steps and uri not in kept_uris))
+
+
+@retry_outages
+def forget_checkpoint(session: Session, job_id: str, uri: str) -> None:
+    """Remove the rows of a stored checkpoint (before deleting its files: a row always points at a checkpoint)."""
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.uri == uri))
+    session.commit()
 
 
 @retry_outages
@@ -513,6 +624,30 @@ def settle_cancel(session: Session, job_id: str, worker_id: str | None = None) -
     if done:
         level, message = _FINAL_EVENTS["cancelled"]
         session.add(_event(job_id, message, level=level))
+    session.commit()
+    return done
+
+
+@retry_outages
+def settle_pause(session: Session, job_id: str, worker_id: str | None = None) -> bool:
+    """pause_requested -> paused: the job's worker stopped after checkpointing (worker_id given: only if it is
+    still that worker's), or is gone (the reconciler, no worker_id). The claim is let go; POST /resume queues the job
+    again. False if the job was not waiting for its pause."""
+    step = session.scalar(select(Job.step).where(Job.id == job_id))
+    done = _transition(
+        session,
+        job_id,
+        ("pause_requested",),
+        *_owned(worker_id),
+        status="paused",
+        claimed_by=None,
+        heartbeat_at=None,
+        estimated_finish=None,
+        attempt=Job.attempt - 1,  # a pause is not a failed attempt
+    )
+    if done:
+        at = f" at step {step}" if step else ""
+        session.add(_event(job_id, f"The job is paused{at}; resume it with POST /v1/fine_tuning/jobs/{job_id}/resume"))
     session.commit()
     return done
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -79,6 +80,10 @@ class Project(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # s3:// prefixes the project's models, datasets and images must lie under; None: any the service can read.
     allowed_prefixes: Mapped[list[str] | None] = mapped_column(JSONType)
+    # This project's own limits (invdpo-admin set-limits); None: the API's INVDPO_MAX_ACTIVE_JOBS_PER_PROJECT and
+    # INVDPO_MAX_GPU_HOURS_PER_PROJECT.
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_gpu_hours: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiKey(Base):
@@ -119,6 +124,9 @@ class Job(Base):
     registered_model_name: Mapped[str | None] = mapped_column(String(256))
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONType)
     resources: Mapped[dict[str, int] | None] = mapped_column(JSONType)  # {nodes, gpus_per_node}; None: one node
+    # Seconds the job may run, over all its attempts, before it is stopped as runtime_limit; None (jobs made before
+    # the limit): the worker's INVDPO_MAX_RUNTIME_SECONDS.
+    max_runtime_seconds: Mapped[int | None] = mapped_column(BigInteger)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Lifecycle and progress.
@@ -142,6 +150,9 @@ class Job(Base):
     validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Worker ownership.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Seconds run so far, all attempts: added by the job's worker with each heartbeat (a dead worker's last
+    # interval is lost, so it undercounts by at most one heartbeat interval per lost worker).
+    runtime_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.jobs import jobstore
 from services.jobs.models import Job, utcnow
 from services.jobs.queue import enqueue_training, pending_job_ids
+from services.jobs.runs import end_job_run
 from services.jobs.settings import JobSettings
 from services.jobs.validation import validate_job_files
 
@@ -33,6 +34,7 @@ class ReconcileReport:
     resumed: list[str] = field(default_factory=list)  # running jobs whose worker went silent
     failed: list[str] = field(default_factory=list)  # silent too many times: failed as worker_lost
     cancelled: list[str] = field(default_factory=list)  # cancel_requested and the worker is gone
+    paused: list[str] = field(default_factory=list)  # pause_requested and the worker is gone
     revalidate: list[str] = field(default_factory=list)  # validating_files for too long: validate again
 
 
@@ -62,9 +64,10 @@ def reconcile_queued_jobs(
 ) -> ReconcileReport:
     """One pass: re-send queued jobs (dispatched more than `older_than_seconds` ago) that have no message in the
     broker, re-send running jobs whose heartbeat is stale (failing them after `max_attempts`), finish
-    cancel_requested jobs whose worker is gone, and claim stale validating_files jobs for re-validation (returned
-    in `revalidate`; the caller runs the validation) once untouched for `validating_after_seconds` (default
-    `older_than_seconds`; run_once adds the validation deadline, so a check still running is not started twice)."""
+    cancel_requested and pause_requested jobs whose worker is gone, and claim stale validating_files jobs for
+    re-validation (returned in `revalidate`; the caller runs the validation) once untouched for
+    `validating_after_seconds` (default `older_than_seconds`; run_once adds the validation deadline, so a check
+    still running is not started twice)."""
     now = utcnow()
     cutoff = now - timedelta(seconds=older_than_seconds)
     stale_heartbeat = now - timedelta(seconds=heartbeat_timeout_seconds)
@@ -77,7 +80,7 @@ def reconcile_queued_jobs(
                 not_recent
                 & (
                     (Job.status == "queued")
-                    | (Job.status.in_(("running", "cancel_requested")))
+                    | (Job.status.in_(("running", "cancel_requested", "pause_requested")))
                     & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_heartbeat)
                 ),
                 (Job.status == "validating_files")
@@ -95,6 +98,9 @@ def reconcile_queued_jobs(
         if job.status == "cancel_requested":
             if jobstore.settle_cancel(session, job.id):
                 report.cancelled.append(job.id)
+        elif job.status == "pause_requested":  # paused at its last stored checkpoint
+            if jobstore.settle_pause(session, job.id):
+                report.paused.append(job.id)
         elif job.status == "validating_files":
             if _redispatch(session, job, now):
                 report.revalidate.append(job.id)
@@ -111,7 +117,7 @@ def reconcile_queued_jobs(
         elif _redispatch(session, job, now):
             enqueue_training(job.id, celery)
             (report.requeued if job.status == "queued" else report.resumed).append(job.id)
-    if report.requeued or report.resumed or report.failed or report.cancelled:
+    if report.requeued or report.resumed or report.failed or report.cancelled or report.paused:
         log.warning(
             "reconciled jobs",
             extra={
@@ -119,6 +125,7 @@ def reconcile_queued_jobs(
                 "resumed": report.resumed,
                 "failed": report.failed,
                 "cancelled": report.cancelled,
+                "paused": report.paused,
             },
         )
     return report
@@ -139,4 +146,9 @@ def run_once(session_factory: sessionmaker[Session], settings: JobSettings, cele
         )
     for job_id in report.revalidate:
         validate_job_files(session_factory, job_id, settings, celery=celery)
+    # Their workers are gone: nobody else ends their MLflow runs.
+    for job_id in report.failed:
+        end_job_run(session_factory, settings.mlflow_tracking_uri, job_id, "FAILED")
+    for job_id in report.cancelled:
+        end_job_run(session_factory, settings.mlflow_tracking_uri, job_id, "KILLED")
     return report

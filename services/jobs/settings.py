@@ -13,8 +13,9 @@ from invdpo_core.gate import GateRule, parse_gate_setting
 class JobSettings(BaseSettings):
     """Environment variables (all prefixed INVDPO_): INVDPO_DATABASE_URL, INVDPO_BROKER_URL,
     INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL, INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS,
-    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_PROMOTION_GATE, INVDPO_VALIDATION_TIMEOUT_SECONDS,
-    INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES."""
+    INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE, INVDPO_MAX_RUNTIME_SECONDS, INVDPO_PROMOTION_GATE,
+    INVDPO_VALIDATION_TIMEOUT_SECONDS, INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES,
+    INVDPO_MAX_IMAGE_BYTES."""
 
     model_config = SettingsConfigDict(env_prefix="INVDPO_", extra="ignore")
 
@@ -30,13 +31,18 @@ class JobSettings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of the JSON logs.")
     heartbeat_timeout_seconds: float = Field(
-        300.0,
+        40.0,
         gt=0,
         description="A running job whose worker has not reported for this long is presumed lost: the reconciler "
-        "re-sends it and another worker may claim it. Several times the worker's heartbeat_interval_seconds.",
+        "re-sends it and another worker may claim it. Several times the worker's heartbeat_interval_seconds; with "
+        "the API's reconcile_interval_seconds it bounds how soon a killed worker's job resumes (40 + 5 s, then the "
+        "new training process starts: within 90 s, measured in tests/worker/test_worker_e2e.py).",
     )
     reconcile_after_seconds: float = Field(
-        120.0, gt=0, description="A queued or validating job untouched this long is a candidate for re-dispatch."
+        30.0,
+        gt=0,
+        description="A queued or validating job untouched this long, or a job the reconciler re-sent this long "
+        "ago, is a candidate for re-dispatch.",
     )
     max_attempts: int = Field(
         3,
@@ -45,7 +51,18 @@ class JobSettings(BaseSettings):
         "from its last checkpoint until it has run this many times, then fails as worker_lost / "
         "training_process_died.",
     )
-    validation_sample: int = Field(8, ge=1, description="Dataset records read to check a training file.")
+    validation_sample: int = Field(
+        64,
+        ge=1,
+        description="Records read from the start of a job's training and validation files to check them (the "
+        "job's event says how many were read); unreadable images among them are judged by the job's max_bad_share.",
+    )
+    max_runtime_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="max_runtime_seconds of a job that sets none (7 days): after running this long, over all its "
+        "attempts, a job checkpoints and ends failed as runtime_limit.",
+    )
     promotion_gate: str = Field(
         '{"min_implicit_acc_lower": 0.5}',
         description="The promotion gate: the rule the worker checks on a job's evaluation when it registers the "

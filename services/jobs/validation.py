@@ -23,6 +23,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from invdpo_core.config import TrainingConfig
 from services.jobs import file_checks, jobstore
 from services.jobs.models import Job, utcnow
 from services.jobs.queue import enqueue_training
@@ -40,9 +41,12 @@ _FORKSERVER = multiprocessing.get_context("forkserver")
 _FORKSERVER.set_forkserver_preload(["services.jobs.file_checks", "invdpo_core.data"])
 
 
-def run_checks(request: dict[str, Any], settings: JobSettings, job_id: str) -> jobstore.JobErrorInfo | None:
-    """`file_checks.check_files(**request)` in a child process bounded in memory and time. Returns its verdict, or
-    the job error saying why there is none (deadline, memory, crash: the detail goes to the log with the job id)."""
+def run_checks(
+    request: dict[str, Any], settings: JobSettings, job_id: str
+) -> tuple[jobstore.JobErrorInfo | None, list[str]]:
+    """`file_checks.check_files(**request)` in a child process bounded in memory and time. Returns its verdict and
+    what it read, or the job error saying why there is none (deadline, memory, crash: the detail goes to the log
+    with the job id)."""
     timeout = settings.validation_timeout_seconds
     reader, writer = _FORKSERVER.Pipe(duplex=False)
     args = (writer, request, settings.validation_memory_bytes, dict(os.environ), os.getcwd())
@@ -58,17 +62,17 @@ def run_checks(request: dict[str, Any], settings: JobSettings, job_id: str) -> j
                 "message": f"checking the files took longer than the {timeout:g} s limit (a store not answering, or "
                 "a dataset too slow to read); check the files and create the job again",
                 "param": None,
-            }
+            }, []
         try:
             kind, answer = reader.recv()
         except EOFError:  # it died without an answer
             pass
         else:
             if kind == "verdict":
-                verdict: jobstore.JobErrorInfo | None = answer
+                verdict: tuple[jobstore.JobErrorInfo | None, list[str]] = answer
                 return verdict
             log.error("file validation crashed", extra={"job_id": job_id, "traceback": answer})
-            return {"code": "validation_error", "message": INTERNAL, "param": None}
+            return {"code": "validation_error", "message": INTERNAL, "param": None}, []
     finally:
         reader.close()
         proc.join(10)
@@ -82,8 +86,8 @@ def run_checks(request: dict[str, Any], settings: JobSettings, job_id: str) -> j
             f"{format_bytes(settings.validation_memory_bytes)} memory limit of validation, or crashed (an image or "
             "parquet row group too large to decode?)",
             "param": None,
-        }
-    return {"code": "validation_error", "message": INTERNAL, "param": None}
+        }, []
+    return {"code": "validation_error", "message": INTERNAL, "param": None}, []
 
 
 def _start_attempt(session_factory: sessionmaker[Session], job_id: str, max_attempts: int) -> tuple[Job | None, bool]:
@@ -115,6 +119,7 @@ def validate_job_files(
         if job is None:
             return
         error: jobstore.JobErrorInfo | None
+        read: list[str] = []
         if not may_check:
             log.error("file validation did not finish too many times", extra={"job_id": job_id})
             error = {
@@ -133,9 +138,11 @@ def validate_job_files(
                 "allow_local": settings.allow_local_files,
                 "max_image_bytes": settings.max_image_bytes,
                 "method": job.config["method"],
+                "inversion_steps": TrainingConfig.model_construct(**job.config).inversion_grid_steps,
+                "max_bad_share": job.config.get("max_bad_share", 0.01),
             }
             try:
-                error = run_checks(request, settings, job_id)
+                error, read = run_checks(request, settings, job_id)
             except Exception:
                 log.exception("file validation crashed", extra={"job_id": job_id})
                 error = {"code": "validation_error", "message": INTERNAL, "param": None}
@@ -144,7 +151,7 @@ def validate_job_files(
                 jobstore.finish_job(session, job_id, "failed", error)
                 log.info("job failed validation", extra={"job_id": job_id, "code": error.get("code")})
                 return
-            queued = jobstore.mark_validated(session, job_id)
+            queued = jobstore.mark_validated(session, job_id, read)
         if queued:
             # After the commit: a crash between the two leaves a queued job the reconciler re-sends.
             enqueue_training(job_id, celery)

@@ -37,7 +37,7 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 from celery import signals
@@ -49,6 +49,7 @@ from services.jobs import jobstore
 from services.jobs.db import make_engine, make_session_factory
 from services.jobs.logs import configure_logging
 from services.jobs.queue import RECONCILE_TASK, TRAIN_TASK, enqueue_training, make_celery
+from services.jobs.runs import end_job_run
 from services.worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ def train_job(job_id: str) -> None:
         return
     processes = settings.num_processes or max(1, visible_gpus())
     config = TrainingConfig.model_validate(job.config)  # validated when the job was created
+    limit = jobstore.runtime_limit(job, settings.max_runtime_seconds)
+    runtime_left = limit - job.runtime_seconds
     cmd = launch_command(job_id, worker_id, processes, config.mixed_precision)
     log.info("training started", extra={"job_id": job_id, "worker_id": worker_id, "processes": processes})
     # SIGTERM is ignored while the launcher starts, so that it inherits the ignore: a SIGTERM to the whole process
@@ -189,10 +192,13 @@ def train_job(job_id: str) -> None:
         proc = subprocess.Popen(cmd)
         if not in_pool:
             _restore_sigterm(previous)
-        returncode = _wait(proc, job_id, worker_id, settings)
+        returncode, over_limit = _wait(proc, job_id, worker_id, settings, runtime_left)
     finally:
         _restore_sigterm(previous)
-    _after_exit(job_id, worker_id, returncode, settings.max_attempts)
+    _after_exit(
+        job_id, worker_id, returncode, settings.max_attempts, runtime_limit=limit if over_limit else None,
+        tracking_uri=settings.mlflow_tracking_uri,
+    )  # fmt: skip
 
 
 def _ignore_sigterm() -> Any:
@@ -217,14 +223,22 @@ def _training_processes(worker_id: str) -> list[psutil.Process]:
     return found
 
 
-def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, settings: Settings) -> int:
-    """Wait for the launcher, then for any training process that outlived it, renewing the job's heartbeat
-    meanwhile (also through model loading, caching and uploads, when no step reports progress). A cancel request
-    is honoured here too, whatever the training process is doing (importing, loading, evaluating, uploading): it
-    gets stop_grace_seconds to stop by itself, then it is killed and the caller settles the cancel."""
+def _wait(
+    proc: subprocess.Popen[bytes], job_id: str, worker_id: str, settings: Settings, runtime_left: float
+) -> tuple[int, bool]:
+    """Wait for the launcher, then for any training process that outlived it, renewing the job's heartbeat and
+    adding to its runtime meanwhile (also through model loading, caching and uploads, when no step reports
+    progress). A cancel request is honoured here too, whatever the training process is doing (importing, loading,
+    evaluating, uploading): it gets stop_grace_seconds to stop by itself, then it is killed and the caller settles
+    the cancel. A pause request gets SIGTERM to the training processes (outside the training steps they let the
+    job go at once; in them they checkpoint first) and checkpoint_grace_seconds. So does the runtime limit: the
+    trainer stops itself at it, and checkpoint_grace_seconds later it is killed. Returns the exit status and
+    whether it was killed for the runtime limit."""
     returncode = None
     tick = min(settings.heartbeat_interval_seconds, max(settings.cancel_poll_seconds, 0.2))
-    last_beat, stop_seen = float("-inf"), None
+    started = time.monotonic()
+    last_beat, counted, stop_seen, over_limit = float("-inf"), started, None, False
+    grace = settings.stop_grace_seconds
     while True:
         if returncode is None:
             try:
@@ -234,37 +248,85 @@ def _wait(proc: subprocess.Popen[bytes], job_id: str, worker_id: str, settings: 
         if returncode is not None:
             alive = _training_processes(worker_id)
             if not alive:
-                return returncode
+                _add_runtime(job_id, time.monotonic() - counted)
+                return returncode, over_limit
             psutil.wait_procs(alive, timeout=tick)
         now = time.monotonic()
         try:
             with sessions()() as session:
                 if now - last_beat >= settings.heartbeat_interval_seconds:
                     jobstore.heartbeat(session, job_id, worker_id)
-                    last_beat = now
+                    jobstore.add_runtime(session, job_id, now - counted)
+                    last_beat = counted = now
                 # True also when the job was taken over by another worker: then it must stop as well.
                 if stop_seen is None and jobstore.is_cancel_requested(session, job_id, worker_id):
                     stop_seen = now
+                    job = jobstore.get_job(session, job_id)
+                    if job is not None and job.status == "pause_requested" and job.claimed_by == worker_id:
+                        grace = settings.checkpoint_grace_seconds
+                        for training in _training_processes(worker_id):
+                            with contextlib.suppress(psutil.Error):
+                                training.send_signal(signal.SIGTERM)
         except SQLAlchemyError as exc:
             log.warning("job heartbeat failed", extra={"job_id": job_id, "error": type(exc).__name__})
-        if stop_seen is not None and now - stop_seen >= settings.stop_grace_seconds:
-            for training in [psutil.Process(proc.pid), *_training_processes(worker_id)]:
-                with contextlib.suppress(psutil.Error):
-                    training.kill()
-            log.warning("training process killed: the job was cancelled", extra={"job_id": job_id})
+        if stop_seen is not None and now - stop_seen >= grace:
+            _kill(proc, worker_id)
+            log.warning("training process killed: it did not stop when asked", extra={"job_id": job_id})
             stop_seen = float("inf")  # once
+        if not over_limit and now - started >= runtime_left + settings.checkpoint_grace_seconds:
+            _kill(proc, worker_id)
+            log.warning("training process killed: past the job's runtime limit", extra={"job_id": job_id})
+            over_limit = True
 
 
-def _after_exit(job_id: str, worker_id: str, returncode: int, max_attempts: int) -> None:
+def _kill(proc: subprocess.Popen[bytes], worker_id: str) -> None:
+    for training in [psutil.Process(proc.pid), *_training_processes(worker_id)]:
+        with contextlib.suppress(psutil.Error):
+            training.kill()
+
+
+def _add_runtime(job_id: str, seconds: float) -> None:
+    try:
+        with sessions()() as session:
+            jobstore.add_runtime(session, job_id, seconds)
+    except SQLAlchemyError as exc:  # the last interval is lost: the job's runtime undercounts by it
+        log.warning("runtime not recorded", extra={"job_id": job_id, "error": type(exc).__name__})
+
+
+def _after_exit(
+    job_id: str,
+    worker_id: str,
+    returncode: int,
+    max_attempts: int,
+    *,
+    runtime_limit: float | None = None,
+    tracking_uri: str | None = None,
+) -> None:
     """If the training process ended without ending the job (killed by the OOM killer, a segfault, a lost GPU),
-    queue the job again to resume from its last checkpoint, as if its worker had died; after max_attempts, fail it
-    with the reason. (User errors never get here: the training process reports them itself.)"""
+    queue the job again to resume from its last checkpoint (and its MLflow run), as if its worker had died; after
+    max_attempts, fail it with the reason. Killed past the job's runtime limit (`runtime_limit` given): fail it as
+    runtime_limit. A job ended here gets its MLflow run (on `tracking_uri`) ended too: the dead process left it
+    running. (User errors never get here: the training process reports them itself.)"""
+
+    def end_run(status: Literal["FAILED", "KILLED"]) -> None:
+        if tracking_uri is not None:
+            end_job_run(sessions(), tracking_uri, job_id, status)
+
     with sessions()() as session:
         job = jobstore.get_job(session, job_id)
         if not jobstore.owns(job, worker_id):
             log.info("training process done", extra={"job_id": job_id, "returncode": returncode})
             return
         if jobstore.settle_cancel(session, job_id, worker_id):
+            end_run("KILLED")
+            return
+        if jobstore.settle_pause(session, job_id, worker_id):  # paused at its last stored checkpoint
+            return
+        if runtime_limit is not None:
+            jobstore.finish_job(
+                session, job_id, "failed", jobstore.runtime_limit_error(runtime_limit, job.step), worker_id=worker_id
+            )
+            end_run("FAILED")
             return
         how = f"the training process {_describe(returncode)} before reporting"
         if job.attempt < max_attempts and jobstore.requeue_job(
@@ -282,6 +344,7 @@ def _after_exit(job_id: str, worker_id: str, returncode: int, max_attempts: int)
             "param": None,
         }
         jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+        end_run("FAILED")
         log.error("training process died", extra={"job_id": job_id, "returncode": returncode})
 
 

@@ -198,10 +198,15 @@ class JobRunner:
         self._phases_shown: set[str] = set()
         self._cache_started: float | None = None
         self.run_id: str | None = None
+        self.logged_through = 0  # the last step the job's MLflow run has metrics of (an earlier attempt's)
         self.pairs_per_step = 1
+        self.max_bad_share = 0.01  # the job's config.max_bad_share, once read
+        self.checkpoints_to_keep: int | None = None  # the job's config.checkpoints_to_keep, once read
         self.last_metrics: dict[str, float] = {}
         self._stop = False
         self._last_poll = self._last_progress = float("-inf")
+        # The job's max_runtime_seconds, and when (monotonic) this attempt reaches it: set by run().
+        self.runtime_limit, self.deadline, self.over_runtime = 0.0, float("inf"), False
         self._last_step_at = time.monotonic()
 
     # ------------------------------------------------------------------ callbacks
@@ -213,8 +218,10 @@ class JobRunner:
         metrics = {**metrics, "pairs_per_s": self.pairs_per_step / max(now - self._last_step_at, 1e-6)}
         self._last_step_at = now
         self.last_metrics = metrics
-        # Asynchronous: MLflow batches the per-step metrics in a thread; end_run flushes them.
-        mlflow.log_metrics(metrics, step=step, synchronous=False)
+        # Asynchronous: MLflow batches the per-step metrics in a thread; end_run flushes them. A step an earlier
+        # attempt logged already is not logged twice (tracking.last_logged_step).
+        if step > self.logged_through:
+            mlflow.log_metrics(metrics, step=step, synchronous=False)
         if step == total or now - self._last_progress >= self.settings.progress_interval_seconds:
             try:
                 with self.sessions() as session:
@@ -229,6 +236,9 @@ class JobRunner:
         if not self.main:
             return False  # rank 0's answer reaches every rank through the trainer's reduction
         now = time.monotonic()
+        if now >= self.deadline:  # the trainer checkpoints, then stopped() fails the job as runtime_limit
+            self.over_runtime = True
+            return True
         if not self._stop and now - self._last_poll >= self.settings.cancel_poll_seconds:
             self._last_poll = now
             try:
@@ -251,6 +261,24 @@ class JobRunner:
             return
         with self.sessions() as session:  # the row is written last: a checkpoint with a row is complete
             jobstore.add_checkpoint(session, self.job_id, step, uri, metrics=self.last_metrics)
+        self.prune_checkpoints()
+
+    def prune_checkpoints(self) -> None:
+        """Delete the stored checkpoints past the job's checkpoints_to_keep newest (the final model is not one of
+        them): row first, then files, so the checkpoints endpoint lists only what exists."""
+        from invdpo_core.storage import StorageError, delete_prefix
+
+        if self.checkpoints_to_keep is None:
+            return
+        with self.sessions() as session:
+            old = jobstore.checkpoints_beyond(session, self.job_id, self.checkpoints_to_keep)
+        for uri in old:
+            with self.sessions() as session:
+                jobstore.forget_checkpoint(session, self.job_id, uri)
+            try:
+                delete_prefix(uri)
+            except StorageError as exc:  # left behind in the store, no longer listed or restored
+                log.warning("old checkpoint not deleted", extra={"job_id": self.job_id, "error": str(exc)})
 
     def on_phase(self, phase: str) -> None:
         """Each phase is announced once on the job's event stream (data.phase); `sampling` alternates with
@@ -273,13 +301,26 @@ class JobRunner:
         left = f", about {eta:.0f} s left" if eta is not None else ""
         self.event(f"Inversion cache: {done}/{total} pairs{left}", data=data)
 
+    def on_skipped_pair(self, count: int, reason: str) -> None:
+        """A pair skipped for an unreadable image, as a warning event: the first ten, then every hundredth (the
+        step metrics carry the count, skipped_pairs, all along)."""
+        if count <= 10 or count % 100 == 0:
+            share = self.max_bad_share
+            with self.sessions() as session:
+                jobstore.add_event(
+                    session, self.job_id,
+                    f"Skipped a pair with an unreadable image ({count} so far; max_bad_share {share:g}): {reason}",
+                    level="warn", data={"skipped_pairs": count},
+                )  # fmt: skip
+
     def requeue_now(self) -> None:
         """SIGTERM outside the training steps (loading, caching, evaluating, uploading): there is nothing new to
-        checkpoint, so give the job back at once (or settle its cancel) and exit, rather than after the phase."""
+        checkpoint, so give the job back at once (or settle its pause or cancel) and exit, rather than after the
+        phase."""
         with self.sessions() as session:
             if jobstore.requeue_job(session, self.job_id, self.worker_id):
                 self.enqueue()
-            else:
+            elif not jobstore.settle_pause(session, self.job_id, self.worker_id):
                 jobstore.settle_cancel(session, self.job_id, self.worker_id)
         log.warning("stopped before the end of the phase", extra={"job_id": self.job_id, "phase": self.phase})
         logging.shutdown()
@@ -340,10 +381,19 @@ class JobRunner:
         if not jobstore.owns(job, self.worker_id):
             log.warning("the job is not this worker's to run", extra={"job_id": self.job_id})
             return 0
+        # Counted from here: the worker adds the time before (attempts, launch) to the job's runtime_seconds.
+        self.runtime_limit = jobstore.runtime_limit(job, self.settings.max_runtime_seconds)
+        self.deadline = time.monotonic() + self.runtime_limit - job.runtime_seconds
+        if time.monotonic() >= self.deadline:  # requeued after its time was up (say it stopped for SIGTERM there)
+            if self.main:
+                self.fail_runtime_limit(job.step)
+            return 0
         try:
             config = parse_config({**job.config, "output_dir": str(self.out), "resume": True})
             check_prefixes(config, prefixes)
             self.pairs_per_step = config.batch_size * state.num_processes * config.gradient_accumulation_steps
+            self.max_bad_share = config.max_bad_share
+            self.checkpoints_to_keep = config.checkpoints_to_keep
             if self.main:
                 self.start_tracking(job, config)
             if state.is_local_main_process:  # one restore per node: each node of a TrainJob has its own disk
@@ -357,11 +407,12 @@ class JobRunner:
                 callbacks.on_validation = self.on_validation
                 callbacks.on_phase = self.on_phase
                 callbacks.on_cache_progress = self.on_cache_progress
+                callbacks.on_skipped_pair = self.on_skipped_pair
             result = train(config, callbacks, model_cache_dir=self.settings.cache_dir)
             if not self.main:
                 return 0
             if result.stopped_early:
-                return self.stopped()
+                return self.stopped(result.steps)
             return self.succeeded(job, config, result.model_path)
         except Exception as exc:
             if not self.main:
@@ -372,7 +423,7 @@ class JobRunner:
     def start_tracking(self, job: Job, config: Any) -> None:
         import mlflow
 
-        from services.worker.tracking import start_job_run
+        from services.worker.tracking import last_logged_step, start_job_run
 
         mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
         self.run_id = start_job_run(
@@ -382,12 +433,14 @@ class JobRunner:
             config=config,
             system_metrics=self.settings.system_metrics,
         )
+        self.logged_through = last_logged_step(self.run_id)
         with self.sessions() as session:
             jobstore.set_run_info(session, self.job_id, mlflow_run_id=self.run_id)
 
-    def stopped(self) -> int:
-        """The trainer stopped early: after SIGTERM requeue, after a cancel request settle it as cancelled, and if
-        the job is no longer this worker's (taken over by another) leave it alone."""
+    def stopped(self, step: int) -> int:
+        """The trainer stopped early (at `step`, checkpointed): after a pause request settle it as paused, after
+        SIGTERM requeue, at the runtime limit fail it as runtime_limit, after a cancel request settle it as
+        cancelled, and if the job is no longer this worker's (taken over by another) leave it alone."""
         import mlflow
 
         with self.sessions() as session:
@@ -396,16 +449,34 @@ class JobRunner:
                 log.warning("the job is no longer this worker's; stopping", extra={"job_id": self.job_id})
                 mlflow.end_run("RUNNING")  # the run is the new owner's now (not FINISHED by the atexit hook)
                 return 0
+            if job.status == "pause_requested":  # the resume continues this run (here, from the local checkpoint)
+                mlflow.end_run("SCHEDULED")
+                jobstore.settle_pause(session, self.job_id, self.worker_id)
+                return 0
             if self.stop_signal is not None and jobstore.requeue_job(session, self.job_id, self.worker_id):
                 mlflow.end_run("SCHEDULED")
                 if not self.worker_id.startswith("trainjob:"):  # a TrainJob's watcher sends it once it is gone
                     self.enqueue()
+                return 0
+            if self.over_runtime and job.status == "running":  # a cancel request wins: it is settled below
+                self.fail_runtime_limit(step)
                 return 0
             # The run first: once the job is final, whoever reads it may read the run too.
             mlflow.end_run("KILLED")
             jobstore.settle_cancel(session, self.job_id, self.worker_id)
         self.cleanup()
         return 0
+
+    def fail_runtime_limit(self, step: int | None) -> None:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")
+        log.warning("runtime limit reached", extra={"job_id": self.job_id, "step": step})
+        with self.sessions() as session:
+            error = jobstore.runtime_limit_error(self.runtime_limit, step)
+            jobstore.finish_job(session, self.job_id, "failed", error, worker_id=self.worker_id)
+        self.cleanup()
 
     def enqueue(self) -> None:
         """Send the job's message again. If the broker is down, the API's reconciler re-sends the queued job."""

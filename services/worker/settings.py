@@ -15,15 +15,15 @@ class Settings(JobSettings):
     """The worker's settings. Environment variables (all prefixed INVDPO_): shared with the API (JobSettings):
     INVDPO_DATABASE_URL, INVDPO_BROKER_URL, INVDPO_MLFLOW_TRACKING_URI, INVDPO_LOG_LEVEL,
     INVDPO_HEARTBEAT_TIMEOUT_SECONDS, INVDPO_RECONCILE_AFTER_SECONDS, INVDPO_MAX_ATTEMPTS, INVDPO_VALIDATION_SAMPLE,
-    INVDPO_PROMOTION_GATE, INVDPO_VALIDATION_TIMEOUT_SECONDS, INVDPO_VALIDATION_MEMORY_BYTES,
-    INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES; the worker's own:
+    INVDPO_MAX_RUNTIME_SECONDS, INVDPO_PROMOTION_GATE, INVDPO_VALIDATION_TIMEOUT_SECONDS,
+    INVDPO_VALIDATION_MEMORY_BYTES, INVDPO_ALLOW_LOCAL_FILES, INVDPO_MAX_IMAGE_BYTES; the worker's own:
     INVDPO_MLFLOW_EXPERIMENT, INVDPO_ARTIFACT_URI, INVDPO_WORK_DIR, INVDPO_CACHE_DIR, INVDPO_HEARTBEAT_FILE,
     INVDPO_HEARTBEAT_INTERVAL_SECONDS, INVDPO_PROGRESS_INTERVAL_SECONDS, INVDPO_CANCEL_POLL_SECONDS,
-    INVDPO_STOP_GRACE_SECONDS, INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS, INVDPO_EVAL_SCORERS,
-    INVDPO_EVAL_GUIDANCE_SCALE, and for multi-node jobs (services/worker/trainjob.py) INVDPO_TRAINJOB_NAMESPACE,
-    INVDPO_TRAINJOB_RUNTIME, INVDPO_TRAINJOB_IMAGE, INVDPO_TRAINJOB_QUEUE_NAME, INVDPO_TRAINJOB_POD_LABELS,
-    INVDPO_TRAINJOB_NODE_SELECTOR, INVDPO_TRAINJOB_TOLERATIONS, INVDPO_TRAINJOB_ENV, INVDPO_TRAINJOB_GPU_RESOURCE,
-    INVDPO_TRAINJOB_CANCEL_GRACE_SECONDS.
+    INVDPO_STOP_GRACE_SECONDS, INVDPO_CHECKPOINT_GRACE_SECONDS, INVDPO_NUM_PROCESSES, INVDPO_SYSTEM_METRICS,
+    INVDPO_EVAL_SCORERS, INVDPO_EVAL_GUIDANCE_SCALE, and for multi-node jobs (services/worker/trainjob.py)
+    INVDPO_TRAINJOB_NAMESPACE, INVDPO_TRAINJOB_RUNTIME, INVDPO_TRAINJOB_IMAGE, INVDPO_TRAINJOB_QUEUE_NAME,
+    INVDPO_TRAINJOB_POD_LABELS, INVDPO_TRAINJOB_NODE_SELECTOR, INVDPO_TRAINJOB_TOLERATIONS, INVDPO_TRAINJOB_ENV,
+    INVDPO_TRAINJOB_GPU_RESOURCE, INVDPO_TRAINJOB_CANCEL_GRACE_SECONDS.
     """
 
     mlflow_experiment: str = Field("invdpo", min_length=1, description="MLflow experiment the job runs go to.")
@@ -43,7 +43,10 @@ class Settings(JobSettings):
         "/tmp/invdpo-worker-heartbeat", description="File touched while the worker lives (container probes)."
     )
     heartbeat_interval_seconds: float = Field(
-        30.0, gt=0, description="How often the heartbeat file and the running job's database heartbeat are renewed."
+        10.0,
+        gt=0,
+        description="How often the heartbeat file and the running job's database heartbeat are renewed (a few times "
+        "within heartbeat_timeout_seconds, so that a slow beat is not taken for a dead worker).",
     )
     progress_interval_seconds: float = Field(
         2.0, ge=0, description="At most one progress write (step, metrics event) per this many seconds."
@@ -56,6 +59,13 @@ class Settings(JobSettings):
         ge=0,
         description="After a cancel request, how long the training process may take to stop by itself before the "
         "worker kills it (model loading, evaluation and uploads do not poll for cancels).",
+    )
+    checkpoint_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="At a pause request or a job's max_runtime_seconds, how long the training process gets to write "
+        "its last checkpoint and stop by itself (the trainer stops at the next micro-batch) before the worker kills "
+        "it: the job is then paused, or failed as runtime_limit, at its last stored checkpoint.",
     )
     num_processes: int | None = Field(
         None, ge=1, description="Training processes per job; default: one per visible GPU (one on a CPU)."

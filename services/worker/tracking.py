@@ -139,6 +139,14 @@ def start_job_run(
     return str(run.info.run_id)
 
 
+def last_logged_step(run_id: str, metric: str = "loss") -> int:
+    """The last step of `metric` the run has (0 for none). A resumed job retrains the steps after its checkpoint;
+    those up to here are in the history already (with the same values: resume is exact), so they are not logged
+    again and the history keeps one point per step."""
+    history = MlflowClient().get_metric_history(run_id, metric)
+    return max((m.step for m in history), default=0)
+
+
 def log_validation_grid(step: int, images: list[Image.Image]) -> None:
     """The validation images of one step side by side (at most 4 a row) as validation/step-NNNNNN.png."""
     columns = min(4, len(images))

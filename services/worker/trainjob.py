@@ -14,9 +14,13 @@ then watches it until the job ends. The API still shows one job:
 - The watcher renews the job's heartbeat. A watcher that dies leaves the TrainJob running; once the heartbeat is
   stale (rank 0 also refreshes it with every progress write) the reconciler sends the job again, and the worker
   that claims it adopts the TrainJob it finds by the label invdpo.io/job-id instead of creating a second one.
-- Cancel: rank 0 sees `cancel_requested`, checkpoints and ends the job as cancelled, then the watcher deletes the
-  TrainJob. A TrainJob that is not running (suspended, say waiting for Kueue's admission) is deleted at once; one
-  whose rank 0 has not ended the job after trainjob_cancel_grace_seconds is deleted anyway.
+- Cancel (and pause alike): rank 0 sees `cancel_requested` (`pause_requested`), checkpoints and ends the job as
+  cancelled (paused), then the watcher deletes the TrainJob. A TrainJob that is not running (suspended, say
+  waiting for Kueue's admission) is deleted at once; one whose rank 0 has not ended the job after
+  trainjob_cancel_grace_seconds is deleted anyway.
+- Runtime limit: the watcher adds the time the TrainJob runs (not while it is suspended) to the job's runtime;
+  rank 0 checkpoints and fails the job as runtime_limit at its max_runtime_seconds, and a TrainJob still there
+  checkpoint_grace_seconds later is deleted and the job failed the same way.
 - Preemption or a drained node (SIGTERM to the nodes): every rank checkpoints and rank 0 puts the job back in the
   queue; the watcher deletes the TrainJob and sends the job again. The next TrainJob restores from the checkpoint.
 - A TrainJob that ends (Complete or Failed) or disappears while the job still runs ended without rank 0
@@ -38,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.jobs import jobstore
+from services.jobs.runs import end_job_run
 from services.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -193,10 +198,14 @@ def _event(sessions: sessionmaker[Session], job_id: str, message: str) -> None:
         jobstore.add_event(session, job_id, message)
 
 
-def _fail(sessions: sessionmaker[Session], job_id: str, worker_id: str, message: str) -> None:
+def _fail(
+    sessions: sessionmaker[Session], job_id: str, worker_id: str, message: str, tracking_uri: str | None = None
+) -> None:
     error: jobstore.JobErrorInfo = {"code": "trainjob_failed", "message": message, "param": None}
     with sessions() as session:
         jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+    if tracking_uri is not None:  # rank 0 had started the run; it is gone without ending it
+        end_job_run(sessions, tracking_uri, job_id, "FAILED")
     log.error("TrainJob ended without reporting", extra={"job_id": job_id})
 
 
@@ -250,11 +259,16 @@ def run_trainjob(
     log.info("watching the TrainJob", extra={"job_id": job_id, "trainjob": name})
 
     cancel_seen: float | None = None
+    counted, training = time.monotonic(), trainjob is not None and not is_suspended(trainjob)
     while True:
         time.sleep(settings.heartbeat_interval_seconds)
         try:
             with sessions() as session:
                 ours = jobstore.heartbeat(session, job_id, worker_id)
+                # Runtime counts while the TrainJob runs, not while Kueue holds it suspended.
+                now = time.monotonic()
+                jobstore.add_runtime(session, job_id, now - counted if training else 0.0)
+                counted = now
                 job = jobstore.get_job(session, job_id)
         except SQLAlchemyError as exc:
             log.warning("job heartbeat failed", extra={"job_id": job_id, "error": type(exc).__name__})
@@ -271,22 +285,37 @@ def run_trainjob(
             trainjob = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as exc:
             if exc.status == 404:
-                _fail(sessions, job_id, worker_id, f"{where} was deleted before the job ended; checkpoints are kept")
+                message = f"{where} was deleted before the job ended; checkpoints are kept"
+                _fail(sessions, job_id, worker_id, message, settings.mlflow_tracking_uri)
                 return
             log.warning("TrainJob not readable", extra={"job_id": job_id, "status": exc.status})
             continue
+        training = not is_suspended(trainjob)
+        limit = jobstore.runtime_limit(job, settings.max_runtime_seconds) if job is not None else float("inf")
+        if job is not None and job.runtime_seconds >= limit + settings.checkpoint_grace_seconds:
+            # Rank 0 stops at the limit by itself; this is for one that did not (stuck outside the training steps).
+            delete_trainjob(api, namespace, name)
+            with sessions() as session:
+                error = jobstore.runtime_limit_error(limit, job.step)
+                jobstore.finish_job(session, job_id, "failed", error, worker_id=worker_id)
+            end_job_run(sessions, settings.mlflow_tracking_uri, job_id, "FAILED")
+            return
         outcome = ended(trainjob)
         if outcome is not None:
             delete_trainjob(api, namespace, name)
             message = f"{where} ended ({outcome}) before rank 0 reported; checkpoints are kept"
-            _fail(sessions, job_id, worker_id, message if len(message) <= 300 else message[:297] + "...")
+            message = message if len(message) <= 300 else message[:297] + "..."
+            _fail(sessions, job_id, worker_id, message, settings.mlflow_tracking_uri)
             return
-        if status == "cancel_requested":
+        if status in ("cancel_requested", "pause_requested"):
             cancel_seen = cancel_seen or time.monotonic()
             overdue = time.monotonic() - cancel_seen > settings.trainjob_cancel_grace_seconds
             if is_suspended(trainjob) or overdue:
                 delete_trainjob(api, namespace, name)
                 with sessions() as session:
-                    jobstore.settle_cancel(session, job_id, worker_id)
+                    if status == "pause_requested":  # paused at its last stored checkpoint
+                        jobstore.settle_pause(session, job_id, worker_id)
+                    elif jobstore.settle_cancel(session, job_id, worker_id):
+                        end_job_run(sessions, settings.mlflow_tracking_uri, job_id, "KILLED")
                 _event(sessions, job_id, f"Deleted {where}" + (" (rank 0 did not stop in time)" if overdue else ""))
                 return

@@ -70,6 +70,8 @@ def test_openapi_and_docs(client: TestClient) -> None:
         "/v1/fine_tuning/jobs",
         "/v1/fine_tuning/jobs/{job_id}",
         "/v1/fine_tuning/jobs/{job_id}/cancel",
+        "/v1/fine_tuning/jobs/{job_id}/pause",
+        "/v1/fine_tuning/jobs/{job_id}/resume",
         "/v1/fine_tuning/jobs/{job_id}/events",
         "/v1/fine_tuning/jobs/{job_id}/events/stream",
         "/v1/fine_tuning/jobs/{job_id}/checkpoints",

@@ -118,7 +118,7 @@ def test_active_job_cap_is_a_429_with_retry_after(
     client.post(JOBS, json=job_body(), headers=auth)
     r = client.post(JOBS, json=job_body(), headers=auth)
     assert r.status_code == 429
-    assert r.json() == {"detail": "too many active jobs in this project"}
+    assert r.json() == {"detail": "too many active jobs in this project (limit 2)"}
     assert r.headers["Retry-After"] == "30"
     # A retry of an existing job is not a new job; another project has its own cap.
     assert client.post(JOBS, json=job_body(), headers={**auth, "Idempotency-Key": "k1"}).json()["id"] == first

@@ -197,19 +197,30 @@ def toy_dataset_uri(bucket: str, tmp_path_factory: pytest.TempPathFactory) -> st
     return f"s3://{bucket}/data/toy/manifest.jsonl"
 
 
+def shipped_timeouts(request: pytest.FixtureRequest) -> bool:
+    """A test marked `shipped_timeouts` runs the API's reconciler and the workers' heartbeats with the settings'
+    defaults, to measure what a deployment gets, instead of the shortened ones below."""
+    return request.node.get_closest_marker("shipped_timeouts") is not None
+
+
 @pytest.fixture
-def api(pg_url: str, redis_server: RedisServer, mlflow_server: str, aws_env: str) -> Iterator[TestClient]:
+def api(
+    pg_url: str, redis_server: RedisServer, mlflow_server: str, aws_env: str, request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
     """The real API app in-process, its reconciler looping every second (it re-sends lost and stale jobs)."""
     from services.api.main import create_app
     from services.api.settings import Settings
 
+    shortened = {
+        "reconcile_interval_seconds": 1,
+        "reconcile_after_seconds": 3,
+        "heartbeat_timeout_seconds": HEARTBEAT_TIMEOUT,
+    }
     settings = Settings(
         database_url=pg_url,
         broker_url=redis_server.url,
         mlflow_tracking_uri=mlflow_server,
-        reconcile_interval_seconds=1,
-        reconcile_after_seconds=3,
-        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT,
+        **({} if shipped_timeouts(request) else shortened),
         allow_local_files=False,
         migrate_on_startup=False,
         max_active_jobs_per_project=50,
@@ -276,8 +287,15 @@ class Workers:
 
 @pytest.fixture
 def workers(
-    pg_url: str, redis_server: RedisServer, mlflow_server: str, aws_env: str, bucket: str, tmp_path: Path
+    pg_url: str,
+    redis_server: RedisServer,
+    mlflow_server: str,
+    aws_env: str,
+    bucket: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Workers]:
+    shortened = {"INVDPO_HEARTBEAT_INTERVAL_SECONDS": "1", "INVDPO_HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_TIMEOUT)}
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -287,8 +305,7 @@ def workers(
         "INVDPO_MLFLOW_EXPERIMENT": "worker-tests",
         "INVDPO_ARTIFACT_URI": f"s3://{bucket}/checkpoints",
         "INVDPO_CACHE_DIR": str(tmp_path / "model-cache"),
-        "INVDPO_HEARTBEAT_INTERVAL_SECONDS": "1",
-        "INVDPO_HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_TIMEOUT),
+        **({} if shipped_timeouts(request) else shortened),
         "INVDPO_PROGRESS_INTERVAL_SECONDS": "0.5",
         "INVDPO_CANCEL_POLL_SECONDS": "0.5",
         "INVDPO_LOG_LEVEL": "INFO",

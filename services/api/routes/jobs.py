@@ -1,4 +1,4 @@
-"""Fine-tuning jobs: create, list, get, cancel, events (paged and streamed) and checkpoints."""
+"""Fine-tuning jobs: create, list, get, cancel, pause, resume, events (paged and streamed) and checkpoints."""
 
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ from invdpo_core.config import RESERVED_FIELDS, TrainingConfig
 from invdpo_core.storage import is_hub_id, is_s3, within_prefixes
 from services.api import schemas
 from services.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
+from services.api.settings import Settings
 from services.jobs import jobstore
 from services.jobs.logs import mask_secrets
 from services.jobs.models import TERMINAL_STATUSES, Checkpoint, Job, JobEvent, Project
+from services.jobs.queue import enqueue_training
 from services.jobs.validation import validate_job_files
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,58 @@ def _check_prefixes(body: schemas.JobCreate, prefixes: list[str]) -> None:
         raise RequestValidationError(errors)
 
 
+def _check_project_limits(
+    session: Session,
+    project_id: int,
+    resources: dict[str, int] | None,
+    max_runtime: int,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    *,
+    creating: bool = True,
+) -> Job | None:
+    """The project's limits on active jobs and on the GPU time they ask for, checked with the project row locked
+    (for a new job, or a paused one resuming: `creating` False). Returns the job to replay if a request with the
+    same idempotency key committed while this one waited for the lock: a retry is answered as a retry even when
+    the project is at its limit."""
+    usage = jobstore.lock_project_usage(session, project_id, settings.max_runtime_seconds)
+    if idempotency_key is not None:
+        existing = jobstore.find_by_idempotency_key(session, project_id, idempotency_key)
+        if existing is not None:
+            session.rollback()
+            return existing
+    retry = {"Retry-After": str(settings.retry_after_seconds)}
+    max_jobs = usage["max_active_jobs"] or settings.max_active_jobs_per_project
+    if usage["active_jobs"] >= max_jobs:
+        session.rollback()
+        raise HTTPException(429, f"too many active jobs in this project (limit {max_jobs})", headers=retry)
+    max_hours = usage["max_gpu_hours"] if usage["max_gpu_hours"] is not None else settings.max_gpu_hours_per_project
+    if max_hours <= 0:
+        return None
+    asked = jobstore.gpu_seconds(resources, max_runtime) / 3600
+    if asked > max_hours:
+        session.rollback()
+        message = (
+            f"asks for {asked:.4g} GPU-hours (nodes x gpus_per_node x max_runtime_seconds), more than this project's "
+            f"limit of {max_hours:.4g}"
+        )
+        if not creating:
+            raise HTTPException(409, message)
+        raise RequestValidationError(
+            [_error(("max_runtime_seconds",), f"{message}; lower it or resources", max_runtime)]
+        )
+    active = usage["gpu_seconds"] / 3600
+    if active + asked > max_hours:
+        session.rollback()
+        raise HTTPException(
+            429,
+            f"GPU-hours limit of this project: its active jobs ask for {active:.4g} of {max_hours:.4g} GPU-hours, "
+            f"this job for {asked:.4g} more",
+            headers=retry,
+        )
+    return None
+
+
 def _ts(value: datetime | None) -> int | None:
     return None if value is None else int(value.timestamp())
 
@@ -163,6 +217,8 @@ def job_out(job: Job) -> schemas.Job:
         evaluation=schemas.JobEvaluation.model_validate(job.evaluation) if job.evaluation else None,
         error=error,
         resources=schemas.JobResources.model_validate(job.resources) if job.resources else None,
+        max_runtime_seconds=job.max_runtime_seconds,
+        runtime_seconds=round(job.runtime_seconds or 0.0, 1),
     )
 
 
@@ -221,7 +277,10 @@ Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
         **schemas.BAD_BODY,
         409: {"model": schemas.ErrorDetail, "description": "Idempotency key reused with a different body."},
         413: {"model": schemas.ErrorDetail, "description": "Request body too large."},
-        429: {"model": schemas.ErrorDetail, "description": "Too many active jobs in this project."},
+        429: {
+            "model": schemas.ErrorDetail,
+            "description": "The project's active jobs are at its limit (jobs, or GPU-hours requested); retry later.",
+        },
     },
 )
 def create_job(
@@ -268,11 +327,11 @@ def create_job(
         raise RequestValidationError([_error(where, "disk needs one disk for all nodes; use memory or none", value)])
     job_id = jobstore.new_job_id()
     _check_model_name(session, body, job_id, caller.project_id)
-    if jobstore.count_active_jobs(session, caller.project_id) >= settings.max_active_jobs_per_project:
-        session.rollback()
-        raise HTTPException(
-            429, "too many active jobs in this project", headers={"Retry-After": str(settings.retry_after_seconds)}
-        )
+    max_runtime = body.max_runtime_seconds or settings.max_runtime_seconds
+    resources = body.resources.model_dump() if body.resources else None
+    replay = _check_project_limits(session, caller.project_id, resources, max_runtime, settings, idempotency_key)
+    if replay is not None:
+        return _replay(replay, request_hash, response)
     job = Job(
         id=job_id,
         project_id=caller.project_id,
@@ -290,6 +349,7 @@ def create_job(
         request_hash=request_hash,
         total_steps=config.max_steps,
         attempt=0,
+        max_runtime_seconds=max_runtime,
     )
     try:
         jobstore.create_job(session, job)
@@ -343,6 +403,53 @@ def cancel_job(job: JobDep, session: SessionDep, caller: CallerDep) -> schemas.J
     return job_out(cancelled)
 
 
+@router.post(
+    "/{job_id}/pause",
+    response_model=schemas.Job,
+    responses={**_ERRORS, 409: {"model": schemas.ErrorDetail, "description": "The job cannot be paused now."}},
+)
+def pause_job(job: JobDep, session: SessionDep, caller: CallerDep) -> schemas.Job:
+    """Pause: a queued job is `paused` at once; a running one becomes `pause_requested`, its worker writes a
+    checkpoint and lets the GPU go, and the job is `paused`. Pausing a paused job is a no-op. Resume it with
+    POST .../resume."""
+    caller.require("jobs:write")
+    paused = jobstore.pause_job(session, job.id)
+    if paused is None:
+        raise HTTPException(409, f"a {job.status} job cannot be paused (only queued or running ones)")
+    return job_out(paused)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=schemas.Job,
+    responses={
+        **_ERRORS,
+        409: {"model": schemas.ErrorDetail, "description": "The job is not paused, or asks for more than the limit."},
+        429: {"model": schemas.ErrorDetail, "description": "The project is at its limit of active jobs or GPU-hours."},
+    },
+)
+def resume_job(
+    job: JobDep, session: SessionDep, caller: CallerDep, settings: SettingsDep, request: Request
+) -> schemas.Job:
+    """Resume a paused job: it is `queued` again, within the project's limits, and the worker that claims it
+    continues from its last checkpoint, in the same MLflow run. Resuming a job that is not paused is a 409."""
+    caller.require("jobs:write")
+    if job.status != "paused":
+        raise HTTPException(409, f"only a paused job can be resumed; this one is {job.status}")
+    max_runtime = job.max_runtime_seconds or settings.max_runtime_seconds
+    _check_project_limits(session, caller.project_id, job.resources, max_runtime, settings, creating=False)
+    if not jobstore.resume_job(session, job.id):
+        session.rollback()
+        raise HTTPException(409, "only a paused job can be resumed")
+    session.commit()
+    try:  # after the commit: if the broker is down, the reconciler sends the queued job
+        enqueue_training(job.id, request.app.state.celery)
+    except Exception as exc:
+        log.warning("enqueue failed; the reconciler will", extra={"job_id": job.id, "error": type(exc).__name__})
+    session.refresh(job)
+    return job_out(job)
+
+
 @router.get("/{job_id}/events", response_model=schemas.JobEventList, responses={**_ERRORS, **_CURSOR_ERROR})
 def list_job_events(
     job: JobDep,
@@ -383,7 +490,7 @@ async def stream_job_events(
     cursor: Annotated[int | None, Depends(_stream_cursor)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: every event of the job as it happens (data: the JobEvent JSON, id: its id), then one
-    `done` event with the final status. Closes after INVDPO_EVENTS_STREAM_MAX_SECONDS; reconnect with
+    `done` event with the final status (or `paused`). Closes after INVDPO_EVENTS_STREAM_MAX_SECONDS; reconnect with
     Last-Event-ID (EventSource does this itself) to continue where it stopped."""
     job_id, session_factory = job.id, request.app.state.session_factory
     deadline = time.monotonic() + settings.events_stream_max_seconds
@@ -392,7 +499,8 @@ async def stream_job_events(
         for event in events:
             yield ServerSentEvent(data=event_out(event), id=f"ftevent-{event.id}")
             cursor = event.id
-        if status in TERMINAL_STATUSES and len(events) < 500:
+        # Paused: nothing more happens until a resume (a new stream follows that).
+        if (status in TERMINAL_STATUSES or status == "paused") and len(events) < 500:
             yield ServerSentEvent(data={"status": status}, event="done")
             return
         if time.monotonic() > deadline:

@@ -165,6 +165,10 @@ Settings shared by the API and the workers: database, broker, MLflow, log level,
 {{- end }}
 - name: INVDPO_LOG_LEVEL
   value: {{ .Values.config.logLevel | quote }}
+{{- with .Values.config.maxRuntimeSeconds }}
+- name: INVDPO_MAX_RUNTIME_SECONDS
+  value: {{ . | int64 | quote }}
+{{- end }}
 {{ include "invdpo.s3Env" . }}
 {{- end }}
 
