@@ -48,6 +48,8 @@ CHECKED = [
     ("docs/deploy.md", "get trainjobs -l", "the label is the worker's; not run: a GPU cluster"),
     ("docs/method.md", "--plan base", "the script and its flags exist; not run: 11 min and more"),
     ("docs/method.md", "method: inpo", "a valid TrainingConfig"),
+    ("docs/method.md", "ema_decay: 0.999", "a valid TrainingConfig"),
+    ("docs/method.md", "-k real_config", "the test file exists; not run here: about 12 min and 11 GB (slow suite)"),
     ("docs/method.md", "--runs", "the scripts and their flags exist; not run: hours"),
     ("services/api/README.md", "claim_job(session", "the functions and parameters exist in services/jobs/jobstore.py"),
 ]
@@ -188,6 +190,14 @@ def test_the_inpo_settings_of_method_md_are_a_valid_config() -> None:
     (code,) = [code for name, _, _, code in blocks() if name == "docs/method.md" and "method: inpo" in code]
     config = parse_config({"base_model": "m", "dataset": "d", **yaml.safe_load(code)})
     assert config.method == "inpo"
+
+
+def test_the_precision_settings_of_method_md_are_a_valid_config() -> None:
+    from invdpo_core.config import parse_config
+
+    (code,) = [code for name, _, _, code in blocks() if name == "docs/method.md" and "ema_decay: 0.999" in code]
+    config = parse_config({"base_model": "m", "dataset": "d", **yaml.safe_load(code)})
+    assert config.ema_decay == 0.999 and config.cache_text_embeddings and config.resolution is None
 
 
 def test_the_jobstore_functions_of_the_api_readme_exist_with_those_parameters() -> None:
