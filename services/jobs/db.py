@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,15 @@ def alembic_config() -> Config:
     return cfg
 
 
+_MIGRATING = threading.Lock()
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """`alembic upgrade <revision>` on `engine`; concurrent callers on PostgreSQL take turns."""
     cfg = alembic_config()
-    with engine.begin() as conn:
+    # alembic's `context` and `op` are module globals it sets and deletes around each run: two threads migrating at
+    # once in one process (two databases, or an app starting while another migrates) delete each other's.
+    with _MIGRATING, engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         # env.py uses this connection rather than a URL (no password goes through ini interpolation or logs).

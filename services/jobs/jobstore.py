@@ -25,7 +25,8 @@ For the worker, in order of use:
     is_cancel_requested(session, job_id, worker_id=None) -> bool   poll between steps; True means stop now
     owns(job, worker_id) -> bool                             is the job still this worker's to run and report?
     settle_cancel(session, job_id, worker_id=None) -> bool   cancel_requested -> cancelled once the worker stopped
-    settle_pause(session, job_id, worker_id=None) -> bool    pause_requested -> paused once the worker stopped
+    settle_pause(session, job_id, worker_id=None, *, step=None) -> bool
+                                                             pause_requested -> paused once the worker stopped
     finish_job(session, job_id, status, error=None, ...) -> bool     succeeded | failed | cancelled
     requeue_job(session, job_id, worker_id, lost=None) -> bool   running -> queued (graceful shutdown, checkpointed;
                                                              or the training process died: `lost` says how)
@@ -629,16 +630,18 @@ def settle_cancel(session: Session, job_id: str, worker_id: str | None = None) -
 
 
 @retry_outages
-def settle_pause(session: Session, job_id: str, worker_id: str | None = None) -> bool:
-    """pause_requested -> paused: the job's worker stopped after checkpointing (worker_id given: only if it is
-    still that worker's), or is gone (the reconciler, no worker_id). The claim is let go; POST /resume queues the job
-    again. False if the job was not waiting for its pause."""
-    step = session.scalar(select(Job.step).where(Job.id == job_id))
+def settle_pause(session: Session, job_id: str, worker_id: str | None = None, *, step: int | None = None) -> bool:
+    """pause_requested -> paused: the job's worker stopped after checkpointing at `step` (worker_id given: only if
+    it is still that worker's), or is gone (the reconciler, no worker_id, no step: the last one recorded stays). The
+    claim is let go; POST /resume queues the job again. False if the job was not waiting for its pause."""
+    # The worker records progress at intervals, so the checkpointed step may be newer than the stored one.
+    step = step if step is not None else session.scalar(select(Job.step).where(Job.id == job_id))
     done = _transition(
         session,
         job_id,
         ("pause_requested",),
         *_owned(worker_id),
+        step=step,
         status="paused",
         claimed_by=None,
         heartbeat_at=None,

@@ -451,7 +451,7 @@ class JobRunner:
                 return 0
             if job.status == "pause_requested":  # the resume continues this run (here, from the local checkpoint)
                 mlflow.end_run("SCHEDULED")
-                jobstore.settle_pause(session, self.job_id, self.worker_id)
+                jobstore.settle_pause(session, self.job_id, self.worker_id, step=step)
                 return 0
             if self.stop_signal is not None and jobstore.requeue_job(session, self.job_id, self.worker_id):
                 mlflow.end_run("SCHEDULED")

@@ -30,7 +30,9 @@ def test_nodes_above_the_deployment_limit_are_a_422_naming_the_field(
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", "resources", "nodes"] and "at most 4" in error["msg"]
 
-    r = client.post(JOBS, json=job_body(resources={"nodes": 4, "gpus_per_node": 8}), headers=auth)
+    # 32 GPUs for the default week would be 5376 GPU-hours, above the default project limit (test_job_limits.py).
+    body = job_body(resources={"nodes": 4, "gpus_per_node": 8}, max_runtime_seconds=24 * 3600)
+    r = client.post(JOBS, json=body, headers=auth)
     assert r.status_code == 201, r.text
     job = client.get(f"{JOBS}/{r.json()['id']}", headers=auth).json()
     assert job["resources"] == {"nodes": 4, "gpus_per_node": 8}
