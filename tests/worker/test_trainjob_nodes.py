@@ -179,4 +179,6 @@ def test_two_nodes_train_the_weights_of_one_process_on_the_same_global_batch(
     print(f"\n{method}: 2 nodes x 1 vs 1 process x 2: update difference {difference:.1e}, "
           f"losses {losses(sessions, two_nodes)} vs {losses(sessions, one_process)}")  # fmt: skip
     assert difference < 5e-3
-    assert losses(sessions, two_nodes) == pytest.approx(losses(sessions, one_process), rel=1e-4)
+    # The first step's loss is ln 2 in both (policy == reference); the second differs by what the update does
+    # (~1e-4 relative for an update difference ~2e-3), while other draws (timesteps, noise, captions) move it ~10%.
+    assert losses(sessions, two_nodes) == pytest.approx(losses(sessions, one_process), rel=1e-3)
