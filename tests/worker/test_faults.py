@@ -59,7 +59,10 @@ def test_postgres_down_10_s_during_training_the_job_succeeds(
 ) -> None:
     proxy = FaultProxy(5432)
     workers.start(INVDPO_DATABASE_URL=through(proxy, pg_url))
-    job_id = create_job(api, auth, tiny_model_uri, toy_dataset_uri, max_steps=40, checkpoint_interval=5)
+    # Every checkpoint kept (not the newest 2), so the list shows whether the outage lost one.
+    job_id = create_job(
+        api, auth, tiny_model_uri, toy_dataset_uri, max_steps=40, checkpoint_interval=5, checkpoints_to_keep=100
+    )
     wait_until(lambda: (get_job(api, auth, job_id)["step"] or 0) >= 3, 300, "training steps")
     job = ride_out(api, auth, workers, job_id, "PostgreSQL down 10 s", lambda: proxy.down(10))
     assert proxy.resets > 0
@@ -88,7 +91,9 @@ def test_s3_writes_dropped_during_a_checkpoint_upload_the_job_succeeds(
     proxy = FaultProxy(int(aws_env.rsplit(":", 1)[1]))
     proxy.down_when(b"/checkpoints/checkpoint-10/", 12)  # the request line of the first file's PUT
     workers.start(AWS_ENDPOINT_URL_S3=through(proxy, aws_env))
-    job_id = create_job(api, auth, tiny_model_uri, toy_dataset_uri, max_steps=30, checkpoint_interval=10)
+    job_id = create_job(
+        api, auth, tiny_model_uri, toy_dataset_uri, max_steps=30, checkpoint_interval=10, checkpoints_to_keep=100
+    )
     wait_until(lambda: (get_job(api, auth, job_id)["step"] or 0) >= 3, 300, "training steps")
     job = ride_out(
         api, auth, workers, job_id, "S3 writes dropped during a checkpoint upload (12 s)",
@@ -168,10 +173,10 @@ def test_cancel_during_a_huge_step_within_10_s(
     api: TestClient, auth: dict[str, str], workers: Workers, tiny_model_uri: str, toy_dataset_uri: str
 ) -> None:
     workers.start()
-    job_id = create_job(api, auth, tiny_model_uri, toy_dataset_uri, max_steps=2, gradient_accumulation_steps=5000)
+    job_id = create_job(api, auth, tiny_model_uri, toy_dataset_uri, max_steps=2, gradient_accumulation_steps=4096)
     wait_for_phase(api, auth, job_id, "training")
     time.sleep(2)  # inside the first step's micro-batches
-    cancel_within_10_s(api, auth, workers, job_id, "a huge step (5000 micro-batches)")
+    cancel_within_10_s(api, auth, workers, job_id, "a huge step (4096 micro-batches, the most allowed)")
 
 
 def test_sigterm_during_the_inversion_cache_build_requeues_within_10_s(

@@ -291,5 +291,5 @@ def test_a_trained_and_evaluated_job_passes_the_gate_one_without_evidence_needs_
         assert promote(bare_job, force=True, reason="no held-out pairs yet").status_code == 200
         champion = client.get_model_version_by_alias(name, "champion")
         assert champion.version == bare_job["registered_model_version"]
-        assert champion.tags["promotion_forced_by"].startswith("project ")
+        assert champion.tags["promotion_forced_by"].startswith("key invdpo-")
         assert get_job(api, auth, bare)["evaluation"]["metrics"]["eval/win_rate/toy"] >= 0
