@@ -23,3 +23,32 @@ def s3_env(s3_server, monkeypatch):
     """Point AWS_ENDPOINT_URL_S3 and dummy credentials at `s3_server`; yields a fresh empty bucket name."""
     point_aws_env_at(monkeypatch, s3_server)
     yield create_bucket(s3_server)
+
+
+# --- MLflow on SQLite: each store starts as a copy of one whose schema is made --------------------------------------
+import shutil  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mlflow_sqlite_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store: making one runs MLflow's schema migrations, about 5 s each time."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_sqlite(mlflow_sqlite_template) -> Callable[[Path], str]:
+    """mlflow_sqlite(directory) -> the tracking URI of a fresh, empty store `directory/mlflow.db` (kept if there)."""
+
+    def make(directory: Path) -> str:
+        path = Path(directory) / "mlflow.db"
+        if not path.exists():
+            shutil.copyfile(mlflow_sqlite_template, path)
+        return f"sqlite:///{path}"
+
+    return make

@@ -47,12 +47,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def server(tmp_path_factory: pytest.TempPathFactory, mlflow_sqlite: Callable[[Path], str]) -> Iterator[dict[str, Any]]:
     """The API app under uvicorn in a thread; yields its URL, a key of project `alpha` and its session factory."""
     db = tmp_path_factory.mktemp("client-db")
     settings = Settings(
         database_url=f"sqlite:///{db / 'invdpo.db'}",
-        mlflow_tracking_uri=f"sqlite:///{db / 'mlflow.db'}",
+        mlflow_tracking_uri=mlflow_sqlite(db),
         broker_url=REDIS_URL,
         reconcile_interval_seconds=0,  # no re-sends behind the tests' backs
         events_poll_seconds=0.05,

@@ -41,9 +41,10 @@ def test_operation_conforms_to_the_schema(
     make_key: Callable[[str], dict[str, str]],
     job_body: Callable[..., dict[str, Any]],
     tmp_path: Path,
+    mlflow_sqlite: Callable[[Path], str],
 ) -> None:
     # A registry of our own for the promote route (an empty MLflow: every version is unknown).
-    client = make_client(mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = make_client(mlflow_tracking_uri=mlflow_sqlite(tmp_path))
     app: FastAPI = client.app  # type: ignore[assignment]
     auth = make_key("alpha")
     # Real jobs, so that some generated requests reach existing rows.
@@ -82,10 +83,11 @@ def test_deeply_nested_bodies_are_refused_without_a_5xx(
     make_client: Callable[..., TestClient],
     make_key: Callable[[str], dict[str, str]],
     tmp_path: Path,
+    mlflow_sqlite: Callable[[Path], str],
 ) -> None:
     """Bodies nested 400 and 900 deep (Python's parser and pydantic recurse: ~1000 levels ended in a 500), whole or
     under each top-level field, through schemathesis' checks: a 400 naming the reason, never a 5xx."""
-    client = make_client(mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = make_client(mlflow_tracking_uri=mlflow_sqlite(tmp_path))
     app: FastAPI = client.app  # type: ignore[assignment]
     auth = make_key("alpha")
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)

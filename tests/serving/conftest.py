@@ -3,7 +3,7 @@ MLflow registry with local artifacts)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,12 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: Path) -> Iterator[Registry]:
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: Path, mlflow_sqlite: Callable[[Path], str]
+) -> Iterator[Registry]:
     """SQLite job database and SQLite MLflow registry with local artifacts (the embedded setup)."""
     tmp_path = tmp_path_factory.mktemp("registry")
     yield from make_registry(
-        f"sqlite:///{tmp_path / 'invdpo.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_pipeline_dir,
+        f"sqlite:///{tmp_path / 'invdpo.db'}", mlflow_sqlite(tmp_path), tiny_pipeline_dir,
         tmp_path / "artifacts",
     )  # fmt: skip

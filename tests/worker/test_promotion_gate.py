@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +53,16 @@ def _job(factory: sessionmaker[Session], project_id: int, metrics: dict[str, flo
 
 
 @pytest.fixture
-def gated(tmp_path: Path) -> Iterator[tuple[TestClient, MlflowClient, dict[str, str], dict[str, Any]]]:
+def gated(
+    tmp_path: Path, mlflow_sqlite: Callable[[Path], str]
+) -> Iterator[tuple[TestClient, MlflowClient, dict[str, str], dict[str, Any]]]:
     """The API (default gate: implicit accuracy's lower bound above 0.5), an MLflow registry, a key, and one
     registered version of model `cats` per case."""
     from services.admin import create_api_key
     from services.api.main import create_app
     from services.api.settings import Settings
 
-    registry = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = mlflow_sqlite(tmp_path)
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'api.db'}", broker_url="redis://127.0.0.1:1/0",
         mlflow_tracking_uri=registry, reconcile_interval_seconds=0,
@@ -155,7 +157,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": root / "base", "pairs": make_toy_dataset(root / "pairs", 4, model_dir=root / "base")}
 
 
-def test_evaluate_job_logs_to_the_run_and_returns_the_record(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_evaluate_job_logs_to_the_run_and_returns_the_record(
+    tiny: dict[str, Path], tmp_path: Path, mlflow_sqlite: Callable[[Path], str]
+) -> None:
     import mlflow
 
     from services.worker.evaluation import evaluate_job, summary
@@ -165,7 +169,7 @@ def test_evaluate_job_logs_to_the_run_and_returns_the_record(tiny: dict[str, Pat
         {"base_model": str(tiny["base"]), "dataset": str(tiny["pairs"]), "validation_dataset": str(tiny["pairs"]),
          "resolution": 64, "validation_prompts": ["a red circle", "a blue square"], "validation_inference_steps": 2}
     )  # fmt: skip
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_sqlite(tmp_path))
     # An experiment of this store: another test in the process may have left its own experiment active.
     mlflow.set_experiment("evaluate-job")
     with mlflow.start_run() as run:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,11 @@ def make_job(sessions: sessionmaker[Session], tiny: tuple[str, str], **fields: A
         session.commit()
         assert jobstore.claim_job(session, job_id, WORKER)
     return job_id
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store(tmp_path: Path, mlflow_sqlite: Callable[[Path], str]) -> None:
+    mlflow_sqlite(tmp_path)  # settings() below points at it
 
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:

@@ -9,7 +9,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,8 +370,8 @@ def test_a_lora_is_fused_into_a_full_pipeline_for_serving(tiny_dir: Path, tmp_pa
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def registry(tmp_path: Path, mlflow_sqlite: Callable[[Path], str]) -> str:
+    return mlflow_sqlite(tmp_path)
 
 
 def _api(tmp_path: Path, registry: str) -> TestClient:
