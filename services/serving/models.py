@@ -71,6 +71,7 @@ def load_version(name: str, version: int, session: Session, settings: Settings) 
     request. LoRA jobs are registered fused into their base (services/worker/run_job.py merge_lora), so every
     version is a whole pipeline."""
     import mlflow
+    from mlflow import MlflowClient
 
     from invdpo_core.pipeline import load_pipeline
 
@@ -78,13 +79,16 @@ def load_version(name: str, version: int, session: Session, settings: Settings) 
     cache.mkdir(parents=True, exist_ok=True)
     local = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=cache))
     try:
-        mlflow.artifacts.download_artifacts(
-            f"models:/{name}/{version}", dst_path=str(local), tracking_uri=settings.mlflow_tracking_uri
-        )
-        pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        # The version's artifact location from the registry at OUR URI: download_artifacts("models:/...") resolves
+        # through MLflow's global registry URI, which without MLFLOW_TRACKING_URI in the process's environment is a
+        # local store ("Registered Model ... not found" under make stack).
+        uri = settings.mlflow_tracking_uri
+        source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(name, str(version))
+        root = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(local), tracking_uri=uri))
+        pyfunc = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
         config = pyfunc.get("config") or {}
         device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(str(local / pyfunc["artifacts"]["pipeline"]["path"]), what="model")
+        pipe = load_pipeline(str(root / pyfunc["artifacts"]["pipeline"]["path"]), what="model")
         pipe.unet.eval()
         pipe.to(torch.device(device))
     finally:

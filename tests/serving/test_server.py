@@ -7,7 +7,7 @@ import base64
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -211,3 +211,29 @@ def test_a_gate_refused_champion_keeps_the_previous_version_serving(
             jobstore.record_promotion(session, row, forced_by="project 1, key invdpo-1234", reason="a human looked")
         wait_until(lambda: served_version(http, "dogs") == refused, 120, "the forced version")
         assert "not_served" not in http.get("/healthz").json()["models"]["dogs"]
+
+
+def test_a_version_loads_in_a_process_whose_mlflow_globals_point_elsewhere(
+    registry: Registry, alpha: Tenant, cats: int, tmp_path: Path, mlflow_sqlite: Callable[[Path], str]
+) -> None:
+    """The model server's process has no MLFLOW_TRACKING_URI (make stack, a plain container): its settings' URI must
+    be the one a models:/ URI is resolved through, not MLflow's global default (./mlruns)."""
+    import mlflow
+
+    from services.serving.models import load_version
+
+    previous = mlflow.get_tracking_uri()
+    elsewhere = mlflow_sqlite(tmp_path)  # what the process's globals say: an empty store
+    mlflow.set_tracking_uri(elsewhere)
+    mlflow.set_registry_uri(elsewhere)
+    try:
+        settings = Settings(
+            models="cats", device="cpu", database_url=registry.database_url,
+            mlflow_tracking_uri=registry.tracking_uri, cache_dir=str(tmp_path / "cache"),
+        )  # fmt: skip
+        with registry.sessions() as session:
+            served = load_version("cats", cats, session, settings)
+        assert (served.name, served.version, served.project_id) == ("cats", cats, alpha.project_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # back to following the tracking URI
