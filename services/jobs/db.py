@@ -8,7 +8,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
@@ -57,10 +59,19 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """`alembic upgrade <revision>` on `engine`; concurrent callers on PostgreSQL take turns."""
     cfg = alembic_config()
     # alembic's `context` and `op` are module globals it sets and deletes around each run: two threads migrating at
-    # once in one process (two databases, or an app starting while another migrates) delete each other's.
+    # once in one process delete each other's (KeyError 'config'). Ours take turns; MLflow's own alembic runs (its
+    # SQLite stores) do not take our lock, so a database already at head is not run through alembic's environment.
     with _MIGRATING, engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        if revision == "head" and _at_head(conn, cfg):
+            return
         # env.py uses this connection rather than a URL (no password goes through ini interpolation or logs).
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def _at_head(conn: Connection, cfg: Config) -> bool:
+    """Is the database at the newest revision? (Read without alembic's environment: no module globals.)"""
+    current = set(MigrationContext.configure(conn).get_current_heads())
+    return current == set(ScriptDirectory.from_config(cfg).get_heads())
