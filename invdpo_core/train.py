@@ -66,7 +66,7 @@ from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, ConfigError, TrainingConfig, schedule_problem
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
-from invdpo_core.inversion_cache import InversionCache, entry_bytes
+from invdpo_core.inversion_cache import InversionCache, entry_bytes, model_digest
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
@@ -449,9 +449,9 @@ def fill_inversion_cache(
             if len(group) == config.batch_size * world:
                 break
         mine = group[rank * config.batch_size : (rank + 1) * config.batch_size]
-        todo = [p for p in mine if p.key not in cache]
+        todo = [(p, c) for p, c in zip(mine, captions(mine, config, None), strict=True) if not cache.has(p, c)]
         if todo:
-            held += sum(entry_bytes(entry) for entry in cache.invert(todo, captions(todo, config, None)))
+            held += sum(entry_bytes(entry) for entry in cache.invert([p for p, _ in todo], [c for _, c in todo]))
         walked += len(group)
         if config.inversion_cache == "memory" and held > budget:
             raise TrainError(
@@ -594,6 +594,12 @@ def train(
     # The model's own resolution when none is set: from here on the run, its checkpoints and its cache use it.
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = config.model_copy(update={"resolution": resolution})
+    model_id = ""  # a disk inversion cache outlives the run: its entries name the weights that made them
+    if config.method == "inversion_dpo" and config.inversion_cache == "disk":
+        # UNet, VAE and text encoders as loaded (before any adapter or cast), and the scheduler.
+        sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if sdxl else [])]
+        model_id = model_digest([pipe.unet, pipe.vae, *encoders], dict(pipe.scheduler.config))
     policy, reference = prepare_models(pipe, config, device, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(policy, config)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -620,11 +626,14 @@ def train(
         point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)
 
     config_json = config.model_dump(mode="json")
-    cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEY_FIELDS})
+    settings = {k: config_json[k] for k in CACHE_KEY_FIELDS}
+    cache_dir = out / "cache" / _hash(settings)
+    # The identity of every entry (inversion_cache.py): the settings, and for a disk cache the model (model_id).
+    identity = json.dumps(settings, sort_keys=True) + model_id
     # caption -> text embeddings (config.cache_text_embeddings): the text encoders run once per caption.
     text_cache: dict[str, Any] | None = {} if config.cache_text_embeddings else None
     invert = partial(invert_pairs, pipe, reference, config, accelerator, text_cache)
-    cache = InversionCache(config.inversion_cache, cache_dir, invert, device=device, rank=rank)
+    cache = InversionCache(config.inversion_cache, cache_dir, invert, identity=identity, device=device, rank=rank)
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()
