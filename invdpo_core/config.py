@@ -172,6 +172,20 @@ class TrainingConfig(_Strict):
         description="Where the per-pair reference trajectory lives; none recomputes it every step.",
         json_schema_extra=role("resumable"),
     )
+    inversion_cache_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32",
+        description="Storage dtype of the latents a cache entry holds (the reference errors stay float32); "
+        "tests/core/test_inversion_cache.py bounds the loss change of each against fp32.",
+        json_schema_extra=role("cache_key"),
+    )
+    inversion_points_per_pair: int = Field(
+        0,
+        ge=0,
+        le=MAX_INVERSION_STEPS,
+        description="M inverted points a pair keeps in the cache, drawn once per pair from the seed and the pair's "
+        "key; each step samples timesteps_per_step of them. 0 (or M >= inversion_steps) keeps all inversion_steps.",
+        json_schema_extra=role("cache_key"),
+    )
     empty_prompt_share: float = Field(
         0.2, ge=0, le=1, description="Share of captions replaced by ''.", json_schema_extra=role("cache_key")
     )
@@ -338,6 +352,11 @@ class TrainingConfig(_Strict):
             raise ValueError(
                 f"timesteps_per_step ({self.timesteps_per_step}) cannot exceed inversion_steps "
                 f"({self.inversion_steps})"
+            )
+        if self.inversion_points_per_pair and self.timesteps_per_step > self.inversion_points_per_pair:
+            raise ValueError(
+                f"timesteps_per_step ({self.timesteps_per_step}) cannot exceed inversion_points_per_pair "
+                f"({self.inversion_points_per_pair})"
             )
         return self
 

@@ -295,18 +295,20 @@ TARGETS = ("paired", "x0", "step", "reference")
 
 @dataclass
 class InvertedPairs:
-    """Everything the training step needs for B pairs at all N points; the reference side is reduced to scalars.
+    """Everything the training step needs for B pairs at M points each; the reference side is reduced to scalars.
 
-    Tensors are (B, N, ...) so a pair's points stay together (and can be cached per pair).
+    Tensors are (B, M, ...) so a pair's points stay together (and can be cached per pair). A pair keeps all N points
+    of the grid (M = N, as built) or M of them (the cache's `inversion_points_per_pair`): `points` says which.
     """
 
-    timesteps: torch.Tensor  # (N,)
-    xt_w: torch.Tensor  # (B, N, C, h, w): where the policy is evaluated for the winner
-    xt_l: torch.Tensor  # (B, N, C, h, w): ... and for the loser
-    target_w: torch.Tensor  # (B, N, C, h, w): the noise the policy should predict for the winner
-    target_l: torch.Tensor  # (B, N, C, h, w)
-    ref_err_w: torch.Tensor  # (B, N): mean squared error of the frozen reference at the winner's points
-    ref_err_l: torch.Tensor  # (B, N)
+    timesteps: torch.Tensor  # (N,): the inversion grid
+    xt_w: torch.Tensor  # (B, M, C, h, w): where the policy is evaluated for the winner
+    xt_l: torch.Tensor  # (B, M, C, h, w): ... and for the loser
+    target_w: torch.Tensor  # (B, M, C, h, w): the noise the policy should predict for the winner
+    target_l: torch.Tensor  # (B, M, C, h, w)
+    ref_err_w: torch.Tensor  # (B, M): mean squared error of the frozen reference at the winner's points
+    ref_err_l: torch.Tensor  # (B, M)
+    points: torch.Tensor  # (B, M) long: each point's index in the grid `timesteps`
 
     def select(self, pair_idx: torch.Tensor | slice) -> InvertedPairs:
         return InvertedPairs(
@@ -362,6 +364,7 @@ def build_inverted_pairs(
     b = z_w.shape[0]
     inv = inverse_scheduler(scheduler_config, num_steps)
     timesteps = inv.timesteps.to(z_w.device)
+    points = torch.arange(num_steps, device=z_w.device).expand(b, num_steps)  # (B, N): every grid point
     abar = inv.alphas_cumprod.to(z_w.device)[timesteps].view(-1, 1, 1, 1, 1)  # (N, 1, 1, 1, 1)
 
     def bn(t: torch.Tensor) -> torch.Tensor:  # (N, B, ...) -> (B, N, ...)
@@ -393,6 +396,7 @@ def build_inverted_pairs(
             target_l=bn(noise),
             ref_err_w=torch.where(p2, err_src, err_other),
             ref_err_l=torch.where(p2, err_other, err_src),
+            points=points,
         )
 
     # Unpaired targets: each image on its own inverted points.
@@ -421,4 +425,5 @@ def build_inverted_pairs(
         target_l=tgt_bn[b:],
         ref_err_w=err[:b],
         ref_err_l=err[b:],
+        points=points,
     )

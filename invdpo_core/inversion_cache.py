@@ -1,7 +1,7 @@
 """Inverted pairs kept per pair, so a pair's DDIM inversion (inversion.py) runs once per run, not once per visit.
 
 Three kinds, `TrainingConfig.inversion_cache`:
-- memory: a dict on the CPU, one entry (1, N, ...) per entry key; each process holds the pairs it inverted;
+- memory: a dict on the CPU, one entry per entry key; each process holds the pairs it inverted;
 - disk: one file per entry key in `directory`, written atomically, shared by every process and by a resumed run;
 - none: nothing kept; every visit inverts again (entries stay on the device).
 
@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -30,10 +29,11 @@ import torch
 from invdpo_core.data import PreferencePair
 from invdpo_core.inversion import InvertedPairs
 
-# Inverts a batch of pairs under the given captions: InvertedPairs (B, N, ...).
-Invert = Callable[[list[PreferencePair], list[str]], InvertedPairs]
+# Inverts a batch of pairs under the given captions: InvertedPairs (B, N, ...), and the clean latents z_w, z_l
+# (B, C, h, w) it inverted.
+Invert = Callable[[list[PreferencePair], list[str]], tuple[InvertedPairs, torch.Tensor, torch.Tensor]]
 # The entry format, part of every key: a change of what an entry holds can never read an entry of the old format.
-LAYOUT = 1
+LAYOUT = 2
 
 
 def model_digest(modules: list[torch.nn.Module], scheduler_config: dict) -> str:
@@ -56,19 +56,49 @@ def record_digest(pair: PreferencePair, caption: str) -> str:
     return h.hexdigest()
 
 
-def _map_pairs(pairs: InvertedPairs, fn: Callable[[torch.Tensor], torch.Tensor]) -> InvertedPairs:
-    return InvertedPairs(*(fn(getattr(pairs, f.name)) for f in fields(pairs)))
+# What an entry holds, per target: only what the loss needs, nothing twice, targets derived when they are functions
+# of stored latents. M kept points, (C, h, w) the latent shape; latents in the storage dtype (inversion_cache_dtype),
+# the scalar reference errors in float32 as they are, the points' places on the grid in int16 (N <= 999).
+#   every target: points (M,), ref_err_w, ref_err_l (M,)
+#   paired:       z_w, z_l (C, h, w) and the shared noise n (M, C, h, w): x_t = sqrt(abar) z + sqrt(1 - abar) n for
+#                 both images (exactly the chosen image's inverted point, up to rounding), n the target of both
+#   x0:           z_w, z_l (C, h, w), each image's own implied noise noise_w, noise_l (M, C, h, w), its target:
+#                 x_t = sqrt(abar) z + sqrt(1 - abar) n (storing x_t and deriving n instead would scale x_t's
+#                 rounding by 1 / sqrt(1 - abar), 25x at t = 1)
+#   step, reference: xt_w, xt_l, target_w, target_l (M, C, h, w): these targets are the reference's own predictions
+# (clean latents, latents per point) per target: benchmarks/cache_size.py computes entry sizes from it.
+LATENTS: dict[str, tuple[int, int]] = {"paired": (2, 1), "x0": (2, 2), "step": (0, 4), "reference": (0, 4)}
+POINT_BYTES = 2 + 4 + 4  # points (int16), ref_err_w and ref_err_l (float32), per kept point
 
 
-def entry_bytes(entry: InvertedPairs) -> int:
-    return sum(t.numel() * t.element_size() for t in (getattr(entry, f.name) for f in fields(entry)))
+def layout_bytes(target: str, points: int, latent_shape: tuple[int, int, int], dtype: torch.dtype) -> int:
+    """Bytes of one entry's tensors: the layout above, for `points` kept points of latents `latent_shape`."""
+    clean, per_point = LATENTS[target]
+    latent = latent_shape[0] * latent_shape[1] * latent_shape[2] * dtype.itemsize
+    return (clean + per_point * points) * latent + POINT_BYTES * points
+
+
+def entry_bytes(entry: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.values())
+
+
+def kept_points(seed: int, key: str, n: int, m: int) -> torch.Tensor:
+    """The M of the N grid points a pair keeps (all N when m is 0 or >= n), ascending: drawn from a per-pair seed,
+    sha256 of the seed and the pair's key, so a resumed run and every process keep the same ones."""
+    if m == 0 or m >= n:
+        return torch.arange(n)
+    digest = hashlib.sha256(f"{seed}:points:{key}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big"))
+    return torch.randperm(n, generator=generator)[:m].sort().values
 
 
 class InversionCache:
-    """(pair, caption) -> inverted pair (1, N, ...); `invert` computes what is missing (see the module docstring).
+    """(pair, caption) -> one entry (the layout above); `invert` computes what is missing (the module docstring).
 
-    identity: the model and the settings the entries depend on (the module docstring); `inverted` counts the pairs
-    this cache inverted."""
+    identity: the model and the settings the entries depend on (the module docstring). target, dtype,
+    points_per_pair (0: all N) and seed: what an entry keeps and how (config.py's inversion_target,
+    inversion_cache_dtype, inversion_points_per_pair, seed). grid, abar: (N,) the inversion grid's timesteps and
+    their alphas_cumprod, to rebuild the points. `inverted` counts the pairs this cache inverted."""
 
     def __init__(
         self,
@@ -77,12 +107,26 @@ class InversionCache:
         invert: Invert,
         *,
         identity: str,
+        target: str,
+        dtype: torch.dtype,
+        points_per_pair: int,
+        seed: int,
+        grid: torch.Tensor,
+        abar: torch.Tensor,
         device: torch.device,
         rank: int = 0,
     ):
         self.kind, self.directory, self._invert, self.device, self.rank = kind, directory, invert, device, rank
-        self.identity, self.inverted = identity, 0
-        self._memory: dict[str, InvertedPairs] = {}
+        self.identity, self.target, self.dtype, self.points_per_pair, self.seed = (
+            identity,
+            target,
+            dtype,
+            points_per_pair,
+            seed,
+        )
+        self.grid, self.abar = grid, abar.float()
+        self.inverted = 0
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
 
     def key(self, pair: PreferencePair, caption: str) -> str:
         """The entry's key: the cache's identity, the pair's key and the record's content (64 hex digits)."""
@@ -98,45 +142,82 @@ class InversionCache:
             return key in self._memory
         return self.kind == "disk" and self._file(key).is_file()
 
-    def get(self, pair: PreferencePair, caption: str) -> InvertedPairs | None:
+    def get(self, pair: PreferencePair, caption: str) -> dict[str, torch.Tensor] | None:
         key = self.key(pair, caption)
         if self.kind == "memory":
             return self._memory.get(key)
         if self.kind == "disk" and self._file(key).is_file():
             try:
-                return InvertedPairs(**torch.load(self._file(key), map_location="cpu", weights_only=True))
+                return torch.load(self._file(key), map_location="cpu", weights_only=True)
             except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # a torn file: recompute it
                 return None
         return None
 
-    def invert(self, batch: list[PreferencePair], captions: list[str]) -> list[InvertedPairs]:
-        """Invert the pairs now; one entry (1, N, ...) per pair, stored in the cache when there is one."""
-        inv = self._invert(batch, captions)
+    def pack(
+        self, inv: InvertedPairs, i: int, z_w: torch.Tensor, z_l: torch.Tensor, key: str
+    ) -> dict[str, torch.Tensor]:
+        """Pair i of a built batch (B, N, ...) as an entry: its kept points, in the layout above. key: the pair's."""
+        keep = kept_points(self.seed, key, inv.points.shape[1], self.points_per_pair).to(inv.points.device)
+        on = torch.device("cpu") if self.kind != "none" else self.device
+
+        # Copies, not views: a view would keep (and torch.save would write) the whole batch's storage.
+        def latent(t: torch.Tensor) -> torch.Tensor:
+            return t.to(on, self.dtype, copy=True).contiguous()
+
+        entry = {
+            "points": inv.points[i, keep].to(on, torch.int16, copy=True),
+            "ref_err_w": inv.ref_err_w[i, keep].to(on, torch.float32, copy=True),
+            "ref_err_l": inv.ref_err_l[i, keep].to(on, torch.float32, copy=True),
+        }
+        if self.target == "paired":  # target_w is the shared noise (target_l is the same tensor's values)
+            names = {"z_w": z_w[i], "z_l": z_l[i], "noise": inv.target_w[i, keep]}
+        elif self.target == "x0":
+            names = {"z_w": z_w[i], "z_l": z_l[i], "noise_w": inv.target_w[i, keep], "noise_l": inv.target_l[i, keep]}
+        else:
+            names = {n: getattr(inv, n)[i, keep] for n in ("xt_w", "xt_l", "target_w", "target_l")}
+        return entry | {n: latent(t) for n, t in names.items()}
+
+    def unpack(self, entries: list[dict[str, torch.Tensor]]) -> InvertedPairs:
+        """Entries -> the batch's InvertedPairs (B, M, ...) in float32 on the device, points and targets rebuilt."""
+        e = {n: torch.stack([entry[n] for entry in entries]).to(self.device) for n in entries[0]}
+        points = e["points"].long()  # (B, M)
+        abar = self.abar.to(self.device)[points].view(*points.shape, 1, 1, 1)  # (B, M, 1, 1, 1)
+        if self.target in ("paired", "x0"):
+            # x_t = sqrt(abar) z + sqrt(1 - abar) n, n the target: one shared noise (paired) or each image's own.
+            target_w = e["noise" if self.target == "paired" else "noise_w"].float()
+            target_l = e["noise" if self.target == "paired" else "noise_l"].float()
+            xt_w = abar**0.5 * e["z_w"].float()[:, None] + (1 - abar) ** 0.5 * target_w
+            xt_l = abar**0.5 * e["z_l"].float()[:, None] + (1 - abar) ** 0.5 * target_l
+        else:
+            xt_w, xt_l, target_w, target_l = (e[n].float() for n in ("xt_w", "xt_l", "target_w", "target_l"))
+        return InvertedPairs(
+            self.grid.to(self.device), xt_w, xt_l, target_w, target_l, e["ref_err_w"], e["ref_err_l"], points
+        )
+
+    def invert(self, batch: list[PreferencePair], captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Invert the pairs now; one entry per pair, stored in the cache when there is one."""
+        inv, z_w, z_l = self._invert(batch, captions)
         self.inverted += len(batch)
-        keep_on = torch.device("cpu") if self.kind != "none" else self.device
         entries = []
         for i, (pair, caption) in enumerate(zip(batch, captions, strict=True)):
             key = self.key(pair, caption)
-            # A copy, not a view: a view would keep (and torch.save would write) the whole batch's storage.
-            entry = _map_pairs(inv.select(slice(i, i + 1)), lambda t: t.to(keep_on, copy=True))
+            entry = self.pack(inv, i, z_w, z_l, pair.key)
             if self.kind == "memory":
                 self._memory[key] = entry
             elif self.kind == "disk":
                 self.directory.mkdir(parents=True, exist_ok=True)
                 tmp = self._file(key).with_suffix(f".tmp{self.rank}")
-                torch.save({f.name: getattr(entry, f.name) for f in fields(entry)}, tmp)
+                torch.save(entry, tmp)
                 os.replace(tmp, self._file(key))  # atomic: a reader sees a whole entry or none
             entries.append(entry)
         return entries
 
     def batch(self, batch: list[PreferencePair], captions: list[str]) -> InvertedPairs:
-        """The batch's inverted pairs (B, N, ...) on the device, from the cache or inverted now."""
+        """The batch's inverted pairs (B, M, ...) on the device, from the cache or inverted now."""
         entries = [self.get(p, c) for p, c in zip(batch, captions, strict=True)]
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
             inverted = self.invert([batch[i] for i in missing], [captions[i] for i in missing])
             for i, entry in zip(missing, inverted, strict=True):
                 entries[i] = entry
-        return _map_pairs(
-            InvertedPairs.cat([e for e in entries if e is not None]), lambda t: t.to(self.device, copy=True)
-        )
+        return self.unpack([e for e in entries if e is not None])

@@ -401,8 +401,9 @@ def invert_pairs(
     text_cache: dict[str, Any] | None,
     batch: list[PreferencePair],
     caps: list[str],
-) -> InvertedPairs:
-    """DDIM-invert the pairs with the reference under the given captions: (B, N, ...) on the device."""
+) -> tuple[InvertedPairs, torch.Tensor, torch.Tensor]:
+    """DDIM-invert the pairs with the reference under the given captions: (B, N, ...) on the device, and the clean
+    latents z_w, z_l (B, C, h, w)."""
     device = accelerator.device
     assert config.resolution is not None
     z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
@@ -414,12 +415,13 @@ def invert_pairs(
             pipe, [""] * len(batch), device=device, resolution=config.resolution, time_ids=time_ids, cache=text_cache
         )
     with reference.use() as ref, accelerator.autocast():
-        return build_inverted_pairs(
+        inverted = build_inverted_pairs(
             ref, pipe.scheduler.config, z_w, z_l, cond,
             target=config.inversion_target, num_steps=config.inversion_steps,
             guidance=config.inversion_guidance, uncond=uncond,
             use_winner_noise=pair_coin(config.seed, [p.key for p in batch]),
         )  # fmt: skip
+    return inverted, z_w, z_l
 
 
 def fill_inversion_cache(
@@ -620,9 +622,10 @@ def train(
 
     # --- 3. The inversion cache ----------------------------------------------------------------------------------
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    point_weights = torch.ones(0)
+    point_weights, inv_timesteps, inv_abar = torch.ones(0), torch.zeros(0, dtype=torch.long), torch.ones(0)
     if config.method == "inversion_dpo":  # the other methods have no inversion grid (and any spacing works for them)
-        inv_timesteps = inverse_scheduler(pipe.scheduler.config, config.inversion_steps).timesteps
+        inv_scheduler = inverse_scheduler(pipe.scheduler.config, config.inversion_steps)
+        inv_timesteps, inv_abar = inv_scheduler.timesteps, inv_scheduler.alphas_cumprod[inv_scheduler.timesteps]
         point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)
 
     config_json = config.model_dump(mode="json")
@@ -633,7 +636,12 @@ def train(
     # caption -> text embeddings (config.cache_text_embeddings): the text encoders run once per caption.
     text_cache: dict[str, Any] | None = {} if config.cache_text_embeddings else None
     invert = partial(invert_pairs, pipe, reference, config, accelerator, text_cache)
-    cache = InversionCache(config.inversion_cache, cache_dir, invert, identity=identity, device=device, rank=rank)
+    cache = InversionCache(
+        config.inversion_cache, cache_dir, invert, identity=identity, target=config.inversion_target,
+        dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.inversion_cache_dtype],
+        points_per_pair=config.inversion_points_per_pair, seed=config.seed, grid=inv_timesteps, abar=inv_abar,
+        device=device, rank=rank,
+    )  # fmt: skip
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()

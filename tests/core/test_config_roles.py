@@ -15,7 +15,7 @@ def test_roles_give_the_lists_the_trainer_uses() -> None:
     }  # fmt: skip
     assert set(config.CACHE_KEY_FIELDS) == {
         "base_model", "resolution", "inversion_target", "inversion_steps", "inversion_guidance", "empty_prompt_share",
-        "seed", "mixed_precision",
+        "seed", "mixed_precision", "inversion_cache_dtype", "inversion_points_per_pair",
     }  # fmt: skip
     assert train.RESUMABLE_FIELDS is config.RESUMABLE_FIELDS and train.CACHE_KEY_FIELDS is config.CACHE_KEY_FIELDS
 
