@@ -424,6 +424,18 @@ def invert_pairs(
     return inverted, z_w, z_l
 
 
+def local_processes(accelerator: Accelerator) -> int:
+    """Training processes on this machine: LOCAL_WORLD_SIZE (torchrun and accelerate launch set it), else all of
+    them (one machine)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
+def memory_budget(local: int) -> int:
+    """Bytes one process's memory cache may hold: half the machine's RAM, shared by its `local` processes (each holds
+    the pairs it inverted), so together they stay within half the RAM instead of being OOM-killed."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 // max(1, local)
+
+
 def fill_inversion_cache(
     cache: InversionCache,
     config: TrainingConfig,
@@ -437,7 +449,8 @@ def fill_inversion_cache(
     world, rank = accelerator.num_processes, accelerator.process_index
     pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
     planned, walked, covers, held = (config.max_steps - position.step) * pairs_per_step, 0, False, 0
-    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    local = local_processes(accelerator)
+    budget = memory_budget(local)
     walk = _pairs_from(config, position.epoch, position.index, on_skip)
     while walked < planned and not covers:
         group: list[PreferencePair] = []  # one micro-batch of every process
@@ -457,8 +470,8 @@ def fill_inversion_cache(
         walked += len(group)
         if config.inversion_cache == "memory" and held > budget:
             raise TrainError(
-                f"inversion_cache: memory: the cache passed {held / 2**30:.1f} GiB (half the RAM) after {walked} "
-                "pairs; use inversion_cache: disk or none"
+                f"inversion_cache: memory: this process's cache passed {held / 2**30:.1f} GiB (half the RAM shared "
+                f"by {local} processes on this machine) after {walked} pairs; use inversion_cache: disk or none"
             )
         if on_progress:
             on_progress(walked, walked if covers else planned)

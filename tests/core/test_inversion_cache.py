@@ -188,3 +188,31 @@ def test_storage_dtype_keeps_the_loss_and_its_gradient(world, target, dtype):
     loss_tol, grad_tol = PARITY[dtype]
     assert abs(loss - loss32) <= loss_tol
     assert ((grad - grad32).norm() / grad32.norm()).item() <= grad_tol
+
+
+# ---------------------------------------------------------------- the memory budget is the machine's
+def test_the_memory_budget_is_half_the_ram_shared_by_the_local_processes(monkeypatch):
+    assert train_module.memory_budget(8) == train_module.memory_budget(1) // 8
+
+    class Accel:
+        num_processes = 16  # two machines of 8
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train_module.local_processes(Accel()) == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train_module.local_processes(Accel()) == 16  # not told: as if all were on this machine
+
+
+def test_a_memory_cache_over_its_share_of_the_machine_stops_with_the_clean_error(tmp_path, model_dir, monkeypatch):
+    dataset = make_toy_dataset(tmp_path / "data", 4, model_dir=model_dir)
+    config = {
+        "base_model": str(model_dir), "dataset": str(dataset), "resolution": 64, "inversion_steps": 4,
+        "batch_size": 2, "max_steps": 2, "checkpoint_interval": 100, "output_dir": str(tmp_path / "run"),
+        "method": "inversion_dpo", "inversion_cache": "memory", "resume": False,
+    }  # fmt: skip
+    train(parse_config(config))  # one process: well within half the RAM
+    # So many processes on this machine that one's share is below a single entry (a few KB): the clean error.
+    ram_half = train_module.memory_budget(1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ram_half // 1000))
+    with pytest.raises(train_module.TrainError, match=r"half the RAM shared by \d+ processes on this machine"):
+        train(parse_config(config))
