@@ -220,7 +220,7 @@ def invert_pairs(world: World, pairs: Pairs, run: Run) -> InvertedPairs:
     records = [PreferencePair("", b"", b"", str(i)) for i in range(len(pairs.prompt))]
     grid = inverse_scheduler(world.scheduler.config, run.inversion_steps)
     cache = InversionCache(
-        "memory", CACHE, lambda batch, caps: (built, pairs.z_w, pairs.z_l), identity=run.name, target=run.target,
+        "memory", str(CACHE), lambda batch, caps: (built, pairs.z_w, pairs.z_l), identity=run.name, target=run.target,
         dtype=STORAGE[run.cache_dtype], points_per_pair=run.points_per_pair, seed=0, grid=grid.timesteps,
         abar=grid.alphas_cumprod[grid.timesteps], device=DEVICE,
     )  # fmt: skip

@@ -71,7 +71,7 @@ def check_tiny() -> int:
                 for m in (0, 1, 4):
                     directory = Path(tmp) / f"{target}-{dtype}-{m}"
                     cache = InversionCache(
-                        "disk", directory, invert, identity="size", target=target,
+                        "disk", str(directory), invert, identity="size", target=target,
                         dtype=DTYPES[dtype], points_per_pair=m, seed=0, grid=grid.timesteps,
                         abar=grid.alphas_cumprod[grid.timesteps], device=torch.device("cpu"),
                     )  # fmt: skip

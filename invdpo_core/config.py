@@ -186,6 +186,13 @@ class TrainingConfig(_Strict):
         "key; each step samples timesteps_per_step of them. 0 (or M >= inversion_steps) keeps all inversion_steps.",
         json_schema_extra=role("cache_key"),
     )
+    inversion_cache_dir: str | None = Field(
+        None,
+        description="Where inversion_cache: disk keeps its entries: a local directory or an s3:// prefix every "
+        "process and node can read; an entry's key is its whole identity, so runs may share it. none: "
+        "output_dir/cache.",
+        json_schema_extra=role("reserved", "resumable", "local", set_by="a trainer setting, not a job's"),
+    )
     empty_prompt_share: float = Field(
         0.2, ge=0, le=1, description="Share of captions replaced by ''.", json_schema_extra=role("cache_key")
     )

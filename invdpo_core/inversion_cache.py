@@ -2,7 +2,8 @@
 
 Three kinds, `TrainingConfig.inversion_cache`:
 - memory: a dict on the CPU, one entry per entry key; each process holds the pairs it inverted;
-- disk: one file per entry key in `directory`, written atomically, shared by every process and by a resumed run;
+- disk: one file per entry key in `directory` (a local directory or an s3:// prefix, through storage.py), written
+  atomically, shared by every process, every node that reads the same place, and a resumed run;
 - none: nothing kept; every visit inverts again (entries stay on the device).
 
 An entry's key is its whole identity, never only its folder, so a shared cache directory (a reused output_dir, a
@@ -17,15 +18,15 @@ cache of another dataset or another model) can never hand out an entry that belo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import pickle
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import torch
 
+from invdpo_core import storage
 from invdpo_core.data import PreferencePair
 from invdpo_core.inversion import InvertedPairs
 
@@ -34,6 +35,7 @@ from invdpo_core.inversion import InvertedPairs
 Invert = Callable[[list[PreferencePair], list[str]], tuple[InvertedPairs, torch.Tensor, torch.Tensor]]
 # The entry format, part of every key: a change of what an entry holds can never read an entry of the old format.
 LAYOUT = 2
+MAX_ENTRY_BYTES = 1 << 31  # a read limit far above any entry (SDXL, fp32, all of 999 points: about 1 GiB)
 
 
 def model_digest(modules: list[torch.nn.Module], scheduler_config: dict) -> str:
@@ -103,7 +105,7 @@ class InversionCache:
     def __init__(
         self,
         kind: Literal["memory", "disk", "none"],
-        directory: Path,
+        directory: str,
         invert: Invert,
         *,
         identity: str,
@@ -114,9 +116,8 @@ class InversionCache:
         grid: torch.Tensor,
         abar: torch.Tensor,
         device: torch.device,
-        rank: int = 0,
     ):
-        self.kind, self.directory, self._invert, self.device, self.rank = kind, directory, invert, device, rank
+        self.kind, self.directory, self._invert, self.device = kind, directory, invert, device
         self.identity, self.target, self.dtype, self.points_per_pair, self.seed = (
             identity,
             target,
@@ -133,25 +134,29 @@ class InversionCache:
         parts = [f"layout {LAYOUT}", self.identity, pair.key, record_digest(pair, caption)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
-    def _file(self, key: str) -> Path:
-        return self.directory / f"{key}.pt"
+    def _file(self, key: str) -> str:
+        return f"{self.directory.rstrip('/')}/{key}.pt"
 
     def has(self, pair: PreferencePair, caption: str) -> bool:
         key = self.key(pair, caption)
         if self.kind == "memory":
             return key in self._memory
-        return self.kind == "disk" and self._file(key).is_file()
+        return self.kind == "disk" and storage.exists(self._file(key))
 
     def get(self, pair: PreferencePair, caption: str) -> dict[str, torch.Tensor] | None:
         key = self.key(pair, caption)
         if self.kind == "memory":
             return self._memory.get(key)
-        if self.kind == "disk" and self._file(key).is_file():
-            try:
-                return torch.load(self._file(key), map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # a torn file: recompute it
-                return None
-        return None
+        if self.kind != "disk":
+            return None
+        try:
+            data = storage.read_bytes(self._file(key), max_bytes=MAX_ENTRY_BYTES)
+        except FileNotFoundError:
+            return None
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError):  # a torn file: recompute it
+            return None
 
     def pack(
         self, inv: InvertedPairs, i: int, z_w: torch.Tensor, z_l: torch.Tensor, key: str
@@ -205,10 +210,9 @@ class InversionCache:
             if self.kind == "memory":
                 self._memory[key] = entry
             elif self.kind == "disk":
-                self.directory.mkdir(parents=True, exist_ok=True)
-                tmp = self._file(key).with_suffix(f".tmp{self.rank}")
-                torch.save(entry, tmp)
-                os.replace(tmp, self._file(key))  # atomic: a reader sees a whole entry or none
+                buffer = io.BytesIO()
+                torch.save(entry, buffer)
+                storage.write_bytes(self._file(key), buffer.getvalue())  # atomic: a reader sees all of it or none
             entries.append(entry)
         return entries
 

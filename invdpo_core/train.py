@@ -643,7 +643,7 @@ def train(
 
     config_json = config.model_dump(mode="json")
     settings = {k: config_json[k] for k in CACHE_KEY_FIELDS}
-    cache_dir = out / "cache" / _hash(settings)
+    cache_dir = f"{(config.inversion_cache_dir or str(out / 'cache')).rstrip('/')}/{_hash(settings)}"
     # The identity of every entry (inversion_cache.py): the settings, and for a disk cache the model (model_id).
     identity = json.dumps(settings, sort_keys=True) + model_id
     # caption -> text embeddings (config.cache_text_embeddings): the text encoders run once per caption.
@@ -653,7 +653,7 @@ def train(
         config.inversion_cache, cache_dir, invert, identity=identity, target=config.inversion_target,
         dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.inversion_cache_dtype],
         points_per_pair=config.inversion_points_per_pair, seed=config.seed, grid=inv_timesteps, abar=inv_abar,
-        device=device, rank=rank,
+        device=device,
     )  # fmt: skip
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:

@@ -3,7 +3,6 @@ and the same settings, however the output_dir or the cache directory is shared."
 
 import copy
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from invdpo_core.data import PreferencePair
 from invdpo_core.inversion import TARGETS, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
 from invdpo_core.inversion_cache import InversionCache, entry_bytes, kept_points, layout_bytes
 from invdpo_core.methods import all_points_backward, inversion_dpo_points
+from invdpo_core.storage import list_files
 from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import make_toy_dataset
 from invdpo_core.train import train
@@ -36,7 +36,7 @@ def inversions(monkeypatch):
     return counted
 
 
-def run_disk_cached(model, dataset, output_dir, inversions: list[int]) -> int:
+def run_disk_cached(model, dataset, output_dir, inversions: list[int], cache_dir: str | None = None) -> int:
     """Train 2 steps of 2 pairs (the 4 pairs of a toy dataset) with a disk cache; the pairs this run inverted."""
     inversions.clear()
     config = {
@@ -44,7 +44,7 @@ def run_disk_cached(model, dataset, output_dir, inversions: list[int]) -> int:
         "max_steps": 2, "learning_rate": 1e-3, "beta": 500.0, "checkpoint_interval": 100,
         "output_dir": str(output_dir), "method": "inversion_dpo", "inversion_cache": "disk", "resume": False,
     }  # fmt: skip
-    train(parse_config(config))
+    train(parse_config(config | ({"inversion_cache_dir": cache_dir} if cache_dir else {})))
     return sum(inversions)
 
 
@@ -73,6 +73,17 @@ def test_other_weights_under_the_same_model_path_are_inverted_again(tmp_path, mo
     assert run_disk_cached(model, dataset, out, inversions) == 4
 
 
+def test_a_disk_cache_under_an_s3_prefix_is_shared_by_runs_and_keyed_the_same(s3_env, tmp_path, model_dir, inversions):
+    data_a = make_toy_dataset(tmp_path / "a", 4, model_dir=model_dir, seed=0)
+    data_b = make_toy_dataset(tmp_path / "b", 4, model_dir=model_dir, seed=1)
+    cache_dir = f"s3://{s3_env}/inversion-cache"
+    assert run_disk_cached(model_dir, data_a, tmp_path / "run1", inversions, cache_dir) == 4
+    assert len(list_files(cache_dir)) == 4 and not (tmp_path / "run1" / "cache").exists()
+    assert run_disk_cached(model_dir, data_a, tmp_path / "run2", inversions, cache_dir) == 0  # another run reuses
+    assert run_disk_cached(model_dir, data_b, tmp_path / "run2", inversions, cache_dir) == 4  # other data does not
+    assert len(list_files(cache_dir)) == 8
+
+
 # ---------------------------------------------------------------- what an entry holds
 N_STEPS = 6
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,7 +105,7 @@ def world():
     return pipe, pairs, prompts, z_w, z_l, cond, policy
 
 
-def make_cache(world, target, *, kind="memory", directory=Path("unused"), dtype="fp32", m=0):
+def make_cache(world, target, *, kind="memory", directory="unused", dtype="fp32", m=0):
     pipe, _, _, z_w, z_l, cond, _ = world
 
     def invert(batch, caps):
@@ -117,7 +128,7 @@ def make_cache(world, target, *, kind="memory", directory=Path("unused"), dtype=
 @pytest.mark.parametrize("target", TARGETS)
 def test_an_entry_holds_the_layout_and_nothing_else(world, tmp_path, target, dtype, m):
     _, pairs, prompts, *_ = world
-    cache = make_cache(world, target, kind="disk", directory=tmp_path, dtype=dtype, m=m)
+    cache = make_cache(world, target, kind="disk", directory=str(tmp_path), dtype=dtype, m=m)
     cache.invert(pairs[:2], prompts[:2])
     for pair, caption in zip(pairs[:2], prompts[:2], strict=True):
         saved = torch.load(tmp_path / f"{cache.key(pair, caption)}.pt", weights_only=True)  # as torch.save wrote it
