@@ -213,6 +213,7 @@ def invert_pairs(world: World, pairs: Pairs, run: Run) -> InvertedPairs:
                 target=run.target, num_steps=run.inversion_steps, guidance=run.guidance,
                 uncond=None if uncond is None else uncond.repeat(cond.hidden_states.shape[0]),
                 use_winner_noise=pair_coin(0, [str(i) for i in range(s, s + cond.hidden_states.shape[0])]),
+                storage_dtype=STORAGE[run.cache_dtype],
             )
         )  # fmt: skip
     built = InvertedPairs.cat(parts)

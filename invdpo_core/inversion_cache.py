@@ -28,7 +28,7 @@ import torch
 
 from invdpo_core import storage
 from invdpo_core.data import PreferencePair
-from invdpo_core.inversion import InvertedPairs
+from invdpo_core.inversion import InvertedPairs, noised
 
 # Inverts a batch of pairs under the given captions: InvertedPairs (B, N, ...), and the clean latents z_w, z_l
 # (B, C, h, w) it inverted.
@@ -161,8 +161,11 @@ class InversionCache:
     def pack(
         self, inv: InvertedPairs, i: int, z_w: torch.Tensor, z_l: torch.Tensor, key: str
     ) -> dict[str, torch.Tensor]:
-        """Pair i of a built batch (B, N, ...) as an entry: its kept points, in the layout above. key: the pair's."""
-        keep = kept_points(self.seed, key, inv.points.shape[1], self.points_per_pair).to(inv.points.device)
+        """Pair i of a built batch as an entry: its kept points, in the layout above. key: the pair's. The batch holds
+        all N grid points, or (built with `keep`) only the kept ones."""
+        keep = kept_points(self.seed, key, len(self.grid), self.points_per_pair).to(inv.points.device)
+        pos = torch.searchsorted(inv.points[i].contiguous(), keep)  # their positions in the batch's points
+        assert pos.max() < inv.points.shape[1] and torch.equal(inv.points[i, pos], keep), "pair built without them"
         on = torch.device("cpu") if self.kind != "none" else self.device
 
         # Copies, not views: a view would keep (and torch.save would write) the whole batch's storage.
@@ -170,16 +173,16 @@ class InversionCache:
             return t.to(on, self.dtype, copy=True).contiguous()
 
         entry = {
-            "points": inv.points[i, keep].to(on, torch.int16, copy=True),
-            "ref_err_w": inv.ref_err_w[i, keep].to(on, torch.float32, copy=True),
-            "ref_err_l": inv.ref_err_l[i, keep].to(on, torch.float32, copy=True),
+            "points": inv.points[i, pos].to(on, torch.int16, copy=True),
+            "ref_err_w": inv.ref_err_w[i, pos].to(on, torch.float32, copy=True),
+            "ref_err_l": inv.ref_err_l[i, pos].to(on, torch.float32, copy=True),
         }
         if self.target == "paired":  # target_w is the shared noise (target_l is the same tensor's values)
-            names = {"z_w": z_w[i], "z_l": z_l[i], "noise": inv.target_w[i, keep]}
+            names = {"z_w": z_w[i], "z_l": z_l[i], "noise": inv.target_w[i, pos]}
         elif self.target == "x0":
-            names = {"z_w": z_w[i], "z_l": z_l[i], "noise_w": inv.target_w[i, keep], "noise_l": inv.target_l[i, keep]}
+            names = {"z_w": z_w[i], "z_l": z_l[i], "noise_w": inv.target_w[i, pos], "noise_l": inv.target_l[i, pos]}
         else:
-            names = {n: getattr(inv, n)[i, keep] for n in ("xt_w", "xt_l", "target_w", "target_l")}
+            names = {n: getattr(inv, n)[i, pos] for n in ("xt_w", "xt_l", "target_w", "target_l")}
         return entry | {n: latent(t) for n, t in names.items()}
 
     def unpack(self, entries: list[dict[str, torch.Tensor]]) -> InvertedPairs:
@@ -191,8 +194,8 @@ class InversionCache:
             # x_t = sqrt(abar) z + sqrt(1 - abar) n, n the target: one shared noise (paired) or each image's own.
             target_w = e["noise" if self.target == "paired" else "noise_w"].float()
             target_l = e["noise" if self.target == "paired" else "noise_l"].float()
-            xt_w = abar**0.5 * e["z_w"].float()[:, None] + (1 - abar) ** 0.5 * target_w
-            xt_l = abar**0.5 * e["z_l"].float()[:, None] + (1 - abar) ** 0.5 * target_l
+            xt_w = noised(e["z_w"].float()[:, None], target_w, abar)
+            xt_l = noised(e["z_l"].float()[:, None], target_l, abar)
         else:
             xt_w, xt_l, target_w, target_l = (e[n].float() for n in ("xt_w", "xt_l", "target_w", "target_l"))
         return InvertedPairs(

@@ -66,7 +66,7 @@ from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, ConfigError, TrainingConfig, schedule_problem
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
-from invdpo_core.inversion_cache import InversionCache, entry_bytes, model_digest
+from invdpo_core.inversion_cache import InversionCache, entry_bytes, kept_points, model_digest
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
@@ -78,6 +78,8 @@ from invdpo_core.methods import (
     with_reference_errors,
 )
 from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, one_line, pair_time_ids
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # inversion_cache_dtype
 
 
 class TrainError(RuntimeError):
@@ -420,6 +422,11 @@ def invert_pairs(
             target=config.inversion_target, num_steps=config.inversion_steps,
             guidance=config.inversion_guidance, uncond=uncond,
             use_winner_noise=pair_coin(config.seed, [p.key for p in batch]),
+            keep=torch.stack([
+                kept_points(config.seed, p.key, config.inversion_steps, config.inversion_points_per_pair)
+                for p in batch
+            ]),
+            storage_dtype=STORAGE_DTYPES[config.inversion_cache_dtype],
         )  # fmt: skip
     return inverted, z_w, z_l
 
@@ -651,7 +658,7 @@ def train(
     invert = partial(invert_pairs, pipe, reference, config, accelerator, text_cache)
     cache = InversionCache(
         config.inversion_cache, cache_dir, invert, identity=identity, target=config.inversion_target,
-        dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.inversion_cache_dtype],
+        dtype=STORAGE_DTYPES[config.inversion_cache_dtype],
         points_per_pair=config.inversion_points_per_pair, seed=config.seed, grid=inv_timesteps, abar=inv_abar,
         device=device,
     )  # fmt: skip
