@@ -102,7 +102,9 @@ def run_all() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hashes() -> dict[str, str]:
-    env = {**os.environ, **BASELINE_ENV, "OMP_NUM_THREADS": "1"}
+    # The child imports this checkout's invdpo_core, not whichever one the environment has installed (a worktree).
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, **BASELINE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
     done = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, check=False
     )
