@@ -475,6 +475,9 @@ def main() -> int:
             cache_dtype="fp32",
             points_per_pair=0,
         ),
+        # Which of the two defaults costs what: fp16 with all N points, fp32 with M = 4.
+        Run("paired fp16 all N points", "inversion_dpo", "paired", cache_dtype="fp16", points_per_pair=0),
+        Run("paired fp32 M=4", "inversion_dpo", "paired", cache_dtype="fp32", points_per_pair=4),
         Run("paired 1/(2abar) weight", "inversion_dpo", "paired", weighting="inverse_alpha"),
         Run("paired beta 5000", "inversion_dpo", "paired", beta=5000.0),
         Run("paired guidance 2", "inversion_dpo", "paired", guidance=2.0),

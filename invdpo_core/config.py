@@ -157,8 +157,8 @@ class TrainingConfig(_Strict):
         1,
         ge=0,
         le=MAX_INVERSION_STEPS,
-        description="K inverted points sampled per pair per step, at most inversion_steps; 0 means all N (two-pass "
-        "gradient).",
+        description="K inverted points sampled per pair per step among the pair's kept ones, at most inversion_steps "
+        "and inversion_points_per_pair; 0 means all kept points (two-pass gradient).",
     )
     inversion_guidance: float = Field(
         1.0,
@@ -173,13 +173,13 @@ class TrainingConfig(_Strict):
         json_schema_extra=role("resumable"),
     )
     inversion_cache_dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32",
+        "fp16",
         description="Storage dtype of the latents a cache entry holds (the reference errors stay float32); "
         "tests/core/test_inversion_cache.py bounds the loss change of each against fp32.",
         json_schema_extra=role("cache_key"),
     )
     inversion_points_per_pair: int = Field(
-        0,
+        4,
         ge=0,
         le=MAX_INVERSION_STEPS,
         description="M inverted points a pair keeps in the cache, drawn once per pair from the seed and the pair's "

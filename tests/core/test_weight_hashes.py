@@ -23,11 +23,11 @@ LORA = {"type": "lora", "rank": 4, "alpha": 8.0}
 RUNS = {
     "inversion_dpo_full": (
         {"method": "inversion_dpo"},
-        "7b75868e2256a0d1290f8ea48becec787048c8db93502f7ed589cd0ff7af645b",
+        "2ec684d792cfe597bdc1d6da6f420cc1343535f8463e2adf37a5f5c098356798",
     ),
     "inversion_dpo_lora": (
         {"method": "inversion_dpo", "adapter": LORA},
-        "47c9d1c4e9fd0a3e236265a8593e4b21cae39b6f29f195d55a4213b6bb847384",
+        "651f98b1c4811430050ecc78cfce7a785df1895c30923f8e77edbbf84d6fcebb",
     ),
     "diffusion_dpo_full": (
         {"method": "diffusion_dpo"},
@@ -40,12 +40,12 @@ RUNS = {
     # The two other inversion caches and all N points (the two-pass gradient).
     "inversion_dpo_disk_all_points": (
         {"method": "inversion_dpo", "inversion_cache": "disk", "timesteps_per_step": 0},
-        "98986dcc9a296b45b81422a3813ae552e895153f4cd6c0e64db50c7a5cf92391",
+        "b83fe9753c6dd4827b060f7d70fed80c26f8de8d7e9c5c4db99c77e4435428c8",
     ),
     # No cache recomputes the same inversion every step: the same weights as the memory cache.
     "inversion_dpo_no_cache_lora": (
         {"method": "inversion_dpo", "inversion_cache": "none", "adapter": LORA},
-        "47c9d1c4e9fd0a3e236265a8593e4b21cae39b6f29f195d55a4213b6bb847384",
+        "651f98b1c4811430050ecc78cfce7a785df1895c30923f8e77edbbf84d6fcebb",
     ),
 }
 
