@@ -23,19 +23,23 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from invdpo_core.config import TrainingConfig
+from invdpo_core.data import PreferencePair
 from invdpo_core.inversion import (
     Conditioning,
     InvertedPairs,
     build_inverted_pairs,
     ddim_sample,
     encode_prompts,
+    inverse_scheduler,
     pair_coin,
 )
+from invdpo_core.inversion_cache import InversionCache
 from invdpo_core.losses import dpo_loss
 from invdpo_core.methods import (
     diffusion_dpo_points,
@@ -52,6 +56,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / ".cache"
 DEVICE = torch.device("cpu")
+STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------- the synthetic world
@@ -177,6 +182,9 @@ class Run:
     lr: float = 1e-4
     eta: float = 0.1  # inpo: random term per inversion step (the released 0.1)
     inverter: str = "policy"  # inpo: who inverts every step, the policy (released) or the frozen base
+    # inversion_dpo: the cache entry's storage dtype and kept points per pair, the trainer's defaults unless set
+    cache_dtype: str = TrainingConfig.model_fields["inversion_cache_dtype"].default
+    points_per_pair: int = TrainingConfig.model_fields["inversion_points_per_pair"].default
 
 
 @dataclass
@@ -205,13 +213,26 @@ def invert_pairs(world: World, pairs: Pairs, run: Run) -> InvertedPairs:
                 target=run.target, num_steps=run.inversion_steps, guidance=run.guidance,
                 uncond=None if uncond is None else uncond.repeat(cond.hidden_states.shape[0]),
                 use_winner_noise=pair_coin(0, [str(i) for i in range(s, s + cond.hidden_states.shape[0])]),
+                storage_dtype=STORAGE[run.cache_dtype],
             )
         )  # fmt: skip
-    return InvertedPairs.cat(parts)
+    built = InvertedPairs.cat(parts)
+    # Through the trainer's cache (inversion_cache.py): the entry layout, storage dtype and kept points of a pair.
+    records = [PreferencePair("", b"", b"", str(i)) for i in range(len(pairs.prompt))]
+    grid = inverse_scheduler(world.scheduler.config, run.inversion_steps)
+    cache = InversionCache(
+        "memory", str(CACHE), lambda batch, caps: (built, pairs.z_w, pairs.z_l), identity=run.name, target=run.target,
+        dtype=STORAGE[run.cache_dtype], points_per_pair=run.points_per_pair, seed=0, grid=grid.timesteps,
+        abar=grid.alphas_cumprod[grid.timesteps], device=DEVICE,
+    )  # fmt: skip
+    return cache.batch(records, [""] * len(records))
 
 
 def swap_pairs(p: InvertedPairs) -> InvertedPairs:
-    return InvertedPairs(p.timesteps, p.xt_l, p.xt_w, p.target_l, p.target_w, p.ref_err_l, p.ref_err_w)
+    return replace(
+        p, xt_w=p.xt_l, xt_l=p.xt_w, target_w=p.target_l, target_l=p.target_w, ref_err_w=p.ref_err_l,
+        ref_err_l=p.ref_err_w,
+    )  # fmt: skip
 
 
 def evaluate(world: World, unet: torch.nn.Module, base_rewards: torch.Tensor) -> tuple[float, float, float]:
@@ -231,7 +252,7 @@ def train_run(
     n = len(pairs.prompt)
     inverted = None
     if run.method == "inversion_dpo":
-        key = (pairs.source, run.target, run.guidance, run.inversion_steps)
+        key = (pairs.source, run.target, run.guidance, run.inversion_steps, run.cache_dtype, run.points_per_pair)
         if key not in cache:
             t0 = time.time()
             cache[key] = (invert_pairs(world, pairs, run), time.time() - t0)
@@ -296,7 +317,11 @@ def diagnose(world: World, pair_sets: dict[str, Pairs], steps: int = 20) -> list
     for src, pairs in pair_sets.items():
         gap_r = reward(pairs.z_w) - reward(pairs.z_l)
         for target in ("paired", "x0", "step"):
-            inv = invert_pairs(world, pairs, Run("diag", "inversion_dpo", target, inversion_steps=steps))
+            inv = invert_pairs(
+                world,
+                pairs,
+                Run("diag", "inversion_dpo", target, inversion_steps=steps, cache_dtype="fp32", points_per_pair=0),
+            )
             gap = (inv.ref_err_w - inv.ref_err_l).mean(dim=1)  # (P,)
             corr = torch.corrcoef(torch.stack([gap, gap_r]))[0, 1].item()
             rows.append(
@@ -440,6 +465,19 @@ def main() -> int:
     ]
     investigations = [
         Run("paired K=4", "inversion_dpo", "paired", k=4),
+        # The cache before issue 20: every one of the N points of a pair kept, in float32.
+        Run("paired fp32 all N points", "inversion_dpo", "paired", cache_dtype="fp32", points_per_pair=0),
+        Run(
+            "paired fp32 all N points swap",
+            "inversion_dpo",
+            "paired",
+            swap=True,
+            cache_dtype="fp32",
+            points_per_pair=0,
+        ),
+        # Which of the two defaults costs what: fp16 with all N points, fp32 with M = 4.
+        Run("paired fp16 all N points", "inversion_dpo", "paired", cache_dtype="fp16", points_per_pair=0),
+        Run("paired fp32 M=4", "inversion_dpo", "paired", cache_dtype="fp32", points_per_pair=4),
         Run("paired 1/(2abar) weight", "inversion_dpo", "paired", weighting="inverse_alpha"),
         Run("paired beta 5000", "inversion_dpo", "paired", beta=5000.0),
         Run("paired guidance 2", "inversion_dpo", "paired", guidance=2.0),

@@ -44,7 +44,9 @@ import torch
 from diffusers import DDIMInverseScheduler
 from timing import interleaved, load  # benchmarks/timing.py, beside this script
 
+from invdpo_core.config import TrainingConfig
 from invdpo_core.inversion import build_inverted_pairs, encode_prompts, pair_coin
+from invdpo_core.inversion_cache import kept_points
 from invdpo_core.methods import (
     diffusion_dpo_points,
     inpo_points,
@@ -59,13 +61,17 @@ DEVICE = torch.device("cpu")
 PAIRS_PER_STEP = 8  # the study's
 BETA = 1000.0
 VISITS = (1, 5, 20)
+KEPT = TrainingConfig.model_fields["inversion_points_per_pair"].default  # the trainer's M kept points per pair
 # Study run name -> (what one step costs, which cache it builds first or None).
+# The study's inversion runs keep the trainer's default M = 4 points per pair (N + 2M reference calls for paired,
+# 2N + 2M for the others); "paired fp32 all N points" (alignment.py's fixes) keeps all N (3N).
 STUDY_RUNS = {
     "diffusion_dpo": ("diffusion_dpo step", None),
-    "inversion paired": ("inversion_dpo K=1 step", "cache paired (3N)"),
-    "inversion x0": ("inversion_dpo K=1 step", "cache x0 (4N)"),
-    "inversion step": ("inversion_dpo K=1 step", "cache x0 (4N)"),  # same calls as x0
-    "inversion reference": ("inversion_dpo K=1 step", "cache x0 (4N)"),
+    "inversion paired": ("inversion_dpo K=1 step", f"cache paired M={KEPT} (N+2M)"),
+    "paired fp32 all N points": ("inversion_dpo K=1 step", "cache paired (3N)"),
+    "inversion x0": ("inversion_dpo K=1 step", f"cache x0 M={KEPT} (2N+2M)"),
+    "inversion step": ("inversion_dpo K=1 step", f"cache x0 M={KEPT} (2N+2M)"),  # same calls as x0
+    "inversion reference": ("inversion_dpo K=1 step", f"cache x0 M={KEPT} (2N+2M)"),
     "inpo": ("inpo step (N=10, eta 0.1)", None),
 }
 
@@ -144,9 +150,11 @@ def main() -> None:
     cond = encode_prompts(pipe, [prompts[i % 4] for i in range(b)], device=DEVICE, resolution=64)
     coin = pair_coin(0, [str(i) for i in range(b)])
 
-    def cache(target: str):  # type: ignore[no-untyped-def]
+    keep = torch.stack([kept_points(0, str(i), n_cached, KEPT) for i in range(b)])  # (B, M)
+
+    def cache(target: str, kept: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
         return build_inverted_pairs(
-            ref, scheduler.config, z_w, z_l, cond, target=target, num_steps=n_cached, use_winner_noise=coin
+            ref, scheduler.config, z_w, z_l, cond, target=target, num_steps=n_cached, use_winner_noise=coin, keep=kept
         )
 
     pairs = cache("paired")
@@ -172,6 +180,8 @@ def main() -> None:
         ),
         "cache paired (3N)": lambda: cache("paired"),
         "cache x0 (4N)": lambda: cache("x0"),
+        f"cache paired M={KEPT} (N+2M)": lambda: cache("paired", keep),
+        f"cache x0 M={KEPT} (2N+2M)": lambda: cache("x0", keep),
     }
     # Count UNet rows per call: wrap each function so the counter's change is attributed to it.
     counter = RowCounter(policy, ref)

@@ -12,7 +12,8 @@ Each "step" is zero_grad, the loss, backward, gradient clipping at 1.0 and AdamW
 with its defaults; latents and prompt embeddings are precomputed for every method (the trainer also VAE-encodes
 the images of every diffusion_dpo step, which inversion_dpo reads from its cache; that is left out here and only
 widens the gap). Also timed: the one-off cost of building the inversion cache (build_inverted_pairs) for the same
-batch, `paired` target (3N reference UNet calls per pair) and an unpaired target, `x0` (4N), reported per pair in
+batch, `paired` target (3N reference UNet calls per pair; N + 2M with the trainer's default of M = 4 kept points
+per pair, inversion_points_per_pair) and an unpaired target, `x0` (4N), reported per pair in
 seconds and in diffusion_dpo steps, with the number of visits per pair after which the K=1 saving repays it.
 
 How: after a warm-up, every method runs once per round, rounds repeated --reps times (A, B, C, ..., A, B, C, ...;
@@ -46,7 +47,9 @@ import torch
 from diffusers import DDPMScheduler
 from timing import interleaved, load, quartiles  # benchmarks/timing.py, beside this script
 
+from invdpo_core.config import TrainingConfig
 from invdpo_core.inversion import build_inverted_pairs, encode_prompts, pair_coin
+from invdpo_core.inversion_cache import kept_points
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
@@ -60,6 +63,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cpu")
 BETA = 5000.0
 TARGET_K1_RATIO = 0.8
+KEPT_POINTS = TrainingConfig.model_fields["inversion_points_per_pair"].default  # the trainer's M
 
 
 def main() -> None:
@@ -89,10 +93,13 @@ def main() -> None:
     cond = encode_prompts(pipe, prompts, device=DEVICE, resolution=8 * s)
     coin = pair_coin(0, [str(i) for i in range(b)])
 
-    def build_cache(target: str):  # type: ignore[no-untyped-def]
+    def build_cache(target: str, keep: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
         return build_inverted_pairs(
-            ref, pipe.scheduler.config, z_w, z_l, cond, target=target, num_steps=n, use_winner_noise=coin
+            ref, pipe.scheduler.config, z_w, z_l, cond, target=target, num_steps=n, use_winner_noise=coin, keep=keep
         )
+
+    # The trainer's default: each pair keeps M of the N points and the reference runs only there (N + 2M calls).
+    keep_m = torch.stack([kept_points(0, str(i), n, KEPT_POINTS) for i in range(b)])
 
     pairs = build_cache("paired")
     weights = timestep_weights(pairs.timesteps, noise_scheduler.alphas_cumprod, "uniform")  # (N,)
@@ -128,6 +135,7 @@ def main() -> None:
         f"inversion_dpo all N={n}": inversion_all_n,
         "cache build, paired (3N calls/pair)": lambda: build_cache("paired"),
         "cache build, x0 (4N calls/pair)": lambda: build_cache("x0"),
+        f"cache build, paired M={KEPT_POINTS} (N+2M calls/pair)": lambda: build_cache("paired", keep_m),
     }
     print(
         f"tiny sd15 UNet ({sum(p.numel() for p in params) / 1e6:.2f} M params), batch {b} pairs, latents 4x{s}x{s} "
@@ -180,7 +188,11 @@ def main() -> None:
     )
     saving = rows["diffusion_dpo"]["median_cpu_s"] - rows["inversion_dpo K=1"]["median_cpu_s"]  # per step of B
     payback = {}
-    for name in ("cache build, paired (3N calls/pair)", "cache build, x0 (4N calls/pair)"):
+    for name in (
+        "cache build, paired (3N calls/pair)",
+        "cache build, x0 (4N calls/pair)",
+        f"cache build, paired M={KEPT_POINTS} (N+2M calls/pair)",
+    ):
         # A pair's cache costs t_cache; each visit of that pair saves (t_diff - t_k1) / B of CPU time.
         payback[name] = rows[name]["median_cpu_s"] / (saving / b) if saving > 0 else None
         visits = "never (no saving)" if payback[name] is None else f"{payback[name]:.1f} visits of each pair"

@@ -157,8 +157,8 @@ class TrainingConfig(_Strict):
         1,
         ge=0,
         le=MAX_INVERSION_STEPS,
-        description="K inverted points sampled per pair per step, at most inversion_steps; 0 means all N (two-pass "
-        "gradient).",
+        description="K inverted points sampled per pair per step among the pair's kept ones, at most inversion_steps "
+        "and inversion_points_per_pair; 0 means all kept points (two-pass gradient).",
     )
     inversion_guidance: float = Field(
         1.0,
@@ -171,6 +171,27 @@ class TrainingConfig(_Strict):
         "memory",
         description="Where the per-pair reference trajectory lives; none recomputes it every step.",
         json_schema_extra=role("resumable"),
+    )
+    inversion_cache_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp16",
+        description="Storage dtype of the latents a cache entry holds (the reference errors stay float32); "
+        "tests/core/test_inversion_cache.py bounds the loss change of each against fp32.",
+        json_schema_extra=role("cache_key"),
+    )
+    inversion_points_per_pair: int = Field(
+        4,
+        ge=0,
+        le=MAX_INVERSION_STEPS,
+        description="M inverted points a pair keeps in the cache, drawn once per pair from the seed and the pair's "
+        "key; each step samples timesteps_per_step of them. 0 (or M >= inversion_steps) keeps all inversion_steps.",
+        json_schema_extra=role("cache_key"),
+    )
+    inversion_cache_dir: str | None = Field(
+        None,
+        description="Where inversion_cache: disk keeps its entries: a local directory or an s3:// prefix every "
+        "process and node can read; an entry's key is its whole identity, so runs may share it. none: "
+        "output_dir/cache.",
+        json_schema_extra=role("reserved", "resumable", "local", set_by="a trainer setting, not a job's"),
     )
     empty_prompt_share: float = Field(
         0.2, ge=0, le=1, description="Share of captions replaced by ''.", json_schema_extra=role("cache_key")
@@ -338,6 +359,11 @@ class TrainingConfig(_Strict):
             raise ValueError(
                 f"timesteps_per_step ({self.timesteps_per_step}) cannot exceed inversion_steps "
                 f"({self.inversion_steps})"
+            )
+        if self.inversion_points_per_pair and self.timesteps_per_step > self.inversion_points_per_pair:
+            raise ValueError(
+                f"timesteps_per_step ({self.timesteps_per_step}) cannot exceed inversion_points_per_pair "
+                f"({self.inversion_points_per_pair})"
             )
         return self
 

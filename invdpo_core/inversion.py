@@ -253,6 +253,7 @@ def eps_at_points(
     max_rows: int = 64,
 ) -> torch.Tensor:
     """eps(x_k, t_k) at N points of B latents each, (N, B, C, h, w), in forwards of up to `max_rows` rows.
+    timesteps: (N,), or (N, B) when each row has its own.
 
     Unlike the inversion loop these points are all known in advance, so several go in one forward: fewer, larger
     UNet calls (what a GPU wants) while memory stays bounded by max_rows, not N.
@@ -263,7 +264,8 @@ def eps_at_points(
     for s in range(0, n, per_forward):
         m = min(per_forward, n - s)
         x = points[s : s + m].flatten(0, 1)  # (m*B, C, h, w), point-major
-        t = timesteps[s : s + m].repeat_interleave(b)
+        # timesteps (N,): one per point; (N, B): one per point and row (each pair's own kept points).
+        t = timesteps[s : s + m].repeat_interleave(b) if timesteps.dim() == 1 else timesteps[s : s + m].flatten()
         out.append(unet(x, t, **Conditioning.cat([cond] * m).unet_kwargs()).sample.view(m, b, *points.shape[2:]))
     return torch.cat(out)
 
@@ -295,18 +297,20 @@ TARGETS = ("paired", "x0", "step", "reference")
 
 @dataclass
 class InvertedPairs:
-    """Everything the training step needs for B pairs at all N points; the reference side is reduced to scalars.
+    """Everything the training step needs for B pairs at M points each; the reference side is reduced to scalars.
 
-    Tensors are (B, N, ...) so a pair's points stay together (and can be cached per pair).
+    Tensors are (B, M, ...) so a pair's points stay together (and can be cached per pair). A pair keeps all N points
+    of the grid (M = N, as built) or M of them (the cache's `inversion_points_per_pair`): `points` says which.
     """
 
-    timesteps: torch.Tensor  # (N,)
-    xt_w: torch.Tensor  # (B, N, C, h, w): where the policy is evaluated for the winner
-    xt_l: torch.Tensor  # (B, N, C, h, w): ... and for the loser
-    target_w: torch.Tensor  # (B, N, C, h, w): the noise the policy should predict for the winner
-    target_l: torch.Tensor  # (B, N, C, h, w)
-    ref_err_w: torch.Tensor  # (B, N): mean squared error of the frozen reference at the winner's points
-    ref_err_l: torch.Tensor  # (B, N)
+    timesteps: torch.Tensor  # (N,): the inversion grid
+    xt_w: torch.Tensor  # (B, M, C, h, w): where the policy is evaluated for the winner
+    xt_l: torch.Tensor  # (B, M, C, h, w): ... and for the loser
+    target_w: torch.Tensor  # (B, M, C, h, w): the noise the policy should predict for the winner
+    target_l: torch.Tensor  # (B, M, C, h, w)
+    ref_err_w: torch.Tensor  # (B, M): mean squared error of the frozen reference at the winner's points
+    ref_err_l: torch.Tensor  # (B, M)
+    points: torch.Tensor  # (B, M) long: each point's index in the grid `timesteps`
 
     def select(self, pair_idx: torch.Tensor | slice) -> InvertedPairs:
         return InvertedPairs(
@@ -318,6 +322,12 @@ class InvertedPairs:
     def cat(parts: Sequence[InvertedPairs]) -> InvertedPairs:
         names = [f.name for f in fields(InvertedPairs) if f.name != "timesteps"]
         return InvertedPairs(parts[0].timesteps, *(torch.cat([getattr(p, n) for p in parts]) for n in names))
+
+
+def noised(z0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar) z0 + sqrt(1 - abar) n (DDPM forward noising); abar broadcasts. The one formula the cache
+    build and the cache read use, so a rebuilt point is bit for bit the one the reference errors were computed at."""
+    return abar**0.5 * z0 + (1 - abar) ** 0.5 * noise
 
 
 def implied_noise(xt: torch.Tensor, z0: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -349,23 +359,41 @@ def build_inverted_pairs(
     guidance: float = 1.0,
     uncond: Conditioning | None = None,
     use_winner_noise: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    storage_dtype: torch.dtype = torch.float32,
 ) -> InvertedPairs:
     """Invert B pairs of clean latents (B, C, h, w) and build the `target`'s points, targets and reference errors.
 
     use_winner_noise (B,) bool, `paired` only: whose inversion provides the shared noise. Draw it with
     `pair_coin` so no label leaks (the default, a coin per pair from seed 0 and the pair index).
-    Cost in reference UNet calls per pair: paired 3N (invert one image, reference at both points), x0/step/
-    reference 4N (invert both, reference at every point); with guidance != 1 the inversion calls double.
+    keep: (B, M) ascending grid indices, the points each pair keeps (inversion_cache.kept_points); None: all N.
+    The inversion walks all N steps; the reference is evaluated only at the kept points.
+    storage_dtype: what the cache stores latents in (inversion_cache_dtype). Points and targets are rounded to it
+    first and the reference errors computed at the rounded points, so the policy sees exactly the points its
+    reference errors belong to (at policy == reference the loss is ln 2 whatever the storage). For `paired` and
+    `x0` a point is rebuilt from the rounded clean latent z and noise n as `noised(z, n, abar)`, as the cache does.
+    Cost in reference UNet calls per pair: paired N + 2M (invert one image, reference at both points), x0/step/
+    reference 2N + 2M (invert both, reference at every point); with guidance != 1 the inversion calls double.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown inversion target {target!r}; valid: {', '.join(TARGETS)}")
     b = z_w.shape[0]
     inv = inverse_scheduler(scheduler_config, num_steps)
     timesteps = inv.timesteps.to(z_w.device)
-    abar = inv.alphas_cumprod.to(z_w.device)[timesteps].view(-1, 1, 1, 1, 1)  # (N, 1, 1, 1, 1)
+    if keep is None:
+        keep = torch.arange(num_steps).expand(b, num_steps)  # (B, N): every grid point
+    keep = keep.to(z_w.device)
+    t_kept = timesteps[keep.T]  # (M, B): each pair's kept timesteps
+    abar = inv.alphas_cumprod.to(z_w.device)[t_kept][..., None, None, None]  # (M, B, 1, 1, 1)
 
-    def bn(t: torch.Tensor) -> torch.Tensor:  # (N, B, ...) -> (B, N, ...)
+    def kept(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # (N, R, ...), idx (M, R) -> (M, R, ...)
+        return t[idx, torch.arange(idx.shape[1], device=t.device)]
+
+    def bn(t: torch.Tensor) -> torch.Tensor:  # (M, B, ...) -> (B, M, ...)
         return t.transpose(0, 1).contiguous()
+
+    def stored(t: torch.Tensor) -> torch.Tensor:  # what the cache will hold, back in float32
+        return t.to(storage_dtype).float()
 
     if target == "paired":
         # Winner and loser share one deterministic noise: the inversion-implied noise of one image of the pair.
@@ -375,14 +403,16 @@ def build_inverted_pairs(
         z_src, z_other = torch.where(pick, z_w, z_l), torch.where(pick, z_l, z_w)
         src_cond, src_uncond = cond.pick(use_winner_noise), None if uncond is None else uncond.pick(use_winner_noise)
         traj = ddim_invert(
-            unet, scheduler_config, z_src, src_cond, num_steps=num_steps, guidance=guidance, uncond=src_uncond
-        )
-        assert traj.point_eps is not None
-        noise = implied_noise(traj.latents[1:], z_src, abar)  # (N, B, C, h, w)
-        xt_src = traj.latents[1:]  # the source image's own inverted points
-        xt_other = abar**0.5 * z_other + (1 - abar) ** 0.5 * noise  # the other image, forward-noised with it
-        eps_other = eps_at_points(unet, xt_other, timesteps, cond.pick(~use_winner_noise))
-        err_src, err_other = _mse(bn(noise), bn(traj.point_eps)), _mse(bn(noise), bn(eps_other))
+            unet, scheduler_config, z_src, src_cond, num_steps=num_steps, guidance=guidance, uncond=src_uncond,
+            with_point_eps=False,
+        )  # fmt: skip
+        # The source image's own inverted points (M, B, C, h, w) and their implied noise, as stored.
+        noise = stored(implied_noise(kept(traj.latents[1:], keep.T), z_src, abar))
+        xt_src = noised(stored(z_src), noise, abar)  # the inverted points, up to the storage's rounding
+        xt_other = noised(stored(z_other), noise, abar)  # the other image, forward-noised with the same noise
+        eps_src = eps_at_points(unet, xt_src, t_kept, src_cond)
+        eps_other = eps_at_points(unet, xt_other, t_kept, cond.pick(~use_winner_noise))
+        err_src, err_other = _mse(bn(noise), bn(eps_src)), _mse(bn(noise), bn(eps_other))
         p5 = pick.view(b, 1, 1, 1, 1)
         p2 = pick.view(b, 1)
         return InvertedPairs(
@@ -393,25 +423,33 @@ def build_inverted_pairs(
             target_l=bn(noise),
             ref_err_w=torch.where(p2, err_src, err_other),
             ref_err_l=torch.where(p2, err_other, err_src),
+            points=keep,
         )
 
     # Unpaired targets: each image on its own inverted points.
     traj = ddim_invert(
         unet, scheduler_config, torch.cat([z_w, z_l]), cond.both(),
         num_steps=num_steps, guidance=guidance, uncond=None if uncond is None else uncond.both(),
+        with_point_eps=False,
     )  # fmt: skip
-    assert traj.point_eps is not None
-    xt = traj.latents[1:]  # (N, 2B, C, h, w): winners then losers
+    keep_images = torch.cat([keep, keep]).T  # (M, 2B): winners then losers
+    xt = kept(traj.latents[1:], keep_images)  # (M, 2B, C, h, w)
     if target == "x0":
-        # The noise that maps x_t back to the TRUE clean latent: the role eps plays in Diffusion-DPO.
-        tgt = implied_noise(xt, torch.cat([z_w, z_l]), abar)
-    elif target == "step":
+        # The noise that maps x_t back to the TRUE clean latent: the role eps plays in Diffusion-DPO. Stored as
+        # (z, n), x_t rebuilt from them.
+        z0, abar2 = stored(torch.cat([z_w, z_l])), torch.cat([abar, abar], dim=1)
+        tgt = stored(implied_noise(xt, torch.cat([z_w, z_l]), abar2))
+        xt = noised(z0, tgt, abar2)
+    else:  # step, reference: x_t stored as it is
+        xt = stored(xt)
+    point_eps = eps_at_points(unet, xt, torch.cat([t_kept, t_kept], dim=1), cond.both())
+    if target == "step":
         # The noise that maps x_k exactly to x_{k-1} under the DDIM update; on the reference's own inversion this
         # is the prediction the inversion step used (the DDIM update is invertible with the same eps).
-        tgt = traj.query_eps
-    else:  # "reference": the released code's objective, eps_ref(x_t, t) itself (zero gradient at init).
-        tgt = traj.point_eps
-    err = _mse(bn(tgt), bn(traj.point_eps))  # (2B, N)
+        tgt = stored(kept(traj.query_eps, keep_images))
+    elif target == "reference":  # the released code's objective, eps_ref(x_t, t) itself (zero gradient at init
+        tgt = stored(point_eps)  # when stored in float32; rounded to fp16/bf16 it no longer is exactly zero)
+    err = _mse(bn(tgt), bn(point_eps))  # (2B, M)
     xt_bn, tgt_bn = bn(xt), bn(tgt)
     return InvertedPairs(
         timesteps,
@@ -421,4 +459,5 @@ def build_inverted_pairs(
         target_l=tgt_bn[b:],
         ref_err_w=err[:b],
         ref_err_l=err[b:],
+        points=keep,
     )

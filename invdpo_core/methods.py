@@ -191,26 +191,27 @@ def inversion_dpo_points(
     weights: torch.Tensor,
     generator: Draws,
 ) -> TrainPoints:
-    """Sample K of the N inverted points of each pair (without replacement). weights: (N,) timestep weights."""
-    b, n = pairs.ref_err_w.shape
-    assert 1 <= k <= n, f"k must be in [1, {n}], got {k}"
-    # (B, K) point indices, independent per pair.
-    idx = draw_uniform((b, n), generator).argsort(dim=1)[:, :k]
+    """Sample K of the M points each pair keeps (without replacement). weights: (N,) timestep weights of the grid."""
+    b, m = pairs.ref_err_w.shape
+    assert 1 <= k <= m, f"k must be in [1, {m}], got {k}"
+    # (B, K) point indices among the kept ones, independent per pair.
+    idx = draw_uniform((b, m), generator).argsort(dim=1)[:, :k]
     idx = idx.to(pairs.xt_w.device)
     rows = torch.arange(b, device=idx.device).unsqueeze(1).expand(b, k)
+    grid = pairs.points.to(idx.device)[rows, idx]  # (B, K): their places on the inversion grid
 
-    def take(t: torch.Tensor) -> torch.Tensor:  # (B, N, ...) -> (B*K, ...)
+    def take(t: torch.Tensor) -> torch.Tensor:  # (B, M, ...) -> (B*K, ...)
         return t[rows, idx].flatten(0, 1)
 
     return TrainPoints(
         xt_w=take(pairs.xt_w),
         xt_l=take(pairs.xt_l),
-        timesteps=pairs.timesteps[idx].flatten(),
+        timesteps=pairs.timesteps.to(idx.device)[grid].flatten(),
         target_w=take(pairs.target_w),
         target_l=take(pairs.target_l),
         ref_err_w=take(pairs.ref_err_w),
         ref_err_l=take(pairs.ref_err_l),
-        weights=weights.to(idx.device)[idx].flatten(),
+        weights=weights.to(idx.device)[grid].flatten(),
         cond=cond.repeat(k),
         k=k,
     )
@@ -243,7 +244,7 @@ def all_points_backward(
     loss_scale: float = 1.0,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss over ALL N points of each pair, and its gradient, with memory flat in N.
+    """Loss over ALL M points each pair keeps (all N of the grid by default), and its gradient, with memory flat in M.
 
     Pass 1 (no grad) computes every point's error, hence the loss and dL/dLp_w, dL/dLp_l per pair. Pass 2 recomputes
     `points_per_forward` points at a time with grad and backpropagates the surrogate sum_k dL/dLp * w_k/N * err_k,
@@ -251,8 +252,9 @@ def all_points_backward(
     `backward` lets a trainer route the call through accelerate (`accelerator.backward`).
     Returns the detached loss (times 1, not loss_scale) and the metrics.
     """
-    b, n = pairs.ref_err_w.shape
-    weights = weights.to(pairs.xt_w.device)
+    b, n = pairs.ref_err_w.shape  # n: the M points each pair keeps
+    point_weights = weights.to(pairs.xt_w.device)[pairs.points.to(pairs.xt_w.device)]  # (B, M)
+    timesteps = pairs.timesteps.to(pairs.xt_w.device)[pairs.points.to(pairs.xt_w.device)]  # (B, M)
     chunks = [slice(s, min(s + points_per_forward, n)) for s in range(0, n, points_per_forward)]
 
     def chunk_points(c: slice) -> TrainPoints:
@@ -264,12 +266,12 @@ def all_points_backward(
         return TrainPoints(
             xt_w=take(pairs.xt_w),
             xt_l=take(pairs.xt_l),
-            timesteps=pairs.timesteps[c].repeat(b),
+            timesteps=take(timesteps),
             target_w=take(pairs.target_w),
             target_l=take(pairs.target_l),
             ref_err_w=take(pairs.ref_err_w),
             ref_err_l=take(pairs.ref_err_l),
-            weights=weights[c].repeat(b),
+            weights=take(point_weights),
             cond=cond.repeat(m),
             k=m,
         )
@@ -279,10 +281,10 @@ def all_points_backward(
         per_chunk = [policy_errors(unet, chunk_points(c)) for c in chunks]
     err_w = torch.cat([e.view(b, -1) for e, _ in per_chunk], dim=1)  # (B, N)
     err_l = torch.cat([e.view(b, -1) for _, e in per_chunk], dim=1)
-    lp_w = (err_w * weights).mean(dim=1).requires_grad_()
-    lp_l = (err_l * weights).mean(dim=1).requires_grad_()
-    lr_w = (pairs.ref_err_w * weights).mean(dim=1)
-    lr_l = (pairs.ref_err_l * weights).mean(dim=1)
+    lp_w = (err_w * point_weights).mean(dim=1).requires_grad_()
+    lp_l = (err_l * point_weights).mean(dim=1).requires_grad_()
+    lr_w = (pairs.ref_err_w * point_weights).mean(dim=1)
+    lr_l = (pairs.ref_err_l * point_weights).mean(dim=1)
     loss, metrics = dpo_loss(lp_w, lp_l, lr_w, lr_l, beta=beta, loss_type=loss_type)
     grad_w, grad_l = torch.autograd.grad(loss, [lp_w, lp_l])  # (B,) each
 
@@ -291,7 +293,7 @@ def all_points_backward(
         points = chunk_points(c)
         ew, el = policy_errors(unet, points)
         m = c.stop - c.start
-        coef = weights[c].repeat(b) / n
+        coef = point_weights[:, c].flatten() / n
         surrogate = (grad_w.repeat_interleave(m) * coef * ew + grad_l.repeat_interleave(m) * coef * el).sum()
         backward(surrogate * loss_scale)
     return loss.detach(), metrics

@@ -256,6 +256,24 @@ def read_bytes(uri: str, *, max_bytes: int) -> bytes:
     return data
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a local file atomically (a reader sees the whole file or none: a unique temporary name, then a rename)
+    or put an s3 object (atomic in S3). Parent directories are made. Raises StorageError for S3, OSError locally."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise _storage_error(uri, exc) from None
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class _S3RangeReader(io.RawIOBase):
     """A seekable read-only view of one s3 object: every read is one ranged GET, unbuffered, so pyarrow fetches a
     parquet footer or one row group's column chunks and nothing else."""

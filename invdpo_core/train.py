@@ -66,7 +66,7 @@ from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, ConfigError, TrainingConfig, schedule_problem
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
-from invdpo_core.inversion_cache import InversionCache, entry_bytes
+from invdpo_core.inversion_cache import InversionCache, entry_bytes, kept_points, model_digest
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
@@ -78,6 +78,8 @@ from invdpo_core.methods import (
     with_reference_errors,
 )
 from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, one_line, pair_time_ids
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # inversion_cache_dtype
 
 
 class TrainError(RuntimeError):
@@ -401,8 +403,9 @@ def invert_pairs(
     text_cache: dict[str, Any] | None,
     batch: list[PreferencePair],
     caps: list[str],
-) -> InvertedPairs:
-    """DDIM-invert the pairs with the reference under the given captions: (B, N, ...) on the device."""
+) -> tuple[InvertedPairs, torch.Tensor, torch.Tensor]:
+    """DDIM-invert the pairs with the reference under the given captions: (B, N, ...) on the device, and the clean
+    latents z_w, z_l (B, C, h, w)."""
     device = accelerator.device
     assert config.resolution is not None
     z_w, z_l = encode_latents(pipe.vae, batch, config.resolution, device)
@@ -414,12 +417,30 @@ def invert_pairs(
             pipe, [""] * len(batch), device=device, resolution=config.resolution, time_ids=time_ids, cache=text_cache
         )
     with reference.use() as ref, accelerator.autocast():
-        return build_inverted_pairs(
+        inverted = build_inverted_pairs(
             ref, pipe.scheduler.config, z_w, z_l, cond,
             target=config.inversion_target, num_steps=config.inversion_steps,
             guidance=config.inversion_guidance, uncond=uncond,
             use_winner_noise=pair_coin(config.seed, [p.key for p in batch]),
+            keep=torch.stack([
+                kept_points(config.seed, p.key, config.inversion_steps, config.inversion_points_per_pair)
+                for p in batch
+            ]),
+            storage_dtype=STORAGE_DTYPES[config.inversion_cache_dtype],
         )  # fmt: skip
+    return inverted, z_w, z_l
+
+
+def local_processes(accelerator: Accelerator) -> int:
+    """Training processes on this machine: LOCAL_WORLD_SIZE (torchrun and accelerate launch set it), else all of
+    them (one machine)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
+def memory_budget(local: int) -> int:
+    """Bytes one process's memory cache may hold: half the machine's RAM, shared by its `local` processes (each holds
+    the pairs it inverted), so together they stay within half the RAM instead of being OOM-killed."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 // max(1, local)
 
 
 def fill_inversion_cache(
@@ -435,7 +456,8 @@ def fill_inversion_cache(
     world, rank = accelerator.num_processes, accelerator.process_index
     pairs_per_step = config.batch_size * world * config.gradient_accumulation_steps
     planned, walked, covers, held = (config.max_steps - position.step) * pairs_per_step, 0, False, 0
-    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    local = local_processes(accelerator)
+    budget = memory_budget(local)
     walk = _pairs_from(config, position.epoch, position.index, on_skip)
     while walked < planned and not covers:
         group: list[PreferencePair] = []  # one micro-batch of every process
@@ -449,14 +471,14 @@ def fill_inversion_cache(
             if len(group) == config.batch_size * world:
                 break
         mine = group[rank * config.batch_size : (rank + 1) * config.batch_size]
-        todo = [p for p in mine if p.key not in cache]
+        todo = [(p, c) for p, c in zip(mine, captions(mine, config, None), strict=True) if not cache.has(p, c)]
         if todo:
-            held += sum(entry_bytes(entry) for entry in cache.invert(todo, captions(todo, config, None)))
+            held += sum(entry_bytes(entry) for entry in cache.invert([p for p, _ in todo], [c for _, c in todo]))
         walked += len(group)
         if config.inversion_cache == "memory" and held > budget:
             raise TrainError(
-                f"inversion_cache: memory: the cache passed {held / 2**30:.1f} GiB (half the RAM) after {walked} "
-                "pairs; use inversion_cache: disk or none"
+                f"inversion_cache: memory: this process's cache passed {held / 2**30:.1f} GiB (half the RAM shared "
+                f"by {local} processes on this machine) after {walked} pairs; use inversion_cache: disk or none"
             )
         if on_progress:
             on_progress(walked, walked if covers else planned)
@@ -594,6 +616,12 @@ def train(
     # The model's own resolution when none is set: from here on the run, its checkpoints and its cache use it.
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = config.model_copy(update={"resolution": resolution})
+    model_id = ""  # a disk inversion cache outlives the run: its entries name the weights that made them
+    if config.method == "inversion_dpo" and config.inversion_cache == "disk":
+        # UNet, VAE and text encoders as loaded (before any adapter or cast), and the scheduler.
+        sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if sdxl else [])]
+        model_id = model_digest([pipe.unet, pipe.vae, *encoders], dict(pipe.scheduler.config))
     policy, reference = prepare_models(pipe, config, device, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(policy, config)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -614,17 +642,26 @@ def train(
 
     # --- 3. The inversion cache ----------------------------------------------------------------------------------
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    point_weights = torch.ones(0)
+    point_weights, inv_timesteps, inv_abar = torch.ones(0), torch.zeros(0, dtype=torch.long), torch.ones(0)
     if config.method == "inversion_dpo":  # the other methods have no inversion grid (and any spacing works for them)
-        inv_timesteps = inverse_scheduler(pipe.scheduler.config, config.inversion_steps).timesteps
+        inv_scheduler = inverse_scheduler(pipe.scheduler.config, config.inversion_steps)
+        inv_timesteps, inv_abar = inv_scheduler.timesteps, inv_scheduler.alphas_cumprod[inv_scheduler.timesteps]
         point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)
 
     config_json = config.model_dump(mode="json")
-    cache_dir = out / "cache" / _hash({k: config_json[k] for k in CACHE_KEY_FIELDS})
+    settings = {k: config_json[k] for k in CACHE_KEY_FIELDS}
+    cache_dir = f"{(config.inversion_cache_dir or str(out / 'cache')).rstrip('/')}/{_hash(settings)}"
+    # The identity of every entry (inversion_cache.py): the settings, and for a disk cache the model (model_id).
+    identity = json.dumps(settings, sort_keys=True) + model_id
     # caption -> text embeddings (config.cache_text_embeddings): the text encoders run once per caption.
     text_cache: dict[str, Any] | None = {} if config.cache_text_embeddings else None
     invert = partial(invert_pairs, pipe, reference, config, accelerator, text_cache)
-    cache = InversionCache(config.inversion_cache, cache_dir, invert, device=device, rank=rank)
+    cache = InversionCache(
+        config.inversion_cache, cache_dir, invert, identity=identity, target=config.inversion_target,
+        dtype=STORAGE_DTYPES[config.inversion_cache_dtype],
+        points_per_pair=config.inversion_points_per_pair, seed=config.seed, grid=inv_timesteps, abar=inv_abar,
+        device=device,
+    )  # fmt: skip
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()

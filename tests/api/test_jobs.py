@@ -106,6 +106,8 @@ def test_missing_model_and_bad_validation_file_fail_with_their_param(
         ({"base_model": "other"}, "method.hyperparameters.base_model", "top-level `model`"),
         ({"seed": 3}, "method.hyperparameters.seed", "top-level `seed`"),
         ({"output_dir": "/etc"}, "method.hyperparameters.output_dir", "worker"),
+        # Where a worker keeps a disk inversion cache (any s3:// prefix its credentials reach): not a job's choice.
+        ({"inversion_cache_dir": "s3://other/cache"}, "method.hyperparameters.inversion_cache_dir", "trainer setting"),
         ({"inpo_eta": 2}, "method.hyperparameters.inpo_eta", "less than or equal"),
     ],
 )
