@@ -51,6 +51,7 @@ CHECKED = [
     ("docs/method.md", "ema_decay:", "a valid TrainingConfig"),
     ("docs/method.md", "test_real_config.py", "the test file exists; not run here: a slow test of its own"),
     ("docs/method.md", "--runs", "the scripts and their flags exist; not run: hours"),
+    ("docs/method.md", "all-N-points-swap.json benchmarks", "the script, its flag and the study files exist; not run"),
     ("services/api/README.md", "claim_job(session", "the functions and parameters exist in services/jobs/jobstore.py"),
 ]
 
