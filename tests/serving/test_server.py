@@ -224,8 +224,9 @@ def test_a_version_loads_in_a_process_whose_mlflow_globals_point_elsewhere(
 
     previous = mlflow.get_tracking_uri()
     elsewhere = mlflow_sqlite(tmp_path)  # what the process's globals say: an empty store
+    # No registry URI of its own: MLflow's registry follows the global tracking URI. (Not set_registry_uri: it also
+    # exports MLFLOW_REGISTRY_URI, which outlives the test and redirects every later test's registry.)
     mlflow.set_tracking_uri(elsewhere)
-    mlflow.set_registry_uri(elsewhere)
     try:
         settings = Settings(
             models="cats", device="cpu", database_url=registry.database_url,
@@ -236,4 +237,3 @@ def test_a_version_loads_in_a_process_whose_mlflow_globals_point_elsewhere(
         assert (served.name, served.version, served.project_id) == ("cats", cats, alpha.project_id)
     finally:
         mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # back to following the tracking URI
