@@ -19,6 +19,7 @@ from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint
 from invdpo_core.cli import main as cli_main
 from invdpo_core.config import parse_config
 from invdpo_core.data import iter_pairs
+from invdpo_core.pipeline import LatentCache, encode_latents
 from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import make_toy_dataset
 from invdpo_core.train import TrainCallbacks, TrainError, train
@@ -354,3 +355,25 @@ def test_cache_latents_encodes_each_image_once_and_trains_the_same_weights(
     assert len(images) == 16 and counts == {False: 32, True: 16}
     plain, cached_unet = weights[False].state_dict(), weights[True].state_dict()
     assert all(torch.equal(plain[n], cached_unet[n]) for n in plain)  # the same latents: the same weights
+
+
+def test_latent_cache_keys_and_budget(dataset):
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    pairs = list(iter_pairs(str(dataset)))[:2]
+    cpu = torch.device("cpu")
+    plain = encode_latents(pipe.vae, pairs, 64, cpu)
+    cache = LatentCache("vae-a", budget=1 << 30)
+    for _ in range(2):  # encoded, then read back: the same tensors
+        z_w, z_l = encode_latents(pipe.vae, pairs, 64, cpu, cache)
+        assert torch.equal(z_w, plain[0]) and torch.equal(z_l, plain[1])
+    assert len(cache.entries) == 4 and not cache.full
+    image = pairs[0].chosen
+    # Another VAE, dtype or resolution is another entry.
+    keys = {cache.key(image, torch.float32, 64), LatentCache("vae-b", 0).key(image, torch.float32, 64)}
+    keys |= {cache.key(image, torch.float16, 64), cache.key(image, torch.float32, 128)}
+    assert len(keys) == 4
+    # Past the budget, latents are still right but not kept.
+    small = LatentCache("vae-a", budget=0)
+    z_w, z_l = encode_latents(pipe.vae, pairs, 64, cpu, small)
+    assert torch.equal(z_w, plain[0]) and torch.equal(z_l, plain[1])
+    assert small.entries == {} and small.full
