@@ -16,6 +16,11 @@ batch, `paired` target (3N reference UNet calls per pair; N + 2M with the traine
 per pair, inversion_points_per_pair) and an unpaired target, `x0` (4N), reported per pair in
 seconds and in diffusion_dpo steps, with the number of visits per pair after which the K=1 saving repays it.
 
+Also timed, in its own interleaved rounds (--build-reps): the trainer's cache build as it runs
+(train.fill_inversion_cache with train.invert_pairs over --build-pairs pairs of a toy dataset: image loading, VAE,
+text encoders, the reference's inversion), in reference UNet rows (images) per second, against raw batched no-grad
+forwards of the same UNet at the build's usual batch of rows; target (issue 20): the ratio at least 0.8.
+
 How: after a warm-up, every method runs once per round, rounds repeated --reps times (A, B, C, ..., A, B, C, ...;
 the starting method rotates each round), so all methods see the same load on shared cores. Each call's CPU time
 (time.process_time) and wall time are recorded: CPU time is what the call costs whatever else runs on the machine,
@@ -26,6 +31,7 @@ ratios are the result. One torch thread by default: on 2 cores shared with other
 the UNet about 10x slower than 1 (threads spin waiting for each other).
 
     .venv/bin/python benchmarks/train_step.py [--batch 4] [--latent-size 8|16|32] [--inversion-steps 20] [--reps 20]
+        [--build-pairs 16] [--build-reps 5]
 
 Writes benchmarks/results/train_step.json. Target (issue 8): the K=1 step at most 0.8x the diffusion_dpo step.
 """
@@ -38,8 +44,10 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +55,9 @@ import torch
 from diffusers import DDPMScheduler
 from timing import interleaved, load, quartiles  # benchmarks/timing.py, beside this script
 
-from invdpo_core.config import TrainingConfig
-from invdpo_core.inversion import build_inverted_pairs, encode_prompts, pair_coin
-from invdpo_core.inversion_cache import kept_points
+from invdpo_core.config import TrainingConfig, parse_config
+from invdpo_core.inversion import build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
+from invdpo_core.inversion_cache import InversionCache, kept_points
 from invdpo_core.methods import (
     all_points_backward,
     diffusion_dpo_points,
@@ -57,13 +65,105 @@ from invdpo_core.methods import (
     points_loss,
     timestep_weights,
 )
+from invdpo_core.pipeline import load_pipeline
 from invdpo_core.testing import build_tiny_pipeline
+from invdpo_core.toy import make_toy_dataset
+from invdpo_core.train import (
+    STORAGE_DTYPES,
+    Position,
+    fill_inversion_cache,
+    invert_pairs,
+    make_accelerator,
+    prepare_models,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cpu")
 BETA = 5000.0
 TARGET_K1_RATIO = 0.8
+TARGET_BUILD_RATIO = 0.8  # issue 20: the cache build at >= 0.8x the speed of raw batched UNet forwards
 KEPT_POINTS = TrainingConfig.model_fields["inversion_points_per_pair"].default  # the trainer's M
+
+
+def build_throughput(
+    pipe: Any, b: int, s: int, n: int, pairs: int, reps: int, warmup: int, tmp: Path
+) -> dict[str, Any]:
+    """The trainer's cache build (train.fill_inversion_cache with train.invert_pairs: image loading, VAE, text
+    encoders, the reference's inversion) over `pairs` pairs of a toy dataset, in UNet forwards (rows: images) per
+    second, against raw batched no-grad forwards of the same reference at the build's own batch of rows,
+    interleaved round by round."""
+    model_dir = tmp / "model"
+    pipe.save_pretrained(model_dir)
+    dataset = make_toy_dataset(tmp / "data", pairs, model_dir=model_dir)
+    config = parse_config(
+        {
+            "base_model": str(model_dir), "dataset": str(dataset), "resolution": 8 * s, "inversion_steps": n,
+            "batch_size": b, "max_steps": pairs // b, "output_dir": str(tmp / "run"),
+        }
+    )  # fmt: skip
+    accelerator = make_accelerator(config)
+    loaded = load_pipeline(str(model_dir))
+    _, reference = prepare_models(loaded, config, DEVICE, torch.float32)
+    ref = reference.frozen_copy
+    assert ref is not None, "a full fine-tune has a frozen copy"
+    calls: list[int] = []  # rows of every reference forward
+    forward = ref.forward
+
+    def counted(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    ref.forward = counted  # type: ignore[method-assign]
+    inv = inverse_scheduler(loaded.scheduler.config, n)
+
+    def build() -> None:
+        cache = InversionCache(
+            "memory", "", partial(invert_pairs, loaded, reference, config, accelerator, None), identity="",
+            target=config.inversion_target, dtype=STORAGE_DTYPES[config.inversion_cache_dtype],
+            points_per_pair=config.inversion_points_per_pair, seed=config.seed, grid=inv.timesteps,
+            abar=inv.alphas_cumprod[inv.timesteps], device=DEVICE,
+        )  # fmt: skip
+        fill_inversion_cache(cache, config, Position(), accelerator, None)
+        assert cache.inverted == pairs, cache.inverted
+
+    calls.clear()
+    build()
+    rows_per_build, calls_per_build = sum(calls), len(calls)
+    row_batch = max(set(calls), key=calls.count)  # the build's usual forward: 2B rows (winners and losers)
+    x = torch.randn((row_batch, 4, s, s), generator=torch.Generator().manual_seed(0))
+    t = torch.full((row_batch,), 500)
+    hidden = encode_prompts(loaded, ["a red circle"] * row_batch, device=DEVICE, resolution=8 * s).hidden_states
+    raw_calls = max(1, rows_per_build // row_batch)  # about the build's work
+
+    def raw() -> None:
+        with torch.inference_mode():
+            for _ in range(raw_calls):
+                ref(x, t, encoder_hidden_states=hidden)
+
+    calls.clear()
+    wall, cpu = interleaved({"build": build, "raw": raw}, reps, warmup)
+    per_round = {
+        kind: [
+            (rows_per_build / bt) / (raw_calls * row_batch / rt)
+            for bt, rt in zip(times["build"], times["raw"], strict=True)
+        ]
+        for kind, times in (("cpu", cpu), ("wall", wall))
+    }
+    return {
+        "pairs": pairs,
+        "unet_rows_per_build": rows_per_build,
+        "unet_calls_per_build": calls_per_build,
+        "raw_batch_rows": row_batch,
+        "raw_calls_per_round": raw_calls,
+        "build_rows_per_cpu_s": rows_per_build / statistics.median(cpu["build"]),
+        "raw_rows_per_cpu_s": raw_calls * row_batch / statistics.median(cpu["raw"]),
+        "ratio_cpu": quartiles(per_round["cpu"]),
+        "ratio_wall": quartiles(per_round["wall"]),
+        "build_cpu_s": cpu["build"],
+        "raw_cpu_s": cpu["raw"],
+        "build_wall_s": wall["build"],
+        "raw_wall_s": wall["raw"],
+    }
 
 
 def main() -> None:
@@ -74,6 +174,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="interleaved rounds (>= 20 for the README figures)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--build-pairs", type=int, default=16, help="P pairs of the timed cache build")
+    ap.add_argument("--build-reps", type=int, default=5, help="interleaved rounds of cache build and raw forwards")
     ap.add_argument("--out", type=Path, default=RESULTS / "train_step.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,6 +301,18 @@ def main() -> None:
         print(f"{name}: repaid by the K=1 saving after {visits} (epochs)")
     print(f"{elapsed:.0f} s of timed rounds; {load_end}")
 
+    with tempfile.TemporaryDirectory() as tmp:
+        build = build_throughput(pipe, b, s, n, args.build_pairs, args.build_reps, 1, Path(tmp))
+    c1, c2, c3 = build["ratio_cpu"]
+    verdict = "met" if c2 >= TARGET_BUILD_RATIO else "MISSED"
+    print(
+        f"cache build ({build['pairs']} pairs, batch {b}: {build['unet_rows_per_build']} UNet rows in "
+        f"{build['unet_calls_per_build']} calls, data + VAE + text encoders included): "
+        f"{build['build_rows_per_cpu_s']:.1f} rows/CPU s vs raw batched forwards of {build['raw_batch_rows']} rows "
+        f"{build['raw_rows_per_cpu_s']:.1f} rows/CPU s: ratio {c2:.3f} ({c1:.3f}-{c3:.3f}) CPU, "
+        f"{build['ratio_wall'][1]:.3f} wall; target >= {TARGET_BUILD_RATIO}: {verdict}"
+    )
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "train_step",
@@ -226,6 +340,10 @@ def main() -> None:
         "k1_ratio_median_wall": k1_wall,
         "k1_target_met": k1 <= TARGET_K1_RATIO,
         "cache_payback_visits": payback,
+        "cache_build_throughput": build,
+        "build_ratio_target": TARGET_BUILD_RATIO,
+        "build_ratio_median_cpu": c2,
+        "build_ratio_target_met": c2 >= TARGET_BUILD_RATIO,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -276,6 +276,13 @@ class TrainingConfig(_Strict):
         description="Run the text encoders once per distinct caption and keep the embeddings in host memory "
         "(about 0.25 MB per caption for SD1.5 and 0.6 MB for SDXL in float32, half that in bf16/fp16).",
     )
+    cache_latents: bool = Field(
+        False,
+        description="diffusion_dpo and inpo: run the VAE once per distinct image (its posterior mean, keyed by the "
+        "image bytes' sha256, the VAE weights and the resolution) and keep the latents in host memory, up to half "
+        "the RAM shared by the machine's processes (about 64 KiB per image for SD1.5 at 512 px, 256 KiB for SDXL "
+        "at 1024 px, float32); inversion_dpo's cache holds its latents already.",
+    )
     adapter: AdapterConfig = Field(default_factory=lambda: AdapterConfig(), description="Full fine-tune or LoRA.")
     resolution: int | None = Field(
         None,

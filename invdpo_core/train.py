@@ -77,7 +77,14 @@ from invdpo_core.methods import (
     timestep_weights,
     with_reference_errors,
 )
-from invdpo_core.pipeline import PipelineLoadError, encode_latents, load_pipeline, one_line, pair_time_ids
+from invdpo_core.pipeline import (
+    LatentCache,
+    PipelineLoadError,
+    encode_latents,
+    load_pipeline,
+    one_line,
+    pair_time_ids,
+)
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # inversion_cache_dtype
 
@@ -622,6 +629,9 @@ def train(
         sdxl = isinstance(pipe, StableDiffusionXLPipeline)
         encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if sdxl else [])]
         model_id = model_digest([pipe.unet, pipe.vae, *encoders], dict(pipe.scheduler.config))
+    latent_cache = None  # image -> VAE latent (config.cache_latents), for the methods that encode images every step
+    if config.cache_latents and config.method in ("diffusion_dpo", "inpo"):
+        latent_cache = LatentCache(model_digest([pipe.vae], {}), memory_budget(local_processes(accelerator)))
     policy, reference = prepare_models(pipe, config, device, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(policy, config)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -720,14 +730,14 @@ def train(
                     )  # fmt: skip
                 else:
                     if config.method == "diffusion_dpo":
-                        z_w, z_l = encode_latents(pipe.vae, batch, resolution, device)
+                        z_w, z_l = encode_latents(pipe.vae, batch, resolution, device, latent_cache)
                         with reference.use() as ref, accelerator.autocast():
                             points = diffusion_dpo_points(ref, noise_scheduler, z_w, z_l, cond, generator=draws)
                     elif config.method == "inpo":
                         # InPO: both images inverted every step by the current policy (or the reference), nothing
                         # cached; the reference errors after, since with LoRA the reference is the policy with its
                         # adapters off.
-                        z_w, z_l = encode_latents(pipe.vae, batch, resolution, device)
+                        z_w, z_l = encode_latents(pipe.vae, batch, resolution, device, latent_cache)
                         inverter = reference.use() if config.inpo_inverter == "reference" else nullcontext(policy)
                         with inverter as unet_inverting, accelerator.autocast():
                             points = inpo_points(

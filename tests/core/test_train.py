@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny pipeline and a toy dataset: smoke runs, exact resume, cancel, SIGKILL during a
 checkpoint, outputs that load offline, the CLI. Each run is a few steps on 8 pairs of 64 px images."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,11 +13,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
 from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint
 from invdpo_core.cli import main as cli_main
 from invdpo_core.config import parse_config
+from invdpo_core.data import iter_pairs
+from invdpo_core.pipeline import LatentCache, encode_latents
 from invdpo_core.testing import build_tiny_pipeline
 from invdpo_core.toy import make_toy_dataset
 from invdpo_core.train import TrainCallbacks, TrainError, train
@@ -325,3 +328,52 @@ def test_the_same_data_in_another_place_trains_the_same_model(config, dataset, t
     wa, _ = load_checkpoint(a.checkpoint)
     wb, _ = load_checkpoint(b.checkpoint)
     assert max((wa["model"][n] - wb["model"][n]).abs().max().item() for n in wa["model"]) == 0.0
+
+
+@pytest.mark.parametrize("method", ["diffusion_dpo", "inpo"])
+def test_cache_latents_encodes_each_image_once_and_trains_the_same_weights(
+    config, dataset, tmp_path, method, monkeypatch
+):
+    # 8 steps of 2 pairs: two epochs of the 8 pairs. The VAE spy counts the images it encodes.
+    encoded: list[int] = []
+    encode = AutoencoderKL.encode
+
+    def spy(self, x, *args, **kwargs):
+        encoded.append(x.shape[0])
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", spy)
+    images = {hashlib.sha256(im).digest() for p in iter_pairs(str(dataset)) for im in (p.chosen, p.rejected)}
+    weights, counts = {}, {}
+    for cached in (False, True):
+        encoded.clear()
+        cfg = config(method=method, cache_latents=cached, max_steps=8, output_dir=str(tmp_path / str(cached)))
+        train(cfg)
+        counts[cached] = sum(encoded)
+        weights[cached] = UNet2DConditionModel.from_pretrained(tmp_path / str(cached) / "model", subfolder="unet")
+    # Without the cache, every visit's 2 images; with it, each distinct image once.
+    assert len(images) == 16 and counts == {False: 32, True: 16}
+    plain, cached_unet = weights[False].state_dict(), weights[True].state_dict()
+    assert all(torch.equal(plain[n], cached_unet[n]) for n in plain)  # the same latents: the same weights
+
+
+def test_latent_cache_keys_and_budget(dataset):
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    pairs = list(iter_pairs(str(dataset)))[:2]
+    cpu = torch.device("cpu")
+    plain = encode_latents(pipe.vae, pairs, 64, cpu)
+    cache = LatentCache("vae-a", budget=1 << 30)
+    for _ in range(2):  # encoded, then read back: the same tensors
+        z_w, z_l = encode_latents(pipe.vae, pairs, 64, cpu, cache)
+        assert torch.equal(z_w, plain[0]) and torch.equal(z_l, plain[1])
+    assert len(cache.entries) == 4 and not cache.full
+    image = pairs[0].chosen
+    # Another VAE, dtype or resolution is another entry.
+    keys = {cache.key(image, torch.float32, 64), LatentCache("vae-b", 0).key(image, torch.float32, 64)}
+    keys |= {cache.key(image, torch.float16, 64), cache.key(image, torch.float32, 128)}
+    assert len(keys) == 4
+    # Past the budget, latents are still right but not kept.
+    small = LatentCache("vae-a", budget=0)
+    z_w, z_l = encode_latents(pipe.vae, pairs, 64, cpu, small)
+    assert torch.equal(z_w, plain[0]) and torch.equal(z_l, plain[1])
+    assert small.entries == {} and small.full
