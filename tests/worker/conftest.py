@@ -31,6 +31,7 @@ import redis
 from fastapi.testclient import TestClient
 from fixtures_s3 import create_bucket, point_aws_env_at
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -106,6 +107,17 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a new, migrated SQLite job database (the worker's unit tests)."""
+    from services.jobs.db import make_engine, make_session_factory, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    migrate(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from invdpo_core.checkpoint import save_checkpoint
 from invdpo_core.config import parse_config
 from invdpo_core.storage import upload_dir
 from services.jobs import jobstore, reconciler
-from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.models import Job, Project, utcnow
 from services.jobs.queue import make_celery
 from services.worker import app as worker_app
@@ -29,14 +28,6 @@ from services.worker.run_job import JobRunner
 from services.worker.settings import Settings
 
 WORKER = "host:1:abcd"
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    migrate(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture(scope="module")

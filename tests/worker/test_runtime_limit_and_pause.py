@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +18,12 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.jobs import jobstore
-from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.models import Job, Project
 from services.worker import app as worker_app
 from services.worker.run_job import JobRunner
 from services.worker.settings import Settings
 
 WORKER = "host:1:abcd"
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    migrate(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture(scope="module")

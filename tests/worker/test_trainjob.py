@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.jobs import jobstore
-from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.models import Job, Project
 from services.worker import trainjob
 from services.worker.settings import Settings
@@ -124,14 +123,6 @@ def test_a_credential_as_a_literal_value_is_refused_by_the_settings() -> None:
 
 
 # ---------------------------------------------------------------- the life cycle
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    migrate(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

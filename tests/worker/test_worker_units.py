@@ -9,7 +9,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from invdpo_core.checkpoint import read_manifest, save_checkpoint
 from invdpo_core.testing import build_tiny_pipeline
 from services.jobs import jobstore
-from services.jobs.db import make_engine, make_session_factory, migrate
 from services.jobs.jobstore import default_model_name
 from services.jobs.models import Job, Project
 from services.worker import app as worker_app
@@ -34,14 +33,6 @@ from services.worker.settings import Settings
 from services.worker.tracking import SERVING_CODE, SIGNATURE, dataset_fingerprint, flat_params
 
 WORKER = "host:1:abcd"
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    migrate(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def make_job(sessions: sessionmaker[Session], project: str = "alpha", status: str = "queued", **config: Any) -> str:
