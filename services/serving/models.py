@@ -65,13 +65,22 @@ class ModelSlot:
     held_back: tuple[int, str] | None = None  # (version the alias points at, why it is not served)
 
 
+def registry_client(settings: Settings) -> Any:
+    """An MLflow client whose registry is the settings' server. Without registry_uri MLflow takes the registry from
+    its globals (MLFLOW_REGISTRY_URI, else MLFLOW_TRACKING_URI, else a local store): under make stack, with neither
+    set, no promoted version was found."""
+    from mlflow import MlflowClient
+
+    uri = settings.mlflow_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def load_version(name: str, version: int, session: Session, settings: Settings) -> ServedModel:
     """Download a registered version (the pyfunc the worker logs: MLmodel + artifacts/pipeline) and load its
     pipeline on the device with the core's loader, then generate once so a broken model fails here, not in a
     request. LoRA jobs are registered fused into their base (services/worker/run_job.py merge_lora), so every
     version is a whole pipeline."""
     import mlflow
-    from mlflow import MlflowClient
 
     from invdpo_core.pipeline import load_pipeline
 
@@ -79,12 +88,12 @@ def load_version(name: str, version: int, session: Session, settings: Settings) 
     cache.mkdir(parents=True, exist_ok=True)
     local = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=cache))
     try:
-        # The version's artifact location from the registry at OUR URI: download_artifacts("models:/...") resolves
-        # through MLflow's global registry URI, which without MLFLOW_TRACKING_URI in the process's environment is a
-        # local store ("Registered Model ... not found" under make stack).
-        uri = settings.mlflow_tracking_uri
-        source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(name, str(version))
-        root = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(local), tracking_uri=uri))
+        # The version's artifact location from our registry, then those artifacts: download_artifacts("models:/...")
+        # would resolve the name through MLflow's global registry URI instead.
+        source = registry_client(settings).get_model_version_download_uri(name, str(version))
+        root = Path(
+            mlflow.artifacts.download_artifacts(source, dst_path=str(local), tracking_uri=settings.mlflow_tracking_uri)
+        )
         pyfunc = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
         config = pyfunc.get("config") or {}
         device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,10 +147,9 @@ class Follower:
 
     def follow(self, slot: ModelSlot) -> None:
         """One look at the alias; loads and switches to a new allowed version."""
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri)
+        client = registry_client(self.settings)
         try:
             found = client.get_model_version_by_alias(slot.name, slot.alias)
         except MlflowException as exc:
