@@ -5,7 +5,7 @@ resume (MLflow on SQLite)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,9 @@ WORKER = "host:1:abcd"
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An MLflow tracking store on SQLite, shared by the module (creating one takes seconds)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # creates the schema once
-    yield uri
+def tracking(tmp_path_factory: pytest.TempPathFactory, mlflow_sqlite: Callable[[Path], str]) -> Iterator[str]:
+    """An MLflow tracking store on SQLite, shared by the module."""
+    yield mlflow_sqlite(tmp_path_factory.mktemp("mlflow"))
     if mlflow.active_run() is not None:
         mlflow.end_run()
 
