@@ -36,7 +36,7 @@ from invdpo_core.inversion import (
     build_inverted_pairs,
     ddim_sample,
     encode_prompts,
-    inverse_scheduler,
+    inversion_grid,
     pair_coin,
 )
 from invdpo_core.inversion_cache import InversionCache
@@ -219,7 +219,7 @@ def invert_pairs(world: World, pairs: Pairs, run: Run) -> InvertedPairs:
     built = InvertedPairs.cat(parts)
     # Through the trainer's cache (inversion_cache.py): the entry layout, storage dtype and kept points of a pair.
     records = [PreferencePair("", b"", b"", str(i)) for i in range(len(pairs.prompt))]
-    grid = inverse_scheduler(world.scheduler.config, run.inversion_steps)
+    grid = inversion_grid(world.scheduler.config, run.inversion_steps)
     cache = InversionCache(
         "memory", str(CACHE), lambda batch, caps: (built, pairs.z_w, pairs.z_l), identity=run.name, target=run.target,
         dtype=STORAGE[run.cache_dtype], points_per_pair=run.points_per_pair, seed=0, grid=grid.timesteps,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # the repository's invdpo_core and tests, whateve
 
 from invdpo_core.config import TrainingConfig  # noqa: E402
 from invdpo_core.data import PreferencePair  # noqa: E402
-from invdpo_core.inversion import TARGETS, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin  # noqa: E402
+from invdpo_core.inversion import TARGETS, build_inverted_pairs, encode_prompts, inversion_grid, pair_coin  # noqa: E402
 from invdpo_core.inversion_cache import InversionCache, entry_bytes, layout_bytes  # noqa: E402
 from invdpo_core.testing import build_tiny_pipeline  # noqa: E402
 from tests.core.test_real_config import SD15_UNET, SD_VAE, SDXL_UNET, SDXL_VAE  # noqa: E402
@@ -55,7 +55,7 @@ def check_tiny() -> int:
     prompts = ["a red circle", "a blue square"]
     cond = encode_prompts(pipe, prompts, device=torch.device("cpu"), resolution=64)
     pairs = [PreferencePair(p, f"w{i}".encode(), f"l{i}".encode(), f"m.jsonl line {i}") for i, p in enumerate(prompts)]
-    grid = inverse_scheduler(pipe.scheduler.config, n)
+    grid = inversion_grid(pipe.scheduler.config, n)
     checks = 0
     with tempfile.TemporaryDirectory() as tmp:
         for target in TARGETS:

@@ -3,7 +3,7 @@
 Three ways of doing N UNet calls on the same batch of B latents with the tiny SD1.5-shaped UNet
 (invdpo_core.testing), all under inference mode, single precision:
 
-- ours: invdpo_core.inversion.ddim_invert(..., with_point_eps=False), the inversion loop (scheduler set-up, the
+- ours: invdpo_core.inversion.ddim_invert(...), the inversion loop (scheduler set-up, the
   DDIM update at every step, the stacked trajectory it returns);
 - raw: the same N UNet forwards with the same batch and timestep labels and nothing else (the input is the clean
   latent every time): the floor any inversion loop sits on;
@@ -38,7 +38,7 @@ import torch
 from diffusers import DDIMInverseScheduler
 from timing import interleaved, load, quartiles  # benchmarks/timing.py, beside this script
 
-from invdpo_core.inversion import ddim_invert, encode_prompts, inverse_scheduler
+from invdpo_core.inversion import ddim_invert, encode_prompts, inversion_grid
 from invdpo_core.testing import build_tiny_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,10 +67,10 @@ def main() -> None:
     prompts = [("a red circle", "a blue square")[i % 2] for i in range(b)]
     cond = encode_prompts(pipe, prompts, device=torch.device("cpu"), resolution=8 * s)
     kwargs = cond.unet_kwargs()
-    labels = [torch.full((b,), t, dtype=torch.long) for t in inverse_scheduler(config, n).timesteps.tolist()]
+    labels = [torch.full((b,), t, dtype=torch.long) for t in inversion_grid(config, n).timesteps.tolist()]
 
     def ours() -> torch.Tensor:
-        return ddim_invert(unet, config, z0, cond, num_steps=n, with_point_eps=False).latents[-1]
+        return ddim_invert(unet, config, z0, cond, num_steps=n).latents[-1]
 
     @torch.inference_mode()
     def raw() -> None:

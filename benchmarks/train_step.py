@@ -56,7 +56,7 @@ from diffusers import DDPMScheduler
 from timing import interleaved, load, quartiles  # benchmarks/timing.py, beside this script
 
 from invdpo_core.config import TrainingConfig, parse_config
-from invdpo_core.inversion import build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
+from invdpo_core.inversion import build_inverted_pairs, encode_prompts, inversion_grid, pair_coin
 from invdpo_core.inversion_cache import InversionCache, kept_points
 from invdpo_core.methods import (
     all_points_backward,
@@ -114,7 +114,7 @@ def build_throughput(
         return forward(x, *args, **kwargs)
 
     ref.forward = counted  # type: ignore[method-assign]
-    inv = inverse_scheduler(loaded.scheduler.config, n)
+    inv = inversion_grid(loaded.scheduler.config, n)
 
     def build() -> None:
         cache = InversionCache(

@@ -408,22 +408,30 @@ class EvalConfig(_Strict):
         )
 
 
+SPACINGS = ("leading", "trailing", "linspace")  # what diffusers' DDIM schedulers, hence SD-family checkpoints, use
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
 def schedule_problem(scheduler: dict[str, Any], method: str, inversion_steps: int | None = None) -> str | None:
     """Why `method` cannot train a model with this scheduler config (scheduler/scheduler_config.json), naming the
-    field, or None. Diffusion-DPO only forward-noises, so any spacing and epsilon or v targets work; the inversion
-    methods follow diffusers' DDIMInverseScheduler, which knows leading and trailing spacing and epsilon models,
-    and their grid of `inversion_steps` steps (inversion_steps, or inpo_inversion_steps for inpo) must fit the
-    model's training timesteps."""
+    field, or None. Every method takes epsilon and v-prediction models; the inversion methods (inversion.py) walk
+    the model's DDIM grid under its own spacing, which must fit the model's training timesteps
+    (inversion_steps, or inpo_inversion_steps for inpo)."""
     prediction = scheduler.get("prediction_type", "epsilon")
     spacing = scheduler.get("timestep_spacing", "leading")
-    if method == "diffusion_dpo":
-        if prediction not in ("epsilon", "v_prediction"):
-            return f"scheduler.prediction_type: {prediction!r} is not supported (epsilon or v_prediction)"
+    if prediction not in PREDICTIONS:
+        return f"scheduler.prediction_type: {prediction!r} is not supported (epsilon or v_prediction)"
+    if method == "diffusion_dpo":  # forward noising only: any spacing
         return None
-    if prediction != "epsilon":
-        return f"scheduler.prediction_type: {prediction!r} is not supported by method {method} (epsilon only)"
-    if spacing not in ("leading", "trailing"):
-        return f"scheduler.timestep_spacing: {spacing!r} is not supported by method {method} (leading or trailing)"
+    if spacing not in SPACINGS:
+        return f"scheduler.timestep_spacing: {spacing!r} is not supported by method {method} ({', '.join(SPACINGS)})"
+    if scheduler.get("rescale_betas_zero_snr"):
+        # The top of a trailing or linspace grid has abar = 0: no signal, so neither the inverted point's clean
+        # latent nor a v target can be recovered from it.
+        return (
+            f"scheduler.rescale_betas_zero_snr: true is not supported by method {method} "
+            "(the last timestep has no signal)"
+        )
     if inversion_steps is not None:
         field = "inpo_inversion_steps" if method == "inpo" else "inversion_steps"
         return _grid_problem(scheduler, field, inversion_steps, spacing, partial=method == "inpo")
@@ -432,8 +440,8 @@ def schedule_problem(scheduler: dict[str, Any], method: str, inversion_steps: in
 
 def _grid_problem(scheduler: dict[str, Any], field: str, steps: int, spacing: str, *, partial: bool) -> str | None:
     """Why an inverse DDIM grid of `steps` steps does not fit the model's training timesteps, or None. Leading
-    spacing labels step k (k = 0..N-1) with k * (T // N) + steps_offset (diffusers' DDIMInverseScheduler); trailing
-    ends at T - 1. InPO's partial inversion stops below a timestep drawn under T, so its top label may be T."""
+    spacing labels step k (k = 0..N-1) with k * (T // N) + steps_offset (diffusers' DDIM schedulers); trailing and
+    linspace end at T - 1. InPO's partial inversion stops below a timestep drawn under T, so its top label may be T."""
     total = int(scheduler.get("num_train_timesteps", 1000))
     offset = int(scheduler.get("steps_offset", 0)) if spacing == "leading" else 0
     if steps > total:

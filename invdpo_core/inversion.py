@@ -5,6 +5,12 @@ the UNet is queried at the previous latent with the next timestep label, then th
 DDIM update run backwards. Everything here runs once per pair under inference mode; the training step reads only
 the resulting `InvertedPairs` (the reference side is cached, so training needs no reference forward).
 See docs/method.md for the derivation of the targets.
+
+Schedules: the grid is diffusers' DDIMScheduler grid for the model's own `timestep_spacing` (leading, trailing or
+linspace), ascending; a step starts from the grid's previous level. v-prediction models: the inversion solves the
+model's v and the current latent for the clean latent and the noise they both describe (`ddim_move`), which makes
+each inversion step the exact inverse of a DDIM sampling step; targets are kept as noise and handed to the
+policy in the model's own terms (`InvertedPairs.for_prediction`, `prediction_target`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-from diffusers import DDIMInverseScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
 
 @dataclass
@@ -125,16 +131,95 @@ class Trajectory:
 
     timesteps: torch.Tensor  # (N,) ascending; x_k sits at noise level timesteps[k-1]
     latents: torch.Tensor  # (N+1, B, C, h, w): x_0 ... x_N
-    query_eps: torch.Tensor  # (N, B, C, h, w): eps_ref(x_{k-1}, t_k), the prediction step k used
-    point_eps: torch.Tensor | None  # (N, B, C, h, w): eps_ref(x_k, t_k), the reference at each loss point
+    query_eps: torch.Tensor  # (N, B, C, h, w): the noise step k used (eps_ref(x_{k-1}, t_k) for an epsilon model)
 
 
-def inverse_scheduler(scheduler_config: Any, num_steps: int) -> DDIMInverseScheduler:
-    inv = DDIMInverseScheduler.from_config(scheduler_config)
-    if inv.config.prediction_type != "epsilon":
-        raise ValueError(f"only epsilon-prediction models are supported, got {inv.config.prediction_type!r}")
-    inv.set_timesteps(num_steps)
-    return inv
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+@dataclass
+class InversionGrid:
+    """The N-step DDIM grid of a model's scheduler, ascending, and its noise levels."""
+
+    timesteps: torch.Tensor  # (N,) long, ascending
+    alphas_cumprod: torch.Tensor  # (T,): abar of every training timestep
+    initial_alpha_cumprod: torch.Tensor  # abar of the clean latent (1, or abar_0 when set_alpha_to_one is false)
+    prediction_type: str  # epsilon or v_prediction
+    num_train_timesteps: int
+
+    def level_before(self, k: int) -> torch.Tensor:
+        """abar of the level the k-th step starts from: the previous grid point, the clean latent for k = 0. For
+        leading spacing (and trailing when N divides T) this is diffusers' t - T // N; for linspace, whose points
+        are not T // N apart, it is the level the latent really sits at."""
+        return self.initial_alpha_cumprod if k == 0 else self.alphas_cumprod[self.timesteps[k - 1]]
+
+
+def inversion_grid(scheduler_config: Any, num_steps: int) -> InversionGrid:
+    """The model's DDIM grid of `num_steps` steps under its own timestep_spacing (diffusers' DDIMScheduler's
+    timesteps, reversed), for an epsilon or v-prediction model."""
+    grid = DDIMScheduler.from_config(scheduler_config)
+    if grid.config.prediction_type not in PREDICTIONS:
+        raise ValueError(
+            f"scheduler.prediction_type {grid.config.prediction_type!r} is not supported (epsilon or v_prediction)"
+        )
+    grid.set_timesteps(num_steps)
+    return InversionGrid(
+        timesteps=grid.timesteps.flip(0).long(),
+        alphas_cumprod=grid.alphas_cumprod,
+        initial_alpha_cumprod=grid.final_alpha_cumprod,  # DDIMInverseScheduler's initial_alpha_cumprod
+        prediction_type=grid.config.prediction_type,
+        num_train_timesteps=grid.config.num_train_timesteps,
+    )
+
+
+def ddim_move(
+    x: torch.Tensor,
+    output: torch.Tensor,
+    abar_from: torch.Tensor,
+    abar_label: torch.Tensor,
+    abar_to: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM step: x at noise level abar_from, the model's `output` for the label whose level is
+    abar_label, to level abar_to. Returns (x at abar_to, the noise eps the step used).
+
+    Both directions share the one assumption of DDIM: the clean latent z and the noise eps stay fixed, x = sqrt(a) z
+    + sqrt(1 - a) eps. Sampling queries the model at its own level (label == from); inversion at the level it goes
+    to (label == to). An epsilon output is eps itself. A v output, v = sqrt(a_label) eps - sqrt(1 - a_label) z, is
+    solved together with x for (z, eps); with label == from that is diffusers' conversion, and with label == to it
+    makes the inversion step the exact inverse of the sampling step given the same v (diffusers' inverse scheduler
+    converts at the level x sits at instead, which is not).
+    """
+    if prediction_type == "epsilon":
+        eps = output
+        # DDIM eq. 12 of arXiv 2010.02502: z = (x - sqrt(1 - abar) eps) / sqrt(abar).
+        z = (x - (1 - abar_from) ** 0.5 * eps) / abar_from**0.5
+    elif abar_label is abar_from:
+        eps = abar_from**0.5 * output + (1 - abar_from) ** 0.5 * x
+        z = abar_from**0.5 * x - (1 - abar_from) ** 0.5 * output
+    else:
+        c_from, s_from, c_lab, s_lab = abar_from**0.5, (1 - abar_from) ** 0.5, abar_label**0.5, (1 - abar_label) ** 0.5
+        det = c_lab * c_from + s_lab * s_from  # cos of the angle between the two levels: near 1
+        eps = (c_from * output + s_lab * x) / det
+        z = (c_lab * x - s_from * output) / det
+    # Re-noise to the target level with the same eps: x' = sqrt(abar_to) z + sqrt(1 - abar_to) eps.
+    return abar_to**0.5 * z + (1 - abar_to) ** 0.5 * eps, eps
+
+
+def prediction_target(eps: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the model should output at x_t (level abar) for the noise `eps`: eps for an epsilon model; for a
+    v-prediction model v = sqrt(abar) eps - sqrt(1 - abar) z with z the clean latent x_t and eps imply, which is
+    (eps - sqrt(1 - abar) x_t) / sqrt(abar). The loss is then the model's own (v) error, as Diffusion-DPO's is."""
+    if prediction_type == "epsilon":
+        return eps
+    return (eps - (1 - abar) ** 0.5 * xt) / abar**0.5
+
+
+def output_noise(output: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The noise a model's output at x_t (level abar, its own label) stands for: the inverse of prediction_target."""
+    if prediction_type == "epsilon":
+        return output
+    return abar**0.5 * output + (1 - abar) ** 0.5 * xt
 
 
 def _guided_eps(
@@ -163,7 +248,6 @@ def ddim_invert(
     num_steps: int,
     guidance: float = 1.0,
     uncond: Conditioning | None = None,
-    with_point_eps: bool = True,
     stop_before: torch.Tensor | None = None,
     eta: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -172,8 +256,6 @@ def ddim_invert(
 
     guidance: classifier-free guidance scale during inversion. 1.0 (the default) is plain conditional inversion,
     which is what reconstructs best; the released code uses 2 with an all-zero unconditional embedding.
-    with_point_eps: also evaluate the reference at every inverted point (x_k, t_k), N more UNet calls, which
-    the loss needs for the reference errors.
     stop_before: (B,) timesteps, InPO's partial inversion: row b takes only the steps whose label t_k is below
     stop_before[b], then stays where it is. The loop ends when no row takes a step, so `latents` has one entry per
     step taken (its last entry is every row's end point) and `query_eps` is 0 where a row took no step.
@@ -185,17 +267,15 @@ def ddim_invert(
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1.0 needs an unconditional embedding (uncond)")
-    if stop_before is not None and with_point_eps:
-        raise ValueError("with_point_eps needs every row on the whole schedule (stop_before=None)")
     if eta > 0 and generator is None:
         raise ValueError("eta > 0 needs a generator")
-    inv = inverse_scheduler(scheduler_config, num_steps)
-    alphas = inv.alphas_cumprod.to(latents.device)
-    last_t = inv.config.num_train_timesteps - 1
-    step_ratio = inv.config.num_train_timesteps // num_steps
+    grid = inversion_grid(scheduler_config, num_steps)
+    alphas = grid.alphas_cumprod.to(latents.device)
+    last_t = grid.num_train_timesteps - 1
+    step_ratio = grid.num_train_timesteps // num_steps
     x = latents
     xs, query_eps, taken = [x], [], []
-    for t in inv.timesteps.tolist():
+    for k, t in enumerate(grid.timesteps.tolist()):
         # Rows that take this step: all, or (InPO) those whose stop lies above t. None means all, without indexing.
         rows = None if stop_before is None else (stop_before > t).nonzero().squeeze(1)
         if rows is not None and rows.numel() == 0:
@@ -203,20 +283,15 @@ def ddim_invert(
         x_in = x if rows is None else x[rows]
         t_tensor = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
         # 1. Query the model at the previous latent with the next timestep label.
-        eps = _guided_eps(
+        out = _guided_eps(
             unet, x_in, t_tensor, cond if rows is None else cond.index(rows),
             uncond if rows is None or uncond is None else uncond.index(rows), guidance,
         )  # fmt: skip
-        # 2. Noise levels: abar at the level x sits at (t - step_ratio, or the initial alpha below 0) and at t.
-        t_prev = min(t - step_ratio, last_t)
-        abar_prev = alphas[t_prev] if t_prev >= 0 else inv.initial_alpha_cumprod.to(x.device)
+        # 2. From the level x sits at (the previous grid point, or the clean latent) to level t.
         abar_t = alphas[t]
-        # 3. Predicted clean latent, DDIM eq. 12 of arXiv 2010.02502: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar).
-        x0_pred = (x_in - (1 - abar_prev) ** 0.5 * eps) / abar_prev**0.5
-        # 4. Re-noise to level t with the same eps: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
-        x_next = abar_t**0.5 * x0_pred + (1 - abar_t) ** 0.5 * eps
+        x_next, eps = ddim_move(x_in, out, grid.level_before(k).to(x.device), abar_t, abar_t, grid.prediction_type)
         if eta > 0:
-            # 5. InPO's random term: sigma^2 = (1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t), DDIM eq. 16
+            # 3. InPO's random term: sigma^2 = (1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t), DDIM eq. 16
             #    for the transition from t_up = t + step_ratio to t.
             assert generator is not None
             abar_up = alphas[min(t + step_ratio, last_t)]
@@ -238,10 +313,8 @@ def ddim_invert(
         query_eps.append(eps)
         taken.append(t)
     timesteps = torch.tensor(taken, dtype=torch.long, device=latents.device)
-    trajectory = torch.stack(xs)
-    point_eps = eps_at_points(unet, trajectory[1:], timesteps, cond) if with_point_eps else None
     eps_stack = torch.stack(query_eps) if query_eps else latents.new_zeros((0, *latents.shape))
-    return Trajectory(timesteps, trajectory, eps_stack, point_eps)
+    return Trajectory(timesteps, torch.stack(xs), eps_stack)
 
 
 def eps_at_points(
@@ -274,17 +347,16 @@ def eps_at_points(
 def ddim_sample(
     unet: UNet2DConditionModel, scheduler_config: Any, noise: torch.Tensor, cond: Conditioning, *, num_steps: int
 ) -> torch.Tensor:
-    """Deterministic DDIM sampling (eta 0) from x_N back to x_0, the inverse of `ddim_invert` (guidance 1)."""
-    inv = inverse_scheduler(scheduler_config, num_steps)
-    alphas = inv.alphas_cumprod.to(noise.device)
-    step_ratio = inv.config.num_train_timesteps // num_steps
+    """Deterministic DDIM sampling (eta 0) from x_N back to x_0 on the inversion's grid, the inverse of `ddim_invert`
+    (guidance 1). Equal to diffusers' DDIMScheduler for leading spacing (and trailing when N divides T)."""
+    grid = inversion_grid(scheduler_config, num_steps)
+    alphas = grid.alphas_cumprod.to(noise.device)
     x = noise
-    for t in reversed(inv.timesteps.tolist()):
-        eps = unet(x, torch.full((x.shape[0],), t, device=x.device), **cond.unet_kwargs()).sample
-        t_prev = t - step_ratio
-        abar_prev = alphas[t_prev] if t_prev >= 0 else inv.initial_alpha_cumprod.to(x.device)
-        x0_pred = (x - (1 - alphas[t]) ** 0.5 * eps) / alphas[t] ** 0.5
-        x = abar_prev**0.5 * x0_pred + (1 - abar_prev) ** 0.5 * eps
+    for k in reversed(range(num_steps)):
+        t = int(grid.timesteps[k])
+        out = unet(x, torch.full((x.shape[0],), t, device=x.device), **cond.unet_kwargs()).sample
+        abar_t = alphas[t]
+        x, _ = ddim_move(x, out, abar_t, abar_t, grid.level_before(k).to(x.device), grid.prediction_type)
     return x
 
 
@@ -322,6 +394,18 @@ class InvertedPairs:
     def cat(parts: Sequence[InvertedPairs]) -> InvertedPairs:
         names = [f.name for f in fields(InvertedPairs) if f.name != "timesteps"]
         return InvertedPairs(parts[0].timesteps, *(torch.cat([getattr(p, n) for p in parts]) for n in names))
+
+    def for_prediction(self, abar_grid: torch.Tensor, prediction_type: str) -> InvertedPairs:
+        """The pairs with their targets in the model's own terms (prediction_target): the stored noise for an
+        epsilon model (the same object), v for a v-prediction model. abar_grid: (N,) abar of the grid's points."""
+        if prediction_type == "epsilon":
+            return self
+        abar = abar_grid.to(self.xt_w.device)[self.points.to(self.xt_w.device)][..., None, None, None]  # (B, M, 1..)
+
+        def target(eps: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+            return prediction_target(eps.float(), xt.float(), abar.float(), prediction_type).to(eps.dtype)
+
+        return replace(self, target_w=target(self.target_w, self.xt_w), target_l=target(self.target_l, self.xt_l))
 
 
 def noised(z0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -378,13 +462,14 @@ def build_inverted_pairs(
     if target not in TARGETS:
         raise ValueError(f"unknown inversion target {target!r}; valid: {', '.join(TARGETS)}")
     b = z_w.shape[0]
-    inv = inverse_scheduler(scheduler_config, num_steps)
-    timesteps = inv.timesteps.to(z_w.device)
+    grid = inversion_grid(scheduler_config, num_steps)
+    prediction = grid.prediction_type
+    timesteps = grid.timesteps.to(z_w.device)
     if keep is None:
         keep = torch.arange(num_steps).expand(b, num_steps)  # (B, N): every grid point
     keep = keep.to(z_w.device)
     t_kept = timesteps[keep.T]  # (M, B): each pair's kept timesteps
-    abar = inv.alphas_cumprod.to(z_w.device)[t_kept][..., None, None, None]  # (M, B, 1, 1, 1)
+    abar = grid.alphas_cumprod.to(z_w.device)[t_kept][..., None, None, None]  # (M, B, 1, 1, 1)
 
     def kept(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # (N, R, ...), idx (M, R) -> (M, R, ...)
         return t[idx, torch.arange(idx.shape[1], device=t.device)]
@@ -404,15 +489,16 @@ def build_inverted_pairs(
         src_cond, src_uncond = cond.pick(use_winner_noise), None if uncond is None else uncond.pick(use_winner_noise)
         traj = ddim_invert(
             unet, scheduler_config, z_src, src_cond, num_steps=num_steps, guidance=guidance, uncond=src_uncond,
-            with_point_eps=False,
         )  # fmt: skip
         # The source image's own inverted points (M, B, C, h, w) and their implied noise, as stored.
         noise = stored(implied_noise(kept(traj.latents[1:], keep.T), z_src, abar))
         xt_src = noised(stored(z_src), noise, abar)  # the inverted points, up to the storage's rounding
         xt_other = noised(stored(z_other), noise, abar)  # the other image, forward-noised with the same noise
-        eps_src = eps_at_points(unet, xt_src, t_kept, src_cond)
-        eps_other = eps_at_points(unet, xt_other, t_kept, cond.pick(~use_winner_noise))
-        err_src, err_other = _mse(bn(noise), bn(eps_src)), _mse(bn(noise), bn(eps_other))
+        out_src = eps_at_points(unet, xt_src, t_kept, src_cond)
+        out_other = eps_at_points(unet, xt_other, t_kept, cond.pick(~use_winner_noise))
+        # The reference's errors in the model's own terms (noise, or v), as the policy's will be.
+        err_src = _mse(bn(prediction_target(noise, xt_src, abar, prediction)), bn(out_src))
+        err_other = _mse(bn(prediction_target(noise, xt_other, abar, prediction)), bn(out_other))
         p5 = pick.view(b, 1, 1, 1, 1)
         p2 = pick.view(b, 1)
         return InvertedPairs(
@@ -430,26 +516,27 @@ def build_inverted_pairs(
     traj = ddim_invert(
         unet, scheduler_config, torch.cat([z_w, z_l]), cond.both(),
         num_steps=num_steps, guidance=guidance, uncond=None if uncond is None else uncond.both(),
-        with_point_eps=False,
     )  # fmt: skip
     keep_images = torch.cat([keep, keep]).T  # (M, 2B): winners then losers
     xt = kept(traj.latents[1:], keep_images)  # (M, 2B, C, h, w)
+    abar2 = torch.cat([abar, abar], dim=1)
     if target == "x0":
         # The noise that maps x_t back to the TRUE clean latent: the role eps plays in Diffusion-DPO. Stored as
         # (z, n), x_t rebuilt from them.
-        z0, abar2 = stored(torch.cat([z_w, z_l])), torch.cat([abar, abar], dim=1)
+        z0 = stored(torch.cat([z_w, z_l]))
         tgt = stored(implied_noise(xt, torch.cat([z_w, z_l]), abar2))
         xt = noised(z0, tgt, abar2)
     else:  # step, reference: x_t stored as it is
         xt = stored(xt)
-    point_eps = eps_at_points(unet, xt, torch.cat([t_kept, t_kept], dim=1), cond.both())
+    point_out = eps_at_points(unet, xt, torch.cat([t_kept, t_kept], dim=1), cond.both())
     if target == "step":
         # The noise that maps x_k exactly to x_{k-1} under the DDIM update; on the reference's own inversion this
-        # is the prediction the inversion step used (the DDIM update is invertible with the same eps).
+        # is the noise the inversion step used (the DDIM update is invertible with the same eps).
         tgt = stored(kept(traj.query_eps, keep_images))
     elif target == "reference":  # the released code's objective, eps_ref(x_t, t) itself (zero gradient at init
-        tgt = stored(point_eps)  # when stored in float32; rounded to fp16/bf16 it no longer is exactly zero)
-    err = _mse(bn(tgt), bn(point_eps))  # (2B, M)
+        # when stored in float32; rounded to fp16/bf16, or a v output turned into noise and back, not exactly zero)
+        tgt = stored(output_noise(point_out, xt, abar2, prediction))
+    err = _mse(bn(prediction_target(tgt, xt, abar2, prediction)), bn(point_out))  # (2B, M)
     xt_bn, tgt_bn = bn(xt), bn(tgt)
     return InvertedPairs(
         timesteps,

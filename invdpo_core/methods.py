@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from invdpo_core.inversion import Conditioning, InvertedPairs, ddim_invert, implied_noise
+from invdpo_core.inversion import Conditioning, InvertedPairs, ddim_invert, implied_noise, prediction_target
 from invdpo_core.losses import dpo_loss
 
 EpsModel = Callable[..., Any]  # a UNet (or wrapper) returning an object with `.sample`
@@ -151,7 +151,8 @@ def inpo_points(
        DDIM grid whose label is below t, with eta-scaled noise after each step (inversion.ddim_invert); it ends at
        x, the last grid level below t.
     3. Its target is its own inversion-implied noise n = (x - sqrt(abar_t) z0) / sqrt(1 - abar_t), so that
-       x = sqrt(abar_t) z0 + sqrt(1 - abar_t) n exactly, and the policy is asked for n at (x, t).
+       x = sqrt(abar_t) z0 + sqrt(1 - abar_t) n exactly, and the policy is asked for n at (x, t) (a v-prediction
+       model for v = sqrt(abar_t) n - sqrt(1 - abar_t) z0).
     The reference errors are a separate call because with LoRA the reference is the policy with its adapters off,
     which cannot run while the policy inverts. UNet calls per pair: 2m no-grad inversion forwards (m grid steps
     below t, about N/2 on average) here, then 2 reference forwards and 2 policy forwards with backward.
@@ -163,12 +164,12 @@ def inpo_points(
     row_draws = generator if isinstance(generator, torch.Generator) else [*generator, *generator]
     traj = ddim_invert(
         inverter, scheduler.config, z0, cond.both(), num_steps=inversion_steps,
-        with_point_eps=False, stop_before=torch.cat([t, t]), eta=eta, generator=row_draws,
+        stop_before=torch.cat([t, t]), eta=eta, generator=row_draws,
     )  # fmt: skip
     # A copy made outside inference mode: the policy's forward with grad cannot save inference tensors.
     x = traj.latents[-1].clone()  # (2B, C, h, w): where each image's inversion ended
     abar = scheduler.alphas_cumprod.to(x.device)[torch.cat([t, t])].view(-1, 1, 1, 1)
-    target = implied_noise(x, z0, abar)
+    target = prediction_target(implied_noise(x, z0, abar), x, abar, scheduler.config.prediction_type)
     return TrainPoints(
         xt_w=x[:b],
         xt_l=x[b:],

@@ -65,7 +65,7 @@ from transformers.optimization import Adafactor
 from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, ConfigError, TrainingConfig, schedule_problem
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
-from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
+from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inversion_grid, pair_coin
 from invdpo_core.inversion_cache import InversionCache, entry_bytes, kept_points, model_digest
 from invdpo_core.methods import (
     all_points_backward,
@@ -654,8 +654,8 @@ def train(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     point_weights, inv_timesteps, inv_abar = torch.ones(0), torch.zeros(0, dtype=torch.long), torch.ones(0)
     if config.method == "inversion_dpo":  # the other methods have no inversion grid (and any spacing works for them)
-        inv_scheduler = inverse_scheduler(pipe.scheduler.config, config.inversion_steps)
-        inv_timesteps, inv_abar = inv_scheduler.timesteps, inv_scheduler.alphas_cumprod[inv_scheduler.timesteps]
+        grid = inversion_grid(pipe.scheduler.config, config.inversion_steps)
+        inv_timesteps, inv_abar = grid.timesteps, grid.alphas_cumprod[grid.timesteps]
         point_weights = timestep_weights(inv_timesteps, noise_scheduler.alphas_cumprod, config.timestep_weighting)
 
     config_json = config.model_dump(mode="json")
@@ -672,6 +672,11 @@ def train(
         points_per_pair=config.inversion_points_per_pair, seed=config.seed, grid=inv_timesteps, abar=inv_abar,
         device=device,
     )  # fmt: skip
+
+    def cached_pairs(batch: list[PreferencePair], caps: list[str]) -> InvertedPairs:
+        # The cache keeps noise targets; a v-prediction policy is asked for v (InvertedPairs.for_prediction).
+        return cache.batch(batch, caps).for_prediction(inv_abar, noise_scheduler.config.prediction_type)
+
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:
         t0 = time.perf_counter()
@@ -725,7 +730,7 @@ def train(
                 if config.method == "inversion_dpo" and config.timesteps_per_step == 0:
                     # All N points in two passes: memory flat in N (methods.all_points_backward).
                     loss, batch_metrics = all_points_backward(
-                        unet, cache.batch(batch, caps), cond, weights=point_weights, beta=config.beta,
+                        unet, cached_pairs(batch, caps), cond, weights=point_weights, beta=config.beta,
                         loss_type=config.loss_type, backward=accelerator.backward,
                     )  # fmt: skip
                 else:
@@ -748,7 +753,7 @@ def train(
                             points = with_reference_errors(ref, points)
                     else:
                         points = inversion_dpo_points(
-                            cache.batch(batch, caps), cond, k=config.timesteps_per_step, weights=point_weights,
+                            cached_pairs(batch, caps), cond, k=config.timesteps_per_step, weights=point_weights,
                             generator=draws,
                         )  # fmt: skip
                     loss, batch_metrics = points_loss(unet, points, beta=config.beta, loss_type=config.loss_type)

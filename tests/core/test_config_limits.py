@@ -74,6 +74,7 @@ def test_the_inversion_grid_must_fit_the_models_timesteps() -> None:
         " at most 999"
     )
     assert schedule_problem({**SD, "timestep_spacing": "trailing"}, "inversion_dpo", 1000) is None
+    assert schedule_problem({**SD, "timestep_spacing": "linspace"}, "inversion_dpo", 1000) is None  # 0 ... 999
     # InPO stops below a timestep drawn under T, so its grid may reach T; never more steps than timesteps.
     assert schedule_problem(SD, "inpo", 1000) is None
     short = {**SD, "num_train_timesteps": 500}

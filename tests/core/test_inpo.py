@@ -162,9 +162,9 @@ def test_partial_inversion_stops_each_row_at_its_own_timestep(setup):
     pipe, z_w, _, cond = setup
     z = torch.cat([z_w, z_w[:1]])  # (3, C, h, w)
     c = cond.index(torch.tensor([0, 1, 0]))
-    full = ddim_invert(pipe.unet, pipe.scheduler.config, z, c, num_steps=10, with_point_eps=False)
+    full = ddim_invert(pipe.unet, pipe.scheduler.config, z, c, num_steps=10)
     stop = torch.tensor([0, 250, 1000])  # no step, the steps at 1 / 101 / 201, all ten
-    part = ddim_invert(pipe.unet, pipe.scheduler.config, z, c, num_steps=10, with_point_eps=False, stop_before=stop)
+    part = ddim_invert(pipe.unet, pipe.scheduler.config, z, c, num_steps=10, stop_before=stop)
     torch.testing.assert_close(part.latents[-1][0], z[0])
     torch.testing.assert_close(part.latents[-1][1], full.latents[3][1], atol=1e-5, rtol=0)
     torch.testing.assert_close(part.latents[-1][2], full.latents[10][2], atol=1e-5, rtol=0)
@@ -174,15 +174,13 @@ def test_partial_inversion_stops_each_row_at_its_own_timestep(setup):
     # eta adds a random term; eta 0 with stop_before at the end is the plain inversion.
     g = torch.Generator().manual_seed(0)
     noisy = ddim_invert(
-        pipe.unet, pipe.scheduler.config, z, c, num_steps=10, with_point_eps=False, stop_before=stop, eta=0.1,
+        pipe.unet, pipe.scheduler.config, z, c, num_steps=10, stop_before=stop, eta=0.1,
         generator=g,
     )  # fmt: skip
     moved = (noisy.latents[-1] - part.latents[-1]).abs().amax(dim=(1, 2, 3))
     assert moved[0] == 0 and moved[1] > 0 and moved[2] > 0
     with pytest.raises(ValueError, match="generator"):
-        ddim_invert(pipe.unet, pipe.scheduler.config, z, c, num_steps=10, with_point_eps=False, eta=0.1)
-    with pytest.raises(ValueError, match="with_point_eps"):
-        ddim_invert(pipe.unet, pipe.scheduler.config, z, c, num_steps=10, stop_before=stop)
+        ddim_invert(pipe.unet, pipe.scheduler.config, z, c, num_steps=10, eta=0.1)
 
 
 def test_inpo_settings_have_bounds_and_released_defaults():

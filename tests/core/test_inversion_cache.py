@@ -11,7 +11,7 @@ import torch
 from invdpo_core import train as train_module
 from invdpo_core.config import parse_config
 from invdpo_core.data import PreferencePair
-from invdpo_core.inversion import TARGETS, build_inverted_pairs, encode_prompts, inverse_scheduler, pair_coin
+from invdpo_core.inversion import TARGETS, build_inverted_pairs, encode_prompts, inversion_grid, pair_coin
 from invdpo_core.inversion_cache import InversionCache, entry_bytes, kept_points, layout_bytes
 from invdpo_core.methods import all_points_backward, inversion_dpo_points
 from invdpo_core.storage import list_files
@@ -118,7 +118,7 @@ def make_cache(world, target, *, kind="memory", directory="unused", dtype="fp32"
         )  # fmt: skip
         return built, z_w[index], z_l[index]
 
-    grid = inverse_scheduler(pipe.scheduler.config, N_STEPS)
+    grid = inversion_grid(pipe.scheduler.config, N_STEPS)
     return InversionCache(
         kind, directory, invert, identity="test", target=target, dtype=DTYPES[dtype], points_per_pair=m, seed=0,
         grid=grid.timesteps, abar=grid.alphas_cumprod[grid.timesteps], device=torch.device("cpu"),

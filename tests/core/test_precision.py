@@ -68,33 +68,63 @@ SCHEDULES = {
     "linspace": {"timestep_spacing": "linspace"},
     "trailing": {"timestep_spacing": "trailing"},
     "v_prediction": {"prediction_type": "v_prediction"},
+    # SD2.1-768 ships v-prediction with leading spacing; v-pred SDXL finetunes often trailing.
+    "v_prediction_trailing": {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+    "v_prediction_linspace": {"prediction_type": "v_prediction", "timestep_spacing": "linspace"},
 }
-# What each method trains; the rest is refused naming the field.
-TRAINS = {
-    ("diffusion_dpo", "linspace"), ("diffusion_dpo", "trailing"), ("diffusion_dpo", "v_prediction"),
-    ("inversion_dpo", "trailing"), ("inpo", "trailing"),
-}  # fmt: skip
+# Refused for every method, or for the inversion methods only (the field each names is the first key).
+REFUSED = {
+    "sample_prediction": ({"prediction_type": "sample"}, ("diffusion_dpo", "inversion_dpo", "inpo")),
+    "zero_terminal_snr": (
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        ("inversion_dpo", "inpo"),
+    ),
+    "unknown_spacing": ({"timestep_spacing": "karras"}, ("inversion_dpo", "inpo")),
+}
+METHODS = ["diffusion_dpo", "inversion_dpo", "inpo"]
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("method", ["diffusion_dpo", "inversion_dpo", "inpo"])
-def test_sd_family_schedules_train_or_are_refused_before_training(config, model_dir, tmp_path, method, schedule):
-    from invdpo_core.train import TrainError
+@pytest.mark.parametrize("method", METHODS)
+def test_sd_family_schedules_train_at_ln2_and_pass_the_apis_file_checks(config, model_dir, tmp_path, method, schedule):
+    # Before: the inversion methods refused linspace and v-prediction (and diffusers' inverse scheduler raised on
+    # linspace), so 8 of these 15 failed.
     from services.jobs.file_checks import check_files
 
     model = _with_scheduler(model_dir, tmp_path, **SCHEDULES[schedule])
     cfg = config(method=method, base_model=str(model))
+    assert check_files(str(model), cfg.dataset, None, 2, method=method) is None
+    steps = []
+    train(cfg, _on_step(steps))
+    assert steps[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference
+
+
+@pytest.mark.parametrize("target", ["paired", "x0", "step", "reference"])
+def test_every_inversion_target_of_a_v_prediction_model_starts_at_ln2(config, model_dir, tmp_path, target):
+    # The reference errors of the cache and the policy's errors are both in v: at policy == reference they cancel.
+    model = _with_scheduler(model_dir, tmp_path, prediction_type="v_prediction", timestep_spacing="linspace")
+    steps = []
+    train(config(method="inversion_dpo", inversion_target=target, base_model=str(model)), _on_step(steps))
+    assert steps[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+@pytest.mark.parametrize("method", METHODS)
+def test_unsupported_schedules_are_refused_naming_the_field_before_training(config, model_dir, tmp_path, method, case):
+    from invdpo_core.train import TrainError
+    from services.jobs.file_checks import check_files
+
+    changes, refused_for = REFUSED[case]
+    model = _with_scheduler(model_dir, tmp_path, **changes)
+    cfg = config(method=method, base_model=str(model))
     error = check_files(str(model), cfg.dataset, None, 2, method=method)
-    if (method, schedule) in TRAINS:
+    if method not in refused_for:
         assert error is None
-        steps = []
-        train(cfg, _on_step(steps))
-        assert steps[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)
-    else:
-        field = next(iter(SCHEDULES[schedule]))
-        assert error is not None and error["param"] == "model" and f"scheduler.{field}" in error["message"]
-        with pytest.raises(TrainError, match=f"scheduler.{field}"):
-            train(cfg)
+        return
+    field = next(iter(changes))
+    assert error is not None and error["param"] == "model" and f"scheduler.{field}" in error["message"]
+    with pytest.raises(TrainError, match=f"scheduler.{field}"):
+        train(cfg)
 
 
 def test_diffusion_dpo_asks_a_v_prediction_model_for_v():
@@ -117,6 +147,31 @@ def test_diffusion_dpo_asks_a_v_prediction_model_for_v():
     noise = (points.xt_w - abar**0.5 * z_w) / (1 - abar) ** 0.5  # the shared noise, recovered from x_t
     torch.testing.assert_close(points.target_w, abar**0.5 * noise - (1 - abar) ** 0.5 * z_w, atol=1e-4, rtol=0)
     torch.testing.assert_close(points.target_l, abar**0.5 * noise - (1 - abar) ** 0.5 * z_l, atol=1e-4, rtol=0)
+
+
+def test_inpo_asks_a_v_prediction_model_for_v_at_its_own_inverted_point():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from invdpo_core.inversion import Conditioning, implied_noise
+    from invdpo_core.methods import inpo_points
+
+    scheduler = DDPMScheduler(
+        prediction_type="v_prediction", beta_schedule="scaled_linear", timestep_spacing="linspace"
+    )
+    z_w, z_l = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+
+    def v_unet(x, t, **_):  # any v output: what is checked is the target the points carry
+        return type("Out", (), {"sample": 0.1 * x})
+
+    points = inpo_points(
+        v_unet, scheduler, z_w, z_l, Conditioning(torch.zeros(2, 1, 1)), inversion_steps=10, eta=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    abar = scheduler.alphas_cumprod[points.timesteps].view(-1, 1, 1, 1)
+    for z, x, target in ((z_w, points.xt_w, points.target_w), (z_l, points.xt_l, points.target_l)):
+        noise = implied_noise(x, z, abar)  # each image's own inversion-implied noise
+        torch.testing.assert_close(target, scheduler.get_velocity(z, noise, points.timesteps), atol=1e-4, rtol=0)
 
 
 def test_fp16_checkpoint_holds_the_grad_scaler_state_and_resume_restores_it(config, tmp_path):
