@@ -1,6 +1,7 @@
-"""The real SD1.5 and SDXL architectures (the UNet, VAE and text-encoder configs of runwayml/stable-diffusion-v1-5
-and stabilityai/stable-diffusion-xl-base-1.0, written out below; random weights, nothing downloaded) train one step
-of each method on the CPU, so real shapes, attention heads and SDXL's added conditioning are exercised.
+"""The real SD1.5, SD2.1 and SDXL architectures (the UNet, VAE, text-encoder and scheduler configs of
+runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0, written
+out below; random weights, nothing downloaded) train one step of each method on the CPU, so real shapes, attention
+heads, SD2.1's v-prediction and SDXL's added conditioning are exercised.
 
 Memory: weights are built and kept in bf16 and the runs are LoRA with mixed_precision bf16, so the base UNet is
 loaded in bf16 (pipeline.load_pipeline unet_dtype): the SDXL UNet is 5 GB instead of 10, about 8 GB at the peak.
@@ -75,6 +76,28 @@ SD15_SCHEDULER = {  # a PNDMScheduler
     "steps_offset": 1,
 }
 
+# --- stabilityai/stable-diffusion-2-1 (768 px, v-prediction) --------------------------------------------------------
+SD21_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+OPENCLIP_H = {  # laion CLIP-ViT-H-14's text tower, as SD2.x ships it (23 of its 24 layers)
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "projection_dim": 512,
+    "vocab_size": 49408,
+}
+SD21_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}  # a DDIMScheduler
+
 # --- stabilityai/stable-diffusion-xl-base-1.0 ------------------------------------------------------------------------
 SDXL_UNET = {
     "act_fn": "silu",
@@ -128,6 +151,7 @@ def build_real(kind: str, out):
     """The pipeline of `kind` with its real configs and random bf16 weights, saved to `out` and freed."""
     from diffusers import (
         AutoencoderKL,
+        DDIMScheduler,
         EulerDiscreteScheduler,
         PNDMScheduler,
         StableDiffusionPipeline,
@@ -163,6 +187,17 @@ def build_real(kind: str, out):
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
+        elif kind == "sd21":
+            pipe = StableDiffusionPipeline(
+                vae=AutoencoderKL(**{**SD_VAE, "sample_size": 768}),
+                text_encoder=CLIPTextModel(text(OPENCLIP_H, tok)),
+                tokenizer=tok,
+                unet=UNet2DConditionModel(**SD21_UNET),
+                scheduler=DDIMScheduler.from_config(SD21_SCHEDULER),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         else:
             tok_2 = tokenizer("tokenizer_2")
             pipe = StableDiffusionXLPipeline(
@@ -190,12 +225,14 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl"])
 def test_real_config_trains_one_step_of_each_method(tmp_path, kind):
     t0 = time.perf_counter()
     model = tmp_path / kind
     params = build_real(kind, model)
-    assert params == {"sd15": 859_520_964, "sdxl": 2_567_463_684}[kind]  # the published UNet sizes
+    assert params == {"sd15": 859_520_964, "sd21": 865_910_724, "sdxl": 2_567_463_684}[kind]  # the published sizes
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == ("v_prediction" if kind == "sd21" else "epsilon")
     built = time.perf_counter() - t0
     dataset = make_toy_dataset(tmp_path / "data", 2)
     times = {}
