@@ -410,6 +410,19 @@ class EvalConfig(_Strict):
 
 SPACINGS = ("leading", "trailing", "linspace")  # what diffusers' DDIM schedulers, hence SD-family checkpoints, use
 PREDICTIONS = ("epsilon", "v_prediction")
+# Schedulers of another noise process (EDM sigmas, flow matching): no method here trains their models.
+NOT_DDPM = ("EDM", "CosineDPMSolver", "FlowMatch", "FlowMap")
+
+
+def scheduler_as_written(config: Any, class_name: str | None = None) -> dict[str, Any]:
+    """A loaded diffusers scheduler config as its scheduler_config.json says it: without the keys diffusers filled
+    in from the loaded class's defaults (listed in `_use_default_values`), which DDIMScheduler.from_config drops too
+    when the inversion grid is built. A missing timestep_spacing thus reads as leading everywhere (an
+    EulerDiscreteScheduler's own default would be linspace). class_name: the loaded scheduler's class, which an
+    in-memory config does not hold."""
+    defaults = set(config.get("_use_default_values", []))
+    written = {k: v for k, v in dict(config).items() if k not in defaults and k != "_use_default_values"}
+    return written | ({"_class_name": class_name} if class_name else {})
 
 
 def schedule_problem(scheduler: dict[str, Any], method: str, inversion_steps: int | None = None) -> str | None:
@@ -419,6 +432,9 @@ def schedule_problem(scheduler: dict[str, Any], method: str, inversion_steps: in
     (inversion_steps, or inpo_inversion_steps for inpo)."""
     prediction = scheduler.get("prediction_type", "epsilon")
     spacing = scheduler.get("timestep_spacing", "leading")
+    family = str(scheduler.get("_class_name", ""))
+    if family.startswith(NOT_DDPM):
+        return f"scheduler._class_name: {family!r} is not supported (a DDPM-family scheduler: DDIM, PNDM, Euler, ...)"
     if prediction not in PREDICTIONS:
         return f"scheduler.prediction_type: {prediction!r} is not supported (epsilon or v_prediction)"
     if method == "diffusion_dpo":  # forward noising only: any spacing

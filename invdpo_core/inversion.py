@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -141,17 +141,24 @@ PREDICTIONS = ("epsilon", "v_prediction")
 class InversionGrid:
     """The N-step DDIM grid of a model's scheduler, ascending, and its noise levels."""
 
-    timesteps: torch.Tensor  # (N,) long, ascending
+    timesteps: torch.Tensor  # (N,) long, ascending, distinct, in [0, T)
     alphas_cumprod: torch.Tensor  # (T,): abar of every training timestep
-    initial_alpha_cumprod: torch.Tensor  # abar of the clean latent (1, or abar_0 when set_alpha_to_one is false)
+    initial_alpha_cumprod: torch.Tensor  # abar of the level the clean latent is taken at
     prediction_type: str  # epsilon or v_prediction
     num_train_timesteps: int
 
     def level_before(self, k: int) -> torch.Tensor:
-        """abar of the level the k-th step starts from: the previous grid point, the clean latent for k = 0. For
-        leading spacing (and trailing when N divides T) this is diffusers' t - T // N; for linspace, whose points
+        """abar of the level step k (0-based) starts from: the previous grid point, the clean latent's for k = 0. For
+        leading spacing (and trailing when N divides T) this is diffusers' t_k - T // N; for linspace, whose points
         are not T // N apart, it is the level the latent really sits at."""
         return self.initial_alpha_cumprod if k == 0 else self.alphas_cumprod[self.timesteps[k - 1]]
+
+    def level_after(self, k: int) -> torch.Tensor:
+        """abar of the grid point above step k's, the level InPO's noise term denoises from (t_k + T // N above the
+        top), clamped at the last training timestep. For leading spacing: InPO's released t_k + T // N."""
+        n, total = len(self.timesteps), self.num_train_timesteps
+        above = int(self.timesteps[k + 1]) if k + 1 < n else int(self.timesteps[k]) + total // n
+        return self.alphas_cumprod[min(above, total - 1)]
 
 
 def inversion_grid(scheduler_config: Any, num_steps: int) -> InversionGrid:
@@ -159,16 +166,30 @@ def inversion_grid(scheduler_config: Any, num_steps: int) -> InversionGrid:
     timesteps, reversed), for an epsilon or v-prediction model."""
     grid = DDIMScheduler.from_config(scheduler_config)
     if grid.config.prediction_type not in PREDICTIONS:
-        raise ValueError(
-            f"scheduler.prediction_type {grid.config.prediction_type!r} is not supported (epsilon or v_prediction)"
-        )
+        raise ValueError(f"scheduler.prediction_type {grid.config.prediction_type!r} is not supported")
     grid.set_timesteps(num_steps)
+    timesteps = grid.timesteps.flip(0).long()
+    if len(timesteps) == num_steps + 1 and timesteps[0] == -1:
+        # diffusers' trailing spacing, np.arange(T, 0, -T / N), yields one point too many for some N (61, 103, ...):
+        # the float arange's last element rounds to 0, i.e. timestep -1. The other N are the grid.
+        timesteps = timesteps[1:]
+    total = grid.config.num_train_timesteps
+    # The top may be T itself (leading, steps_offset 1, N = T): a label only InPO's partial inversion is given,
+    # which never takes it; config.schedule_problem refuses such a grid for a whole inversion.
+    if len(timesteps) != num_steps or timesteps[0] < 0 or timesteps[-1] > total or (timesteps.diff() <= 0).any():
+        raise ValueError(f"inversion_steps: {num_steps} steps make no grid of distinct timesteps in [0, {total}]")
+    initial = grid.final_alpha_cumprod  # DDIMInverseScheduler's initial_alpha_cumprod: 1, or abar_0
+    if torch.equal(grid.alphas_cumprod[timesteps[0]], initial):
+        # A grid that starts at timestep 0 (linspace; trailing when N >= 2T/3) with set_alpha_to_one false, as SD
+        # checkpoints ship: the first step would go from abar_0 to abar_0 and its point carry no noise. The clean
+        # latent is then taken at abar = 1, where it is.
+        initial = torch.tensor(1.0)
     return InversionGrid(
-        timesteps=grid.timesteps.flip(0).long(),
+        timesteps=timesteps,
         alphas_cumprod=grid.alphas_cumprod,
-        initial_alpha_cumprod=grid.final_alpha_cumprod,  # DDIMInverseScheduler's initial_alpha_cumprod
+        initial_alpha_cumprod=initial,
         prediction_type=grid.config.prediction_type,
-        num_train_timesteps=grid.config.num_train_timesteps,
+        num_train_timesteps=total,
     )
 
 
@@ -176,32 +197,33 @@ def ddim_move(
     x: torch.Tensor,
     output: torch.Tensor,
     abar_from: torch.Tensor,
-    abar_label: torch.Tensor,
     abar_to: torch.Tensor,
     prediction_type: str,
+    *,
+    queried_at: Literal["from", "to"],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One deterministic DDIM step: x at noise level abar_from, the model's `output` for the label whose level is
-    abar_label, to level abar_to. Returns (x at abar_to, the noise eps the step used).
+    """One deterministic DDIM step: x at noise level abar_from, the model's `output` for the label of level
+    `queried_at`, to level abar_to. Returns (x at abar_to, the noise eps the step used).
 
     Both directions share the one assumption of DDIM: the clean latent z and the noise eps stay fixed, x = sqrt(a) z
-    + sqrt(1 - a) eps. Sampling queries the model at its own level (label == from); inversion at the level it goes
-    to (label == to). An epsilon output is eps itself. A v output, v = sqrt(a_label) eps - sqrt(1 - a_label) z, is
-    solved together with x for (z, eps); with label == from that is diffusers' conversion, and with label == to it
-    makes the inversion step the exact inverse of the sampling step given the same v (diffusers' inverse scheduler
-    converts at the level x sits at instead, which is not).
+    + sqrt(1 - a) eps. Sampling queries the model at its own level (from); inversion at the level it goes to (to).
+    An epsilon output is eps itself. A v output, v = sqrt(a_q) eps - sqrt(1 - a_q) z, is solved together with x for
+    (z, eps); queried at `from` that is diffusers' conversion, and queried at `to` it makes the inversion step the
+    exact inverse of the sampling step given the same v (diffusers' inverse scheduler converts at the level x sits
+    at instead, which is not).
     """
     if prediction_type == "epsilon":
         eps = output
         # DDIM eq. 12 of arXiv 2010.02502: z = (x - sqrt(1 - abar) eps) / sqrt(abar).
         z = (x - (1 - abar_from) ** 0.5 * eps) / abar_from**0.5
-    elif abar_label is abar_from:
+    elif queried_at == "from":
         eps = abar_from**0.5 * output + (1 - abar_from) ** 0.5 * x
         z = abar_from**0.5 * x - (1 - abar_from) ** 0.5 * output
     else:
-        c_from, s_from, c_lab, s_lab = abar_from**0.5, (1 - abar_from) ** 0.5, abar_label**0.5, (1 - abar_label) ** 0.5
-        det = c_lab * c_from + s_lab * s_from  # cos of the angle between the two levels: near 1
-        eps = (c_from * output + s_lab * x) / det
-        z = (c_lab * x - s_from * output) / det
+        c_from, s_from, c_q, s_q = abar_from**0.5, (1 - abar_from) ** 0.5, abar_to**0.5, (1 - abar_to) ** 0.5
+        det = c_q * c_from + s_q * s_from  # cos of the angle between the two levels: near 1
+        eps = (c_from * output + s_q * x) / det
+        z = (c_q * x - s_from * output) / det
     # Re-noise to the target level with the same eps: x' = sqrt(abar_to) z + sqrt(1 - abar_to) eps.
     return abar_to**0.5 * z + (1 - abar_to) ** 0.5 * eps, eps
 
@@ -213,13 +235,6 @@ def prediction_target(eps: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor, p
     if prediction_type == "epsilon":
         return eps
     return (eps - (1 - abar) ** 0.5 * xt) / abar**0.5
-
-
-def output_noise(output: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The noise a model's output at x_t (level abar, its own label) stands for: the inverse of prediction_target."""
-    if prediction_type == "epsilon":
-        return output
-    return abar**0.5 * output + (1 - abar) ** 0.5 * xt
 
 
 def _guided_eps(
@@ -262,8 +277,8 @@ def ddim_invert(
     eta: InPO's stochastic inversion: after each step add eta * sigma_k * N(0, I) drawn from `generator` (one for
     the batch, or one per row so that a row's draws do not depend on the other rows), with
     sigma_k the DDIM standard deviation (arXiv 2010.02502 eq. 16 at eta 1) of the denoising transition from
-    t_k + step_ratio down to t_k, the transition InPO's released code takes (clamped at the last training timestep,
-    where that code would index past the schedule).
+    the grid point above t_k down to t_k, the transition InPO's released code takes (there t_k + T // N, clamped at
+    the last training timestep, where that code would index past the schedule).
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1.0 needs an unconditional embedding (uncond)")
@@ -271,8 +286,6 @@ def ddim_invert(
         raise ValueError("eta > 0 needs a generator")
     grid = inversion_grid(scheduler_config, num_steps)
     alphas = grid.alphas_cumprod.to(latents.device)
-    last_t = grid.num_train_timesteps - 1
-    step_ratio = grid.num_train_timesteps // num_steps
     x = latents
     xs, query_eps, taken = [x], [], []
     for k, t in enumerate(grid.timesteps.tolist()):
@@ -289,12 +302,14 @@ def ddim_invert(
         )  # fmt: skip
         # 2. From the level x sits at (the previous grid point, or the clean latent) to level t.
         abar_t = alphas[t]
-        x_next, eps = ddim_move(x_in, out, grid.level_before(k).to(x.device), abar_t, abar_t, grid.prediction_type)
+        x_next, eps = ddim_move(
+            x_in, out, grid.level_before(k).to(x.device), abar_t, grid.prediction_type, queried_at="to"
+        )
         if eta > 0:
             # 3. InPO's random term: sigma^2 = (1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t), DDIM eq. 16
-            #    for the transition from t_up = t + step_ratio to t.
+            #    for the transition from the grid point above t (t + T // N for leading spacing) down to t.
             assert generator is not None
-            abar_up = alphas[min(t + step_ratio, last_t)]
+            abar_up = grid.level_after(k).to(x.device)
             sigma = ((1 - abar_t) / (1 - abar_up) * (1 - abar_up / abar_t)) ** 0.5
             if isinstance(generator, torch.Generator):
                 draw = torch.randn(x_next.shape, generator=generator, device=generator.device, dtype=x_next.dtype)
@@ -356,7 +371,7 @@ def ddim_sample(
         t = int(grid.timesteps[k])
         out = unet(x, torch.full((x.shape[0],), t, device=x.device), **cond.unet_kwargs()).sample
         abar_t = alphas[t]
-        x, _ = ddim_move(x, out, abar_t, abar_t, grid.level_before(k).to(x.device), grid.prediction_type)
+        x, _ = ddim_move(x, out, abar_t, grid.level_before(k).to(x.device), grid.prediction_type, queried_at="from")
     return x
 
 
@@ -365,6 +380,7 @@ def ddim_sample(
 # ----------------------------------------------------------------------------------------------------------------
 
 TARGETS = ("paired", "x0", "step", "reference")
+NOISE_TARGETS = ("paired", "x0")  # kept as noise (with the clean latents), whatever the model predicts
 
 
 @dataclass
@@ -378,7 +394,9 @@ class InvertedPairs:
     timesteps: torch.Tensor  # (N,): the inversion grid
     xt_w: torch.Tensor  # (B, M, C, h, w): where the policy is evaluated for the winner
     xt_l: torch.Tensor  # (B, M, C, h, w): ... and for the loser
-    target_w: torch.Tensor  # (B, M, C, h, w): the noise the policy should predict for the winner
+    # (B, M, C, h, w): what the policy should output for the winner: noise for paired and x0 (NOISE_TARGETS; a
+    # v-prediction policy is asked for the v it implies, for_prediction), the model's own terms for step, reference
+    target_w: torch.Tensor
     target_l: torch.Tensor  # (B, M, C, h, w)
     ref_err_w: torch.Tensor  # (B, M): mean squared error of the frozen reference at the winner's points
     ref_err_l: torch.Tensor  # (B, M)
@@ -395,17 +413,18 @@ class InvertedPairs:
         names = [f.name for f in fields(InvertedPairs) if f.name != "timesteps"]
         return InvertedPairs(parts[0].timesteps, *(torch.cat([getattr(p, n) for p in parts]) for n in names))
 
-    def for_prediction(self, abar_grid: torch.Tensor, prediction_type: str) -> InvertedPairs:
-        """The pairs with their targets in the model's own terms (prediction_target): the stored noise for an
-        epsilon model (the same object), v for a v-prediction model. abar_grid: (N,) abar of the grid's points."""
-        if prediction_type == "epsilon":
+    def for_prediction(self, target: str, abar_grid: torch.Tensor, prediction_type: str) -> InvertedPairs:
+        """The pairs with their targets in the model's own terms (prediction_target). `paired` and `x0` keep noise
+        (for a v-prediction model it becomes v here); `step` and `reference` are built in the model's terms and
+        returned as they are, as is everything for an epsilon model. abar_grid: (N,) abar of the grid's points."""
+        if prediction_type == "epsilon" or target not in NOISE_TARGETS:
             return self
         abar = abar_grid.to(self.xt_w.device)[self.points.to(self.xt_w.device)][..., None, None, None]  # (B, M, 1..)
 
-        def target(eps: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        def asked(eps: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
             return prediction_target(eps.float(), xt.float(), abar.float(), prediction_type).to(eps.dtype)
 
-        return replace(self, target_w=target(self.target_w, self.xt_w), target_l=target(self.target_l, self.xt_l))
+        return replace(self, target_w=asked(self.target_w, self.xt_w), target_l=asked(self.target_l, self.xt_l))
 
 
 def noised(z0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -518,25 +537,27 @@ def build_inverted_pairs(
         num_steps=num_steps, guidance=guidance, uncond=None if uncond is None else uncond.both(),
     )  # fmt: skip
     keep_images = torch.cat([keep, keep]).T  # (M, 2B): winners then losers
-    xt = kept(traj.latents[1:], keep_images)  # (M, 2B, C, h, w)
+    inverted = kept(traj.latents[1:], keep_images)  # (M, 2B, C, h, w), as inverted (before the storage's rounding)
     abar2 = torch.cat([abar, abar], dim=1)
     if target == "x0":
         # The noise that maps x_t back to the TRUE clean latent: the role eps plays in Diffusion-DPO. Stored as
         # (z, n), x_t rebuilt from them.
-        z0 = stored(torch.cat([z_w, z_l]))
-        tgt = stored(implied_noise(xt, torch.cat([z_w, z_l]), abar2))
-        xt = noised(z0, tgt, abar2)
+        tgt = stored(implied_noise(inverted, torch.cat([z_w, z_l]), abar2))
+        xt = noised(stored(torch.cat([z_w, z_l])), tgt, abar2)
     else:  # step, reference: x_t stored as it is
-        xt = stored(xt)
-    point_out = eps_at_points(unet, xt, torch.cat([t_kept, t_kept], dim=1), cond.both())
+        xt = stored(inverted)
     if target == "step":
-        # The noise that maps x_k exactly to x_{k-1} under the DDIM update; on the reference's own inversion this
-        # is the noise the inversion step used (the DDIM update is invertible with the same eps).
-        tgt = stored(kept(traj.query_eps, keep_images))
-    elif target == "reference":  # the released code's objective, eps_ref(x_t, t) itself (zero gradient at init
-        # when stored in float32; rounded to fp16/bf16, or a v output turned into noise and back, not exactly zero)
-        tgt = stored(output_noise(point_out, xt, abar2, prediction))
-    err = _mse(bn(prediction_target(tgt, xt, abar2, prediction)), bn(point_out))  # (2B, M)
+        # The noise that maps x_k exactly to x_{k-1} under the DDIM update; on the reference's own inversion this is
+        # the noise the inversion step used (the DDIM update is invertible with the same eps). For a v model, the v
+        # that does (the step's own query, ddim_move), taken before rounding: a v derived from separately rounded
+        # x_t and noise would scale their rounding by 1 / sqrt(abar) (15x at t = 999).
+        tgt = stored(prediction_target(kept(traj.query_eps, keep_images), inverted, abar2, prediction))
+    point_out = eps_at_points(unet, xt, torch.cat([t_kept, t_kept], dim=1), cond.both())
+    if target == "reference":  # the released code's objective, the reference's own output at x_t (zero gradient
+        tgt = stored(point_out)  # at init when stored in float32; rounded to fp16/bf16, not exactly zero)
+    # x0 keeps noise (NOISE_TARGETS); step and reference are in the model's own terms already.
+    asked = prediction_target(tgt, xt, abar2, prediction) if target == "x0" else tgt
+    err = _mse(bn(asked), bn(point_out))  # (2B, M)
     xt_bn, tgt_bn = bn(xt), bn(tgt)
     return InvertedPairs(
         timesteps,

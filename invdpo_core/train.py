@@ -63,7 +63,14 @@ from PIL import Image
 from transformers.optimization import Adafactor
 
 from invdpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from invdpo_core.config import CACHE_KEY_FIELDS, RESUMABLE_FIELDS, ConfigError, TrainingConfig, schedule_problem
+from invdpo_core.config import (
+    CACHE_KEY_FIELDS,
+    RESUMABLE_FIELDS,
+    ConfigError,
+    TrainingConfig,
+    schedule_problem,
+    scheduler_as_written,
+)
 from invdpo_core.data import DatasetError, PreferencePair, iter_pairs
 from invdpo_core.inversion import InvertedPairs, build_inverted_pairs, encode_prompts, inversion_grid, pair_coin
 from invdpo_core.inversion_cache import InversionCache, entry_bytes, kept_points, model_digest
@@ -617,7 +624,8 @@ def train(
         pipe = load_pipeline(config.base_model, model_cache_dir=model_cache_dir, unet_dtype=unet_dtype)
     except PipelineLoadError as exc:
         raise TrainError(str(exc)) from None
-    problem = schedule_problem(dict(pipe.scheduler.config), config.method, config.inversion_grid_steps)
+    written = scheduler_as_written(pipe.scheduler.config, type(pipe.scheduler).__name__)
+    problem = schedule_problem(written, config.method, config.inversion_grid_steps)
     if problem is not None:
         raise TrainError(f"base model {config.base_model}: {problem}")
     # The model's own resolution when none is set: from here on the run, its checkpoints and its cache use it.
@@ -674,8 +682,9 @@ def train(
     )  # fmt: skip
 
     def cached_pairs(batch: list[PreferencePair], caps: list[str]) -> InvertedPairs:
-        # The cache keeps noise targets; a v-prediction policy is asked for v (InvertedPairs.for_prediction).
-        return cache.batch(batch, caps).for_prediction(inv_abar, noise_scheduler.config.prediction_type)
+        # paired and x0 keep noise; a v-prediction policy is asked for v (InvertedPairs.for_prediction).
+        pairs = cache.batch(batch, caps)
+        return pairs.for_prediction(config.inversion_target, inv_abar, noise_scheduler.config.prediction_type)
 
     cache_build_s = 0.0
     if config.method == "inversion_dpo" and config.inversion_cache != "none" and position.step < config.max_steps:

@@ -85,6 +85,24 @@ def test_the_inversion_grid_must_fit_the_models_timesteps() -> None:
     assert schedule_problem(short, "diffusion_dpo", None) is None
 
 
+def test_other_noise_processes_are_refused_and_a_loaded_config_reads_as_written() -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    from invdpo_core.config import scheduler_as_written
+
+    for family in ("EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler"):
+        assert f"scheduler._class_name: {family!r} is not supported" in (
+            schedule_problem({**SD, "_class_name": family}, "diffusion_dpo") or ""
+        )
+    # An SDXL-style Euler config that does not say its spacing: loaded, Euler's own default (linspace) fills it in;
+    # the check reads what the file says (leading, the default the inversion grid takes too).
+    euler = EulerDiscreteScheduler.from_config({"num_train_timesteps": 1000, "steps_offset": 1})
+    assert euler.config.timestep_spacing == "linspace"
+    written = scheduler_as_written(euler.config, "EulerDiscreteScheduler")
+    assert "timestep_spacing" not in written and written["_class_name"] == "EulerDiscreteScheduler"
+    assert written["steps_offset"] == 1
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, model_dir):
     return make_toy_dataset(tmp_path_factory.mktemp("data"), 2, model_dir=model_dir)

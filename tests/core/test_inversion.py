@@ -61,6 +61,47 @@ def test_the_grid_is_diffusers_ddim_grid_ascending_for_every_spacing(spacing):
         inversion_grid(config, 10).timesteps.tolist()[-1]
         == {"leading": 901, "trailing": 999, "linspace": 999}[spacing]
     )
+    for steps in range(1, 1000):  # every N the config allows: N distinct points in [0, T)
+        ts = inversion_grid(config, steps).timesteps
+        assert len(ts) == steps and ts[0] >= 0 and ts[-1] <= 999 and bool((ts.diff() > 0).all()), steps
+
+
+def test_a_trailing_grid_has_n_points_where_diffusers_float_arange_makes_n_plus_one():
+    # np.arange(1000, 0, -1000 / 61) has 62 elements, the last rounding to timestep -1: diffusers' trailing grid
+    # then starts at -1 (alphas_cumprod[-1] is the NOISIEST level) and has 62 points. Ours drops that one.
+    config = changed(build_tiny_pipeline("sd15").scheduler.config, timestep_spacing="trailing")
+    diffusers_grid = DDIMScheduler.from_config(config)
+    diffusers_grid.set_timesteps(61)
+    assert len(diffusers_grid.timesteps) == 62 and diffusers_grid.timesteps[-1] == -1
+    grid = inversion_grid(config, 61)
+    assert grid.timesteps.tolist() == diffusers_grid.timesteps.tolist()[::-1][1:]
+    assert grid.timesteps[:3].tolist() == [15, 32, 48] and grid.timesteps[-1] == 999
+
+
+def test_a_grid_starting_at_timestep_0_takes_the_clean_latent_at_abar_1():
+    # SD checkpoints say set_alpha_to_one: false, so diffusers takes the clean latent at abar_0; a linspace grid
+    # starts AT timestep 0, so its first step would not move and its point would carry no noise.
+    config = changed(build_tiny_pipeline("sd15").scheduler.config, timestep_spacing="linspace")
+    grid = inversion_grid(config, 10)
+    assert grid.timesteps[0] == 0 and grid.level_before(0).item() == 1.0
+    leading = inversion_grid(changed(config, timestep_spacing="leading"), 10)  # starts at 1: diffusers' abar_0
+    assert leading.level_before(0).item() == pytest.approx(DDIMScheduler.from_config(config).alphas_cumprod[0].item())
+    model = GaussianOptimalDenoiser(grid.alphas_cumprod, std=0.5)
+    z0 = 0.5 * _latents(b=4)
+    traj = ddim_invert(model, config, z0, Conditioning(torch.zeros(4, 2, 32)), num_steps=10)
+    a0 = grid.alphas_cumprod[0]
+    noise = (traj.latents[1] - a0**0.5 * z0) / (1 - a0) ** 0.5  # the first point's implied noise: the model's eps
+    torch.testing.assert_close(noise, model(z0, torch.zeros(4, dtype=torch.long)).sample, atol=1e-4, rtol=0)
+
+
+def test_inpos_noise_term_denoises_from_the_grid_point_above():
+    config = changed(build_tiny_pipeline("sd15").scheduler.config, timestep_spacing="linspace")
+    grid = inversion_grid(config, 10)  # 0, 111, ..., 999: not T // N = 100 apart
+    assert grid.level_after(0) == grid.alphas_cumprod[111] and grid.level_after(9) == grid.alphas_cumprod[999]
+    leading = inversion_grid(changed(config, timestep_spacing="leading"), 10)  # InPO's released t + T // N
+    assert (
+        leading.level_after(3) == leading.alphas_cumprod[401] and leading.level_after(9) == leading.alphas_cumprod[999]
+    )
 
 
 def test_a_linspace_step_starts_from_the_level_the_latent_sits_at(pipe):
@@ -89,8 +130,8 @@ def test_a_v_inversion_step_is_the_exact_inverse_of_a_ddim_sampling_step():
         torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64),
         torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64),
     )
-    x_prev, _ = ddim_move(x_k, v, a_k, a_k, a_prev, "v_prediction")
-    back, eps = ddim_move(x_prev, v, a_prev, a_k, a_k, "v_prediction")
+    x_prev, _ = ddim_move(x_k, v, a_k, a_prev, "v_prediction", queried_at="from")
+    back, eps = ddim_move(x_prev, v, a_prev, a_k, "v_prediction", queried_at="to")
     torch.testing.assert_close(back, x_k, atol=1e-12, rtol=0)
     torch.testing.assert_close(eps, a_k**0.5 * v + (1 - a_k) ** 0.5 * x_k, atol=1e-12, rtol=0)  # the step's noise
     diffusers_z = a_prev**0.5 * x_prev - (1 - a_prev) ** 0.5 * v
@@ -207,8 +248,8 @@ def test_a_v_prediction_model_is_asked_for_v_at_the_inverted_points_and_its_refe
     pairs = build_inverted_pairs(pipe.unet, config, z_w, z_l, cond, target="paired", num_steps=5)
     grid = inversion_grid(config, 5)
     abar = grid.alphas_cumprod[grid.timesteps]
-    asked = pairs.for_prediction(abar, "v_prediction")
-    assert pairs.for_prediction(abar, "epsilon") is pairs
+    asked = pairs.for_prediction("paired", abar, "v_prediction")
+    assert pairs.for_prediction("paired", abar, "epsilon") is pairs
     ddpm = DDPMScheduler.from_config(config)
     for k, t in enumerate(grid.timesteps.tolist()):
         a = abar[k]
@@ -220,3 +261,29 @@ def test_a_v_prediction_model_is_asked_for_v_at_the_inverted_points_and_its_refe
             v_ref = pipe.unet(pairs.xt_w[:, k], t, **cond.unet_kwargs()).sample
         err = (v_ref - velocity).pow(2).mean(dim=(1, 2, 3))
         torch.testing.assert_close(pairs.ref_err_w[:, k], err, atol=1e-5, rtol=1e-4)
+
+
+def test_a_v_models_step_target_is_its_own_query_and_survives_a_bf16_cache():
+    # step keeps its target in the model's terms: for a v model the v that maps x_k to x_{k-1}, which is the
+    # reference's query at (x_{k-1}, t_k). Stored as v, bf16 rounds it like any latent; derived from separately
+    # rounded x_t and noise it would carry their rounding times 1 / sqrt(abar) (15x at t = 999).
+    from invdpo_core.inversion import build_inverted_pairs
+
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    config = changed(pipe.scheduler.config, prediction_type="v_prediction", timestep_spacing="trailing")
+    cond = encode_prompts(pipe, ["a red circle", "a blue square"], device=torch.device("cpu"), resolution=64)
+    z_w, z_l = _latents(1), _latents(2)
+    exact = build_inverted_pairs(pipe.unet, config, z_w, z_l, cond, target="step", num_steps=5)
+    traj = ddim_invert(pipe.unet, config, z_w, cond, num_steps=5)
+    for k, t in enumerate(traj.timesteps.tolist()):
+        with torch.inference_mode():
+            query = pipe.unet(traj.latents[k], t, **cond.unet_kwargs()).sample
+        torch.testing.assert_close(exact.target_w[:, k], query, atol=1e-4, rtol=0)
+    grid = inversion_grid(config, 5)
+    assert exact.for_prediction("step", grid.alphas_cumprod[grid.timesteps], "v_prediction") is exact
+    rounded = build_inverted_pairs(
+        pipe.unet, config, z_w, z_l, cond, target="step", num_steps=5, storage_dtype=torch.bfloat16
+    )
+    scale = exact.target_w.abs().amax(dim=(0, 2, 3, 4))  # per point
+    error = (rounded.target_w - exact.target_w).abs().amax(dim=(0, 2, 3, 4))
+    assert (error <= scale * 2**-8).all(), (error / scale).tolist()  # bf16's own half-ulp, nothing amplified
