@@ -11,6 +11,7 @@ fixed seeds every few steps.
     python benchmarks/alignment.py            # full study (about 30-40 min on 2 cores)
     python benchmarks/alignment.py --quick    # the main table only (under 15 min on 2 cores)
     python benchmarks/alignment.py --quick --runs inpo,"inpo swap"   # some runs only (parts can run in parallel)
+    python benchmarks/alignment.py --quick --prediction v_prediction # the same world, a v-prediction base
 
 Writes benchmarks/results/alignment.json and alignment.png.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from invdpo_core.config import TrainingConfig
+from invdpo_core.config import TrainingConfig, scheduler_as_written
 from invdpo_core.data import PreferencePair
 from invdpo_core.inversion import (
     Conditioning,
@@ -96,11 +97,17 @@ class World:
     sample_steps: int = 20
 
 
-def pretrain_base(steps: int, seed: int = 0) -> World:
+def pretrain_base(steps: int, seed: int = 0, prediction: str = "epsilon") -> World:
+    """The base: pretrained to predict the noise, or (prediction v_prediction, as SD2.x-768) v."""
+    from diffusers import DDIMScheduler
+
     pipe = build_tiny_pipeline("sd15", seed=seed)
     cond_table = encode_prompts(pipe, PROMPTS, device=DEVICE, resolution=64)
-    unet, scheduler = pipe.unet, pipe.scheduler
-    path = CACHE / f"alignment_base_{steps}_{seed}.pt"
+    unet = pipe.unet
+    written = scheduler_as_written(pipe.scheduler.config)  # a changed key must not be dropped as a class default
+    scheduler = DDIMScheduler.from_config({**written, "prediction_type": prediction})
+    suffix = "" if prediction == "epsilon" else f"_{prediction}"
+    path = CACHE / f"alignment_base_{steps}_{seed}{suffix}.pt"
     if path.exists():
         unet.load_state_dict(torch.load(path))
         print(f"loaded pretrained base from {path}")
@@ -114,7 +121,8 @@ def pretrain_base(steps: int, seed: int = 0) -> World:
             t = torch.randint(0, 1000, (64,), generator=gen)
             noise = torch.randn(z.shape, generator=gen)
             pred = unet(scheduler.add_noise(z, noise, t), t, **cond_table.index(p).unet_kwargs()).sample
-            loss = (pred - noise).pow(2).mean()
+            target = noise if prediction == "epsilon" else scheduler.get_velocity(z, noise, t)
+            loss = (pred - target).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -257,6 +265,9 @@ def train_run(
             t0 = time.time()
             cache[key] = (invert_pairs(world, pairs, run), time.time() - t0)
         inverted, res.cache_seconds = cache[key]
+        # paired and x0 keep noise; a v-prediction policy is asked for the v it implies (as train.py does).
+        abar = world.scheduler.alphas_cumprod[inverted.timesteps]
+        inverted = inverted.for_prediction(run.target, abar, world.scheduler.config.prediction_type)
         if run.swap:
             inverted = swap_pairs(inverted)
         weights = timestep_weights(inverted.timesteps, world.scheduler.alphas_cumprod, run.weighting)
@@ -437,13 +448,16 @@ def main() -> int:
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--runs", default=None, help="comma-separated run names: only these (e.g. 'inpo,inpo swap')")
+    ap.add_argument(
+        "--prediction", choices=["epsilon", "v_prediction"], default="epsilon", help="what the base predicts"
+    )
     args = ap.parse_args()
     # Tiny tensors: one thread is as fast, and far faster when other processes share the two cores.
     torch.set_num_threads(1)
     torch.manual_seed(0)
     pretrain_steps = args.pretrain_steps or 1200
     t_all = time.time()
-    world = pretrain_base(pretrain_steps)
+    world = pretrain_base(pretrain_steps, prediction=args.prediction)
     base_samples = generate(world, world.unet, world.eval_noise, world.eval_prompt)
     base_rewards = reward(base_samples)
     base_reward = base_rewards.mean().item()
@@ -518,6 +532,8 @@ def main() -> int:
         stem += "_" + "_".join(name.replace(" ", "-").replace("/", "") for name in args.runs.split(","))
     if args.first_seed:
         stem += f"_from_seed{args.first_seed}"
+    if args.prediction != "epsilon":
+        stem += f"_{args.prediction}"
     for src, run in plan:
         n_seeds = args.seeds if run.name in main_names else args.fix_seeds
         for seed in range(args.first_seed, args.first_seed + n_seeds):
