@@ -63,8 +63,9 @@ BETA = 1000.0
 VISITS = (1, 5, 20)
 KEPT = TrainingConfig.model_fields["inversion_points_per_pair"].default  # the trainer's M kept points per pair
 # Study run name -> (what one step costs, which cache it builds first or None).
-# The study's inversion runs keep the trainer's default M = 4 points per pair (N + 2M reference calls for paired,
-# 2N + 2M for the others); "paired fp32 all N points" (alignment.py's fixes) keeps all N (3N).
+# The study's inversion runs keep the trainer's default M = 4 points per pair (D + 2M reference calls for paired,
+# 2D + 2M for the others, D the pair's deepest kept point: the inversion stops there); "paired fp32 all N points"
+# (alignment.py's fixes) keeps all N (3N). The labels say N, as the results files name them.
 STUDY_RUNS = {
     "diffusion_dpo": ("diffusion_dpo step", None),
     "inversion paired": ("inversion_dpo K=1 step", f"cache paired M={KEPT} (N+2M)"),

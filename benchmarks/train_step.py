@@ -12,7 +12,7 @@ Each "step" is zero_grad, the loss, backward, gradient clipping at 1.0 and AdamW
 with its defaults; latents and prompt embeddings are precomputed for every method (the trainer also VAE-encodes
 the images of every diffusion_dpo step, which inversion_dpo reads from its cache; that is left out here and only
 widens the gap). Also timed: the one-off cost of building the inversion cache (build_inverted_pairs) for the same
-batch, `paired` target (3N reference UNet calls per pair; N + 2M with the trainer's default of M = 4 kept points
+batch, `paired` target (3N reference UNet calls per pair; D + 2M with the trainer's default of M = 4 kept points
 per pair, inversion_points_per_pair) and an unpaired target, `x0` (4N), reported per pair in
 seconds and in diffusion_dpo steps, with the number of visits per pair after which the K=1 saving repays it.
 
@@ -200,7 +200,7 @@ def main() -> None:
             ref, pipe.scheduler.config, z_w, z_l, cond, target=target, num_steps=n, use_winner_noise=coin, keep=keep
         )
 
-    # The trainer's default: each pair keeps M of the N points and the reference runs only there (N + 2M calls).
+    # The trainer's default: each pair keeps M of the N points, inverted up to the deepest D (D + 2M calls).
     keep_m = torch.stack([kept_points(0, str(i), n, KEPT_POINTS) for i in range(b)])
 
     pairs = build_cache("paired")

@@ -470,13 +470,16 @@ def build_inverted_pairs(
     use_winner_noise (B,) bool, `paired` only: whose inversion provides the shared noise. Draw it with
     `pair_coin` so no label leaks (the default, a coin per pair from seed 0 and the pair index).
     keep: (B, M) ascending grid indices, the points each pair keeps (inversion_cache.kept_points); None: all N.
-    The inversion walks all N steps; the reference is evaluated only at the kept points.
+    The inversion walks each pair only up to its deepest kept point (the later steps feed none of them); the
+    reference is evaluated only at the kept points.
     storage_dtype: what the cache stores latents in (inversion_cache_dtype). Points and targets are rounded to it
     first and the reference errors computed at the rounded points, so the policy sees exactly the points its
     reference errors belong to (at policy == reference the loss is ln 2 whatever the storage). For `paired` and
     `x0` a point is rebuilt from the rounded clean latent z and noise n as `noised(z, n, abar)`, as the cache does.
-    Cost in reference UNet calls per pair: paired N + 2M (invert one image, reference at both points), x0/step/
-    reference 2N + 2M (invert both, reference at every point); with guidance != 1 the inversion calls double.
+    Cost in reference UNet calls per pair, with D the deepest kept point (1-based; D = N with all points kept, on
+    average M (N + 1) / (M + 1) for M drawn ones, 16.8 of N = 20 at M = 4): paired D + 2M (invert one image,
+    reference at both points), x0/step/reference 2D + 2M (invert both, reference at every point); with
+    guidance != 1 the inversion calls double.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown inversion target {target!r}; valid: {', '.join(TARGETS)}")
@@ -499,6 +502,11 @@ def build_inverted_pairs(
     def stored(t: torch.Tensor) -> torch.Tensor:  # what the cache will hold, back in float32
         return t.to(storage_dtype).float()
 
+    # Each pair's inversion stops after its deepest kept point (InPO's partial inversion, ddim_invert stop_before):
+    # the steps above it feed no kept point. None: every pair walks the whole grid.
+    deepest = keep.max(dim=1).values  # (B,)
+    stop = None if bool((deepest == num_steps - 1).all()) else timesteps[deepest] + 1
+
     if target == "paired":
         # Winner and loser share one deterministic noise: the inversion-implied noise of one image of the pair.
         if use_winner_noise is None:
@@ -508,6 +516,7 @@ def build_inverted_pairs(
         src_cond, src_uncond = cond.pick(use_winner_noise), None if uncond is None else uncond.pick(use_winner_noise)
         traj = ddim_invert(
             unet, scheduler_config, z_src, src_cond, num_steps=num_steps, guidance=guidance, uncond=src_uncond,
+            stop_before=stop,
         )  # fmt: skip
         # The source image's own inverted points (M, B, C, h, w) and their implied noise, as stored.
         noise = stored(implied_noise(kept(traj.latents[1:], keep.T), z_src, abar))
@@ -535,6 +544,7 @@ def build_inverted_pairs(
     traj = ddim_invert(
         unet, scheduler_config, torch.cat([z_w, z_l]), cond.both(),
         num_steps=num_steps, guidance=guidance, uncond=None if uncond is None else uncond.both(),
+        stop_before=None if stop is None else torch.cat([stop, stop]),
     )  # fmt: skip
     keep_images = torch.cat([keep, keep]).T  # (M, 2B): winners then losers
     inverted = kept(traj.latents[1:], keep_images)  # (M, 2B, C, h, w), as inverted (before the storage's rounding)
