@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from invdpo_core.config import PREDICTIONS
+
 
 @dataclass
 class Conditioning:
@@ -132,9 +134,6 @@ class Trajectory:
     timesteps: torch.Tensor  # (N,) ascending; x_k sits at noise level timesteps[k-1]
     latents: torch.Tensor  # (N+1, B, C, h, w): x_0 ... x_N
     query_eps: torch.Tensor  # (N, B, C, h, w): the noise step k used (eps_ref(x_{k-1}, t_k) for an epsilon model)
-
-
-PREDICTIONS = ("epsilon", "v_prediction")
 
 
 @dataclass

@@ -153,3 +153,14 @@ def build_tiny_pipeline(
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
+
+
+def with_scheduler(model_dir: Path, into: Path, **changes: object) -> Path:
+    """A copy of the saved pipeline at `model_dir`, in `into`, whose scheduler_config.json says `changes` (as a
+    checkpoint a user brings would: spacing, prediction type, number of timesteps)."""
+    import shutil
+
+    shutil.copytree(model_dir, into)
+    config = into / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    return into

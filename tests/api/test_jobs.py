@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,15 +95,6 @@ def test_missing_model_and_bad_validation_file_fail_with_their_param(
     assert error["code"] == "missing_column" and error["param"] == "validation_file"
 
 
-def _model_with_scheduler(tiny_model: str, into: Any, **changes: Any) -> str:
-    import shutil
-
-    shutil.copytree(tiny_model, into)
-    config = into / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
-    return str(into)
-
-
 def test_a_models_schedule_is_accepted_or_the_job_fails_naming_the_field_before_the_queue(
     client: TestClient,
     auth: dict[str, str],
@@ -112,8 +104,10 @@ def test_a_models_schedule_is_accepted_or_the_job_fails_naming_the_field_before_
     gpu_messages: Callable,
 ) -> None:
     # SD2.1-768-like (v-prediction) with linspace spacing: every method trains it, so the job is queued.
-    v_model = _model_with_scheduler(
-        tiny_model, tmp_path / "v", prediction_type="v_prediction", timestep_spacing="linspace"
+    from invdpo_core.testing import with_scheduler
+
+    v_model = str(
+        with_scheduler(Path(tiny_model), tmp_path / "v", prediction_type="v_prediction", timestep_spacing="linspace")
     )
     for method in ("inversion_dpo", "inpo", "diffusion_dpo"):
         body = job_body(model=v_model, method={"type": method, "hyperparameters": {"max_steps": 10}})
@@ -121,7 +115,7 @@ def test_a_models_schedule_is_accepted_or_the_job_fails_naming_the_field_before_
         assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "queued"
     queued = gpu_messages()
     # An x0-prediction model: no method trains it; the job fails before any GPU with the field and the reason.
-    x0_model = _model_with_scheduler(tiny_model, tmp_path / "x0", prediction_type="sample")
+    x0_model = str(with_scheduler(Path(tiny_model), tmp_path / "x0", prediction_type="sample"))
     job = client.post(JOBS, json=job_body(model=x0_model), headers=auth).json()
     got = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert got["status"] == "failed"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from invdpo_core.config import ConfigError, EvalConfig, TrainingConfig, parse_config, schedule_problem
+from invdpo_core.testing import with_scheduler
 from invdpo_core.toy import make_toy_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,10 +114,7 @@ def test_a_grid_past_the_models_timesteps_is_refused_before_training(model_dir, 
     from invdpo_core.train import TrainError, train
     from services.jobs.file_checks import check_files
 
-    model = tmp_path / "short-schedule"
-    shutil.copytree(model_dir, model)
-    scheduler = model / "scheduler" / "scheduler_config.json"
-    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "num_train_timesteps": 500}))
+    model = with_scheduler(model_dir, tmp_path / "short-schedule", num_train_timesteps=500)
     error = check_files(str(model), str(dataset), None, 2, method="inversion_dpo", inversion_steps=500)
     assert error is not None and error["code"] == "unsupported_model" and "inversion_steps: 500" in error["message"]
     config = parse_config(

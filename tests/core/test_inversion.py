@@ -236,15 +236,21 @@ def test_invert_then_sample_reconstructs(steps, prediction):
     assert err < RECONSTRUCTION_BOUND[prediction, steps]
 
 
+def _v_model_pair(spacing):
+    """The tiny SD1.5 pipeline as a v-prediction model with `spacing`: (pipe, its scheduler config, the conditioning
+    of two pairs, z_w, z_l)."""
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    config = changed(pipe.scheduler.config, prediction_type="v_prediction", timestep_spacing=spacing)
+    cond = encode_prompts(pipe, ["a red circle", "a blue square"], device=torch.device("cpu"), resolution=64)
+    return pipe, config, cond, _latents(1), _latents(2)
+
+
 def test_a_v_prediction_model_is_asked_for_v_at_the_inverted_points_and_its_reference_errors_are_in_v():
     from diffusers import DDPMScheduler
 
     from invdpo_core.inversion import build_inverted_pairs, implied_noise
 
-    pipe = build_tiny_pipeline("sd15", seed=0)
-    config = changed(pipe.scheduler.config, prediction_type="v_prediction", timestep_spacing="linspace")
-    cond = encode_prompts(pipe, ["a red circle", "a blue square"], device=torch.device("cpu"), resolution=64)
-    z_w, z_l = _latents(1), _latents(2)
+    pipe, config, cond, z_w, z_l = _v_model_pair("linspace")
     pairs = build_inverted_pairs(pipe.unet, config, z_w, z_l, cond, target="paired", num_steps=5)
     grid = inversion_grid(config, 5)
     abar = grid.alphas_cumprod[grid.timesteps]
@@ -269,10 +275,7 @@ def test_a_v_models_step_target_is_its_own_query_and_survives_a_bf16_cache():
     # rounded x_t and noise it would carry their rounding times 1 / sqrt(abar) (15x at t = 999).
     from invdpo_core.inversion import build_inverted_pairs
 
-    pipe = build_tiny_pipeline("sd15", seed=0)
-    config = changed(pipe.scheduler.config, prediction_type="v_prediction", timestep_spacing="trailing")
-    cond = encode_prompts(pipe, ["a red circle", "a blue square"], device=torch.device("cpu"), resolution=64)
-    z_w, z_l = _latents(1), _latents(2)
+    pipe, config, cond, z_w, z_l = _v_model_pair("trailing")
     exact = build_inverted_pairs(pipe.unet, config, z_w, z_l, cond, target="step", num_steps=5)
     traj = ddim_invert(pipe.unet, config, z_w, cond, num_steps=5)
     for k, t in enumerate(traj.timesteps.tolist()):

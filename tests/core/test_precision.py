@@ -53,15 +53,9 @@ def _on_step(into):
 
 
 def _with_scheduler(model_dir, tmp_path, **changes):
-    """A copy of the tiny pipeline whose scheduler config says `changes` (as a checkpoint a user brings would)."""
-    import json
-    import shutil
+    from invdpo_core.testing import with_scheduler
 
-    path = tmp_path / "changed"
-    shutil.copytree(model_dir, path)
-    scheduler = path / "scheduler" / "scheduler_config.json"
-    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), **changes}))
-    return path
+    return with_scheduler(model_dir, tmp_path / "changed", **changes)
 
 
 SCHEDULES = {
