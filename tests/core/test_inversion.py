@@ -21,7 +21,9 @@ def changed(config, **changes):
     """The scheduler config with `changes`, as a checkpoint's scheduler_config.json would say them. An in-memory
     diffusers config lists the keys it took defaults for in `_use_default_values`, and from_config drops those keys
     again, so {**config, "timestep_spacing": "trailing"} alone silently stays leading."""
-    return {**{k: v for k, v in dict(config).items() if k != "_use_default_values"}, **changes}
+    from invdpo_core.config import scheduler_as_written
+
+    return {**scheduler_as_written(config), **changes}
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
